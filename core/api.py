@@ -1,0 +1,153 @@
+"""The types a plugin works with. Importing this module does not import torch (keeps `bench --help` fast)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from . import config as _config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass
+class Split:
+    """A split of a dataset: uint8 images (N, C, H, W) and int64 labels (N,), on one device."""
+
+    images: "torch.Tensor"
+    labels: "torch.Tensor"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset plugin. ``load(root)`` returns (train, test) on the CPU; ``root`` is a local folder
+    holding the data (``None``: the plugin's default, e.g. a download into the cache)."""
+
+    name: str
+    load: Callable[[Any], tuple[Split, Split]]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int = 32
+    description: str = ""
+    provider: str = ""  # filled in by the registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model plugin: ``build(num_classes) -> nn.Module`` and the dotted names of the modules whose
+    outputs are the attention features (a built module may override them with an
+    ``attention_layers`` attribute, e.g. when they depend on the timm model chosen)."""
+
+    name: str
+    build: Callable[[int], "nn.Module"]
+    attention_layers: tuple[str, ...] = ()
+    description: str = ""
+    provider: str = ""
+
+
+class _Configurable:
+    """Shared part of attacks and defenses: a name, a typed ``Config`` and an instance config."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    description: ClassVar[str] = ""
+    provider: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+        _config.validate(self.config, prefix=f"{self.name}.")
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, str] | None = None):
+        return cls(_config.build(cls.Config, overrides, prefix=f"{cls.name}."))
+
+
+@dataclass
+class AttackContext:
+    """What an attack may use while preparing its trigger."""
+
+    dataset: DatasetSpec
+    train: Split
+    device: Any
+    seed: int
+    # Returns a clean model of the grid's architecture, trained (and cached) by the engine.
+    clean_model: Callable[[], "nn.Module"] | None = None
+    log_image: Callable[[str, Any], None] | None = None
+
+
+class Attack(_Configurable):
+    """An attack plugin. ``Config`` must have a ``target`` field (the target label) and, unless the
+    attack overrides :meth:`poison_train`, a ``poison_rate`` field.
+
+    Subclasses implement :meth:`apply_trigger`; dirty-label all-to-one poisoning and the test-time
+    trigger come from this base class. Clean-label attacks set ``clean_label = True``: then only
+    target-class images are poisoned and labels stay as they were.
+    """
+
+    clean_label: ClassVar[bool] = False
+
+    def prepare(self, ctx: AttackContext) -> None:
+        """Craft whatever the trigger needs (a generated pattern, a key); called once before use."""
+
+    def apply_trigger(self, images: "torch.Tensor") -> "torch.Tensor":
+        """Put the trigger on a uint8 batch (N, C, H, W); return a new uint8 tensor."""
+        raise NotImplementedError
+
+    def poison_images(self, images: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+        """Transform the chosen training images; by default the test-time trigger."""
+        return self.apply_trigger(images)
+
+    def poison_train(self, train: Split, generator: "torch.Generator") -> tuple[Split, "torch.Tensor"]:
+        """Return the poisoned training set and the indices of the poisoned images."""
+        import torch
+
+        target = self.config.target
+        if self.clean_label:
+            candidates = (train.labels.cpu() == target).nonzero().flatten()
+        else:
+            candidates = torch.arange(len(train))
+        count = int(round(self.config.poison_rate * len(candidates)))
+        chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        chosen = chosen.sort().values.to(train.images.device)
+        images, labels = train.images.clone(), train.labels.clone()
+        images[chosen] = self.poison_images(images[chosen], labels[chosen])
+        if not self.clean_label:
+            labels[chosen] = target
+        return Split(images, labels), chosen
+
+    def trigger_test(self, test: Split) -> Split:
+        """The ASR set: triggered test images whose true label is not the target (labels kept)."""
+        keep = test.labels != self.config.target
+        return Split(self.apply_trigger(test.images[keep]), test.labels[keep])
+
+
+@dataclass
+class DefenseContext:
+    """What a defense may use. It never tells which attack was used, and holds no triggered data."""
+
+    device: Any
+    dataset: DatasetSpec
+    student: ModelSpec
+    teacher: ModelSpec
+    seed: int
+    log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
+    progress: bool = True
+
+
+class Defense(_Configurable):
+    """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model."""
+
+    def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module":
+        raise NotImplementedError

@@ -1,0 +1,108 @@
+"""Typed plugin configs: frozen dataclasses whose field metadata carries help text and valid range.
+
+One declaration feeds `bench list`, `--set` parsing, validation errors and the MLflow params.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the valid choices or range."""
+
+
+def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          choices: tuple | None = None) -> Any:
+    """A config field with help text and an optional valid range or set of choices."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "min": min, "max": max, "choices": choices})
+
+
+def _range_text(meta: dict) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"in [{lo}, {hi}]"
+    if lo is not None:
+        return f">= {lo}"
+    if hi is not None:
+        return f"<= {hi}"
+    return ""
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field of ``cfg`` against its declared range or choices."""
+    for f in dataclasses.fields(cfg):
+        value, meta, name = getattr(cfg, f.name), f.metadata, f"{prefix}{f.name}"
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if meta.get("choices") and v not in meta["choices"]:
+                raise ConfigError(f"{name} = {v!r} is invalid: must be {_range_text(meta)}")
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            if (meta.get("min") is not None and v < meta["min"]) or (
+                    meta.get("max") is not None and v > meta["max"]):
+                raise ConfigError(f"{name} = {v!r} is out of range: must be {_range_text(meta)}")
+
+
+def _parse(text: str, default: Any, name: str) -> Any:
+    if isinstance(default, tuple):
+        parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
+        kind = type(default[0]) if default else float
+        return tuple(_parse(p.strip(), kind(), name) for p in parts)
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name} = {text!r} is not a valid {type(default).__name__}") from None
+    if default is None:  # optional fields: "none" clears, numbers parse as numbers
+        if text.lower() == "none":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def build(cls: type, overrides: dict[str, str] | None = None, prefix: str = "") -> Any:
+    """Instantiate config ``cls`` from string overrides (as typed on the command line) and validate."""
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, text in overrides.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key} is not a field; valid fields: {', '.join(fields)}")
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        values[key] = _parse(text, default, prefix + key) if isinstance(text, str) else text
+    cfg = cls(**values)
+    validate(cfg, prefix)
+    return cfg
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(field, default, help with range) rows for `bench list`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        rng = _range_text(f.metadata)
+        help_ = f.metadata.get("help", "") + (f" ({rng})" if rng else "")
+        rows.append((f.name, f.default, help_))
+    return rows
+
+
+def flatten(cfg: Any, prefix: str) -> dict[str, Any]:
+    """Flat dotted params for MLflow: ``{prefix.field: value}``."""
+    return {f"{prefix}.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,274 @@
+"""The grid runner: expands datasets x attacks x defenses x student/teacher x seeds into cells and
+runs each one the same way: poison, train (or reuse) the backdoored model, evaluate, defend,
+evaluate again, log everything to MLflow.
+
+The defense sees only the model and the clean subset; the engine alone evaluates ACC and ASR.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import config as cfgmod
+from . import data as datamod
+from .api import AttackContext, DefenseContext, Split
+from .attention import layer_names
+from .config import param
+from .models import build, load_weights, save_weights
+from .registry import Registry
+from .train import Optim, evaluate, train
+
+CACHE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How the backdoored models are trained and how much data a cell uses. Defenses keep their
+    own (paper) settings in every profile; override them with ``--set nad.epochs=...``."""
+
+    name: str = param("custom", "profile name")
+    epochs: int = param(100, "backdoor training epochs", min=1)
+    lr: float = param(0.1, "backdoor training peak learning rate", min=0.0)
+    schedule: str = param("step", "learning-rate schedule", choices=("step", "cosine", "onecycle"))
+    milestones: tuple[int, ...] = param((50, 75), "epochs of 10x lr drops (step schedule)", min=0)
+    batch_size: int = param(64, "backdoor training batch size", min=1)
+    weight_decay: float = param(1e-4, "backdoor training weight decay", min=0.0)
+    crop: int = param(4, "random-crop padding for backdoor training (0: off)", min=0)
+    flip: bool = param(True, "random flips for backdoor training")
+    clean_share: float = param(0.05, "share of the training set the defender holds", min=0.0, max=1.0)
+    train_limit: int | None = param(None, "use a random subset of this many training images", min=1)
+    test_limit: int | None = param(None, "use a random subset of this many test images", min=1)
+
+    def backdoor_optim(self) -> Optim:
+        return Optim(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
+                     nesterov=True, weight_decay=self.weight_decay, schedule=self.schedule,
+                     milestones=self.milestones, crop=self.crop, flip=self.flip)
+
+
+PROFILES = {
+    # The paper's setting: 100 epochs, lr 0.1 dropping at 50 and 75 (official NAD code's schedule).
+    "paper": Profile(name="paper"),
+    # Fits BadNets x {finetune, NAD} on CIFAR-10 into ~20 minutes on a 2-core CPU.
+    "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
+                     batch_size=128, weight_decay=5e-4),
+}
+
+
+def profile(name: str, overrides: dict[str, str] | None = None) -> Profile:
+    if name not in PROFILES:
+        raise cfgmod.ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    base = PROFILES[name]
+    if not overrides:
+        return base
+    values = {k: getattr(cfgmod.build(Profile, {k: v}, "profile."), k) for k, v in overrides.items()}
+    cfg = dataclasses.replace(base, **values)
+    cfgmod.validate(cfg, "profile.")
+    return cfg
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    attack: str
+    defense: str
+    student: str
+    teacher: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
+        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}/seed{self.seed}"
+
+
+def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds) -> list[Cell]:
+    """All cells of the grid. Teacher architectures multiply only defenses that use a teacher."""
+    cells = []
+    for d, a, de, s, seed in itertools.product(datasets, attacks, defenses, students, seeds):
+        uses_teacher = getattr(registry.defense(de), "uses_teacher", False)
+        for t in (teachers or [s]) if uses_teacher else [s]:
+            cells.append(Cell(d, a, de, s, t, seed))
+    return cells
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise cfgmod.ConfigError("--device cuda asked for, but torch sees no CUDA device; valid: auto, cpu")
+    return device
+
+
+def _seeded(seed: int, salt: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class Runner:
+    def __init__(self, registry: Registry, prof: Profile, *, device: torch.device, data_root=None,
+                 overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
+                 cache_dir: Path | None = None):
+        self.registry, self.profile, self.device = registry, prof, device
+        self.data_root, self.tracker, self.progress = data_root, tracker, progress
+        self.overrides = overrides or {}
+        self.cache_dir = Path(cache_dir or datamod.cache_dir()) / "models"
+        self._data: dict[str, tuple] = {}
+        self._attacks: dict[tuple, Any] = {}
+        self._backdoored: dict[str, tuple] = {}
+
+    # -- building blocks, each cached ---------------------------------------------------------
+    def data(self, name: str):
+        if name not in self._data:
+            spec = self.registry.dataset(name)
+            train_set, test_set = spec.load(self.data_root)
+            train_set = datamod.limit(train_set, self.profile.train_limit, seed=0)
+            test_set = datamod.limit(test_set, self.profile.test_limit, seed=0)
+            self._data[name] = (spec, train_set.to(self.device), test_set.to(self.device))
+        return self._data[name]
+
+    def attack(self, cell: Cell, run_id: str | None):
+        key = (cell.attack, cell.dataset, cell.student, cell.seed)
+        if key not in self._attacks:
+            spec, train_set, test_set = self.data(cell.dataset)
+            attack = self.registry.attack(cell.attack).from_overrides(self.overrides.get(cell.attack))
+            attack.prepare(AttackContext(dataset=spec, train=train_set, device=self.device, seed=cell.seed))
+            poisoned, index = attack.poison_train(train_set, _seeded(cell.seed, "poison"))
+            triggered = attack.trigger_test(test_set)
+            self._attacks[key] = (attack, poisoned, index, triggered)
+        return self._attacks[key]
+
+    def backdoored(self, cell: Cell, run_id: str | None):
+        """The backdoored model of (dataset, attack config, student, seed, profile), trained once
+        and cached on disk by content hash; returns (model, metrics, cache_hit)."""
+        spec, train_set, test_set = self.data(cell.dataset)
+        attack, poisoned, _, triggered = self.attack(cell, run_id)
+        prof = dataclasses.asdict(self.profile)
+        prof.pop("name")
+        prof.pop("clean_share")
+        key_src = json.dumps({"v": CACHE_VERSION, "dataset": cell.dataset, "n_train": len(train_set),
+                              "n_test": len(test_set), "attack": cell.attack,
+                              "attack_config": dataclasses.asdict(attack.config),
+                              "model": cell.student, "seed": cell.seed, "profile": prof}, sort_keys=True)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+        model = build(self.registry.model(cell.student), spec, self.device)
+        if key in self._backdoored:
+            state, metrics = self._backdoored[key]
+            model.load_state_dict(state)
+            return model, metrics, True
+        path = self.cache_dir / f"{key}.safetensors"
+        hit = path.exists()
+        if hit:
+            load_weights(model, path)
+        else:
+            torch.manual_seed(cell.seed)
+            model = build(self.registry.model(cell.student), spec, self.device)
+            start = time.perf_counter()
+            train(model, poisoned, self.profile.backdoor_optim(), seed=cell.seed,
+                  desc=f"backdoor {cell.attack}/{cell.student}", progress=self.progress)
+            save_weights(model, path, {"key": key_src, "train_s": f"{time.perf_counter() - start:.1f}"})
+        metrics = evaluate(model, test_set, triggered, attack.config.target)
+        self._backdoored[key] = ({k: v.clone() for k, v in model.state_dict().items()}, metrics)
+        return model, metrics, hit
+
+    # -- one cell -----------------------------------------------------------------------------
+    def run_cell(self, cell: Cell, parent: str | None = None) -> dict[str, Any]:
+        from .report import attention_figure, samples_figure
+
+        t = self.tracker
+        spec, train_set, test_set = self.data(cell.dataset)
+        attack_cls = self.registry.attack(cell.attack)
+        defense_cls = self.registry.defense(cell.defense)
+        defense = defense_cls.from_overrides(self.overrides.get(cell.defense))
+        params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
+                  "model.student": cell.student, "model.teacher": cell.teacher, "seed": cell.seed,
+                  "device": str(self.device), "data.n_train": len(train_set), "data.n_test": len(test_set),
+                  **cfgmod.flatten(defense.config, "defense"),
+                  **{f"profile.{k}": v for k, v in cfgmod.flatten(self.profile, "p").items()}}
+        params = {k.replace("profile.p.", "profile."): v for k, v in params.items()}
+        run_id = t.start(cell.label, params, parent=parent) if t else None
+        log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
+            (lambda *a, **k: None)
+        try:
+            start = time.perf_counter()
+            attack, poisoned, index, triggered = self.attack(cell, run_id)
+            model, before, hit = self.backdoored(cell, run_id)
+            t_backdoor = time.perf_counter() - start
+            if t:
+                t.params(run_id, {**cfgmod.flatten(attack.config, "attack"), "attack.n_poisoned": len(index),
+                                  "backdoor.cache_hit": hit})
+                t.metrics(run_id, {"before.acc": before["acc"], "before.asr": before["asr"],
+                                   "time.backdoor_s": t_backdoor})
+            clean = datamod.clean_subset(train_set, self.profile.clean_share, cell.seed)
+            ctx = DefenseContext(device=self.device, dataset=spec, student=self.registry.model(cell.student),
+                                 teacher=self.registry.model(cell.teacher), seed=cell.seed,
+                                 log_metric=log, progress=self.progress)
+            original = copy.deepcopy(model)
+            start = time.perf_counter()
+            torch.manual_seed(cell.seed)
+            defended = defense.defend(model, clean, ctx)
+            t_defense = time.perf_counter() - start
+            after = evaluate(defended, test_set, triggered, attack.config.target)
+            result = {"cell": dataclasses.asdict(cell), "before": before, "after": after,
+                      "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
+                      "n_clean": len(clean), "status": "FINISHED"}
+            if t:
+                t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
+                                   "time.defense_s": t_defense})
+                layers = layer_names(defended, ctx.student.attention_layers)
+                fig = attention_figure(original, defended, layers, _clean_of(test_set, attack),
+                                       triggered.images[:1], title=f"{cell.label}: attention mean_c|F|^2")
+                t.figure(run_id, fig, "attention/attention_maps.png")
+                pick = index[:8].to(train_set.images.device)
+                fig = samples_figure(train_set.images[pick], poisoned.images[pick], train_set.labels[pick],
+                                     poisoned.labels[pick], title=f"{cell.attack}: clean vs poisoned")
+                t.figure(run_id, fig, "samples/poisoned_training_images.png")
+                t.weights(run_id, original, "model/backdoored.safetensors")
+                t.weights(run_id, defended, "model/defended.safetensors")
+                t.end(run_id)
+            return result
+        except Exception as exc:  # recorded on the cell's run; the grid goes on (see run_grid)
+            if t:
+                t.text(run_id, traceback.format_exc(), "error.txt")
+                t.tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+                t.end(run_id, "FAILED")
+            raise
+
+
+def _clean_of(test_set: Split, attack) -> torch.Tensor:
+    """The clean version of the first ASR image (first test image not of the target class)."""
+    first = int((test_set.labels != attack.config.target).nonzero()[0])
+    return test_set.images[first:first + 1]
+
+
+def run_grid(runner: Runner, cells: list[Cell], name: str = "grid",
+             params: dict[str, Any] | None = None) -> tuple[list[dict], list[tuple[Cell, str]]]:
+    """Run every cell under one parent run. A failing cell is recorded and the grid goes on."""
+    t = runner.tracker
+    parent = t.start(name, params) if t else None
+    results, failures = [], []
+    bar = tqdm(cells, desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.label)
+            try:
+                results.append(runner.run_cell(cell, parent))
+            except Exception as exc:
+                failures.append((cell, f"{type(exc).__name__}: {exc}"))
+                tqdm.write(f"cell {cell.label} failed: {type(exc).__name__}: {exc}")
+    finally:
+        if t:
+            t.text(parent, json.dumps(results, indent=2), "results.json")
+            t.end(parent, "FAILED" if failures or len(results) < len(cells) else "FINISHED")
+    return results, failures

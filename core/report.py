@@ -1,0 +1,61 @@
+"""Figures a person reads in the MLflow UI: attention maps and clean-vs-poisoned samples."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .attention import attention_map, tap  # noqa: E402
+from .augment import to_float  # noqa: E402
+
+
+@torch.no_grad()
+def attention_maps(model, layers, images: torch.Tensor, kind="mean_p", p=2.0) -> list[torch.Tensor]:
+    """Per-layer (N, H, W) attention maps of ``model`` for uint8 ``images``."""
+    model.eval()
+    with tap(model, layers) as feats:
+        model(to_float(images.to(next(model.parameters()).device)))
+    return [attention_map(f.float(), kind, p).cpu() for f in feats]
+
+
+def _show(ax, img: torch.Tensor, title: str) -> None:
+    ax.imshow(img.permute(1, 2, 0).cpu().numpy())
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def attention_figure(before, after, layers, clean: torch.Tensor, triggered: torch.Tensor,
+                     title: str = ""):
+    """One figure per cell: rows = input + one per attention layer; columns = clean/triggered
+    input x before/after the defense. ``clean``/``triggered`` hold one image each (1, C, H, W)."""
+    cols = [("clean, before", before, clean), ("clean, after", after, clean),
+            ("triggered, before", before, triggered), ("triggered, after", after, triggered)]
+    maps = [attention_maps(m, layers, x) for _, m, x in cols]
+    fig, axes = plt.subplots(len(layers) + 1, 4, figsize=(9, 2.2 * (len(layers) + 1)), squeeze=False)
+    for c, (label, _, x) in enumerate(cols):
+        _show(axes[0, c], x[0], label)
+        for r, layer in enumerate(layers):
+            ax = axes[r + 1, c]
+            im = ax.imshow(maps[c][r][0].numpy(), cmap="jet")
+            ax.set_title(layer.removeprefix("net."), fontsize=8)
+            ax.axis("off")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title or "attention maps (mean_c |F|^2)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def samples_figure(clean: torch.Tensor, poisoned: torch.Tensor, clean_labels, poisoned_labels,
+                   title: str = "", class_names=None):
+    """Pairs of clean and poisoned images (uint8, N <= 8) with their labels."""
+    n = len(clean)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    name = (lambda i: class_names[i]) if class_names else str
+    for i in range(n):
+        _show(axes[0, i], clean[i], f"clean: {name(int(clean_labels[i]))}")
+        _show(axes[1, i], poisoned[i], f"poisoned: {name(int(poisoned_labels[i]))}")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

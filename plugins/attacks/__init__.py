@@ -1,0 +1,1 @@
+"""Built-in nadbench plugins, registered through the `nadbench` entry-point group like any other."""

@@ -1,0 +1,25 @@
+"""CIFAR-10 as a dataset plugin: a template for your own (copy it, change the name and numbers).
+
+``load(root)`` reads a local copy under ``root`` (ImageFolder tree or .tar.xz) or, without one,
+downloads through torchvision; see :func:`nadbench.data.load_dataset`.
+"""
+from nadbench import DatasetSpec, hookimpl
+
+
+@hookimpl
+def register_datasets(register):
+    register(DatasetSpec(
+        name="cifar10",
+        load=_load,
+        num_classes=10,
+        # The usual per-channel statistics of the CIFAR-10 training set.
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        description="CIFAR-10: 50,000 train / 10,000 test 32x32 colour images, 10 classes",
+    ))
+
+
+def _load(root):
+    from nadbench.data import load_dataset  # lazy import: keeps `bench --help` free of torch
+
+    return load_dataset("cifar10", root)
