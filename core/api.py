@@ -76,15 +76,20 @@ class _Configurable:
 
 @dataclass
 class AttackContext:
-    """What an attack may use while preparing its trigger."""
+    """What an attack may use while preparing its trigger (in :meth:`Attack.prepare`)."""
 
     dataset: DatasetSpec
-    train: Split
+    train: Split            # the clean training set, uint8 on ``device``
     device: Any
     seed: int
-    # Returns a clean model of the grid's architecture, trained (and cached) by the engine.
+    # A clean model of the grid's student architecture (float [0, 1] input, eval mode, on
+    # ``device``), trained once by the engine with the profile's schedule and cached.
     clean_model: Callable[[], "nn.Module"] | None = None
-    log_image: Callable[[str, Any], None] | None = None
+    # (train, test) of another registered dataset, on the CPU: e.g. Refool's reflection pool.
+    load_dataset: Callable[[str], tuple[Split, Split]] | None = None
+    # Log a matplotlib figure or a uint8 (C, H, W) image as an artifact at ``path`` (e.g. "trigger.png").
+    log_image: Callable[[str, Any], None] = lambda path, image: None
+    progress: bool = True
 
 
 class Attack(_Configurable):

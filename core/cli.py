@@ -119,9 +119,11 @@ def main():
 @click.option("--experiment", default="nadbench", show_default=True, help="MLflow experiment name.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
+@click.option("--clean-reference", is_flag=True,
+              help="Also train (once, cached) a clean model per dataset/architecture/seed and log its ACC.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, sets, device, data_root,
-        tracking_uri, experiment, output, progress):
+        tracking_uri, experiment, output, clean_reference, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
@@ -130,13 +132,14 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
     import time
 
     from .config import ConfigError
-    from .engine import Runner, expand, profile, resolve_device, run_grid
+    from .engine import Runner, expand, plugin_overrides, profile, resolve_device, run_grid
     from .tracking import Tracker
 
     registry = _registry()
     try:
         prof_over, plugin_over = _parse_sets(sets, registry)
         prof = profile(profile_name, prof_over)
+        plugin_over = plugin_overrides(prof, plugin_over)
         for name in attacks:  # validate every config before anything trains
             registry.attack(name).from_overrides(plugin_over.get(name))
         for name in defenses:
@@ -147,13 +150,13 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
     cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds)
     tracker = Tracker(tracking_uri, experiment)
     runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over,
-                    tracker=tracker, progress=progress)
+                    tracker=tracker, progress=progress, clean_reference=clean_reference)
     click.echo(f"{len(cells)} cell(s) on {dev}, profile {prof.name}; tracking to {tracker.uri}", err=True)
     start = time.perf_counter()
     params = {"grid.datasets": ",".join(datasets), "grid.attacks": ",".join(attacks),
               "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
               "grid.teachers": ",".join(teachers or students), "grid.seeds": ",".join(map(str, seeds)),
-              "profile": prof.name, "device": str(dev), "command": " ".join(sys.argv)}
+              "profile": prof.name, "device": str(dev), "command": _command()}
     results, failures = run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params)
     wall = time.perf_counter() - start
     click.echo(_table(results))
@@ -161,7 +164,7 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
                f"Browse: bench ui", err=True)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"command": " ".join(sys.argv), "wall_s": wall, "device": str(dev),
+        output.write_text(json.dumps({"command": _command(), "wall_s": wall, "device": str(dev),
                                       "profile": prof.name, "results": results,
                                       "failures": [[c.label, e] for c, e in failures]}, indent=2))
     if failures:
@@ -170,12 +173,20 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
         sys.exit(1)
 
 
+def _command() -> str:
+    """The command line as a user would type it (``bench run ...``), for results files."""
+    import shlex
+
+    return "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _table(results: list[dict]) -> str:
-    rows = [("cell", "ACC before", "ASR before", "ACC after", "ASR after", "defense s")]
+    rows = [("cell", "clean ACC", "ACC before", "ASR before", "ACC after", "ASR after", "defense s")]
     for r in results:
         c = r["cell"]
         arch = c["student"] if c["student"] == c["teacher"] else f"{c['student']}<-{c['teacher']}"
-        rows.append((f"{c['dataset']}/{c['attack']}/{c['defense']}/{arch}/seed{c['seed']}",
+        clean = f"{100 * r['clean_model']['acc']:.2f}" if r.get("clean_model") else "-"
+        rows.append((f"{c['dataset']}/{c['attack']}/{c['defense']}/{arch}/seed{c['seed']}", clean,
                      f"{100 * r['before']['acc']:.2f}", f"{100 * r['before']['asr']:.2f}",
                      f"{100 * r['after']['acc']:.2f}", f"{100 * r['after']['asr']:.2f}",
                      f"{r['time_defense_s']:.0f}"))

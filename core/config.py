@@ -49,9 +49,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 def _parse(text: str, default: Any, name: str) -> Any:
     if isinstance(default, tuple):
-        parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
-        kind = type(default[0]) if default else float
-        return tuple(_parse(p.strip(), kind(), name) for p in parts)
+        parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+        if not default:  # nothing to learn the item type from: numbers where they parse
+            return tuple(_parse(p, None, name) for p in parts)
+        return tuple(_parse(p, type(default[0])(), name) for p in parts)
     try:
         if isinstance(default, bool):
             if text.lower() in ("1", "true", "yes", "on"):

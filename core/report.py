@@ -47,15 +47,15 @@ def attention_figure(before, after, layers, clean: torch.Tensor, triggered: torc
     return fig
 
 
-def samples_figure(clean: torch.Tensor, poisoned: torch.Tensor, clean_labels, poisoned_labels,
-                   title: str = "", class_names=None):
-    """Pairs of clean and poisoned images (uint8, N <= 8) with their labels."""
-    n = len(clean)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
-    name = (lambda i: class_names[i]) if class_names else str
-    for i in range(n):
-        _show(axes[0, i], clean[i], f"clean: {name(int(clean_labels[i]))}")
-        _show(axes[1, i], poisoned[i], f"poisoned: {name(int(poisoned_labels[i]))}")
+def samples_figure(rows: list[tuple[str, torch.Tensor, torch.Tensor]], title: str = ""):
+    """A grid of uint8 images, one row per (name, images, labels), each image titled with its label."""
+    n = max(len(images) for _, images, _ in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.5 * n, 1.7 * len(rows)), squeeze=False)
+    for r, (name, images, labels) in enumerate(rows):
+        for c in range(n):
+            axes[r, c].axis("off")
+            if c < len(images):
+                _show(axes[r, c], images[c], f"{name}: {int(labels[c])}" if c == 0 else str(int(labels[c])))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

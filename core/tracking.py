@@ -80,7 +80,24 @@ class Tracker:
         self.client.set_tag(run_id, key, value)
 
     def figure(self, run_id: str, fig, path: str) -> None:
+        import matplotlib.pyplot as plt
+
         self.client.log_figure(run_id, fig, path)
+        plt.close(fig)
+
+    def image(self, run_id: str, image, path: str) -> None:
+        """A matplotlib figure, or a uint8 (C, H, W) tensor (upscaled so a person can see it)."""
+        if hasattr(image, "savefig"):
+            self.figure(run_id, image, path)
+            return
+        import numpy as np
+        from PIL import Image
+
+        array = image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
+        pil = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+        scale = max(1, 256 // max(pil.size))
+        self.client.log_image(run_id, pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST),
+                              artifact_file=path)
 
     def text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)

@@ -11,6 +11,7 @@ from the student's, the teacher cannot start from the backdoored weights: it is 
 scratch on the clean subset for ``teacher_epochs``.
 """
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from nadbench.train import FinetuneParams, train
 class NADConfig(FinetuneParams):
     epochs: int = param(20, "student (distillation) epochs", min=1, max=1000)
     teacher_epochs: int = param(10, "epochs of finetuning that make the teacher", min=1, max=1000)
+    teacher_lr: float | None = param(None, "initial learning rate of the teacher (none: lr)", min=0.0, max=10.0)
     betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), "weight of the attention loss per layer", min=0.0)
     attention: str = param("mean_p", "attention function", choices=KINDS)
     p: float = param(2.0, "exponent of the attention function", min=0.5, max=8.0)
@@ -43,7 +45,8 @@ class NAD(Defense):
             teacher = copy.deepcopy(model)
         else:
             teacher = build(ctx.teacher, ctx.dataset, ctx.device)
-        train(teacher, clean, cfg.optim(cfg.teacher_epochs), seed=ctx.seed, desc="nad teacher",
+        teacher_optim = dataclasses.replace(cfg.optim(cfg.teacher_epochs), lr=cfg.lr if cfg.teacher_lr is None else cfg.teacher_lr)
+        train(teacher, clean, teacher_optim, seed=ctx.seed, desc="nad teacher",
               progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("teacher.loss", loss, e))
         teacher.eval().requires_grad_(False)
 

@@ -1,0 +1,116 @@
+"""Input-space optimisation against a fixed model: the project's one PGD, and neuron-driven triggers.
+
+Everything here works on float images in [0, 1] (the input space of every nadbench model, see
+:class:`nadbench.models.Normalized`), runs the model in eval mode, and takes gradients with
+respect to the input only (``torch.autograd.grad``): the model's parameters get no ``.grad`` and
+their ``requires_grad`` flags are left as they were.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode for the block, then restore each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """U(0, 1) noise drawn on the generator's device (CPU draws are the same on every device)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 8 / 255,
+        step: float = 1.5 / 255, steps: int = 100, batch_size: int = 256,
+        generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Untargeted L-inf PGD (Madry et al.): maximise the cross-entropy of the true labels.
+
+    ``images`` are float in [0, 1] (N, C, H, W). Each batch starts at a uniform random point of the
+    eps-ball, takes ``steps`` sign-gradient steps of size ``step``, and after every step is
+    projected back onto the ball and clamped to [0, 1]. Returns the perturbed images (a new tensor).
+    """
+    out = torch.empty_like(images)
+    starts = range(0, len(images), batch_size)
+    with eval_mode(model):
+        for start in tqdm(starts, desc="PGD", unit="batch", disable=not progress, leave=False):
+            x0 = images[start:start + batch_size]
+            y = labels[start:start + batch_size].to(x0.device)
+            lo, hi = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
+            x = (x0 + (2 * _uniform(x0.shape, generator, x0.device) - 1) * eps).clamp(lo, hi)
+            for _ in range(steps):
+                x.requires_grad_(True)
+                loss = F.cross_entropy(model(x), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x)
+                x = (x.detach() + step * grad.sign()).clamp(lo, hi)
+            out[start:start + batch_size] = x.detach()
+    return out
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` registered in ``model`` (the classifier of the usual CNNs)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to select neurons from")
+    return linears[-1]
+
+
+def most_connected_inputs(layer: nn.Linear, k: int) -> torch.Tensor:
+    """Indices of the ``k`` inputs of ``layer`` with the largest summed |weight| into its outputs."""
+    if not 1 <= k <= layer.in_features:
+        raise ValueError(f"cannot select {k} neurons: the layer has {layer.in_features} inputs")
+    return layer.weight.detach().abs().sum(0).topk(k).indices
+
+
+def input_activations(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` receives as its (first) input when ``model`` runs on ``x``."""
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def stamp_added(background: torch.Tensor, trigger: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float images with ``trigger`` added inside ``mask`` and the sum clipped to [0, 1]."""
+    return (background + mask * trigger).clamp(0, 1)
+
+
+def neuron_trigger(model: nn.Module, layer: nn.Module, neurons: Sequence[int] | torch.Tensor,
+                   background: torch.Tensor, mask: torch.Tensor, init: torch.Tensor,
+                   target: float = 100.0, steps: int = 500, step: float = 2 / 255,
+                   progress: bool = False) -> torch.Tensor:
+    """Trojan-style trigger generation (Liu et al., NDSS 2018).
+
+    Optimises the trigger pixels inside ``mask`` so that the chosen ``neurons`` of the input of
+    ``layer`` reach ``target``: loss = sum over the images and neurons of (a - target)^2, minimised
+    by sign-gradient steps of size ``step``, the trigger kept in [0, 1]. The trigger is *added* to
+    ``background`` (float (B, C, H, W) in [0, 1]: clean images, or zeros for the trigger alone) and
+    the sum clipped, exactly as it is applied later. ``mask`` is (1 or C, H, W) of 0/1 and ``init``
+    (C, H, W) the starting trigger. Returns the float trigger (C, H, W), zero outside the mask.
+    """
+    neurons = torch.as_tensor(neurons, device=background.device)
+    t = (init * mask).clamp(0, 1)
+    with eval_mode(model):
+        for _ in tqdm(range(steps), desc="trigger", disable=not progress, leave=False):
+            t.requires_grad_(True)
+            acts = input_activations(model, layer, stamp_added(background, t, mask))
+            loss = ((acts[..., neurons] - target) ** 2).sum()
+            (grad,) = torch.autograd.grad(loss, t)
+            t = ((t.detach() - step * grad.sign()) * mask).clamp(0, 1)
+    return t.detach()

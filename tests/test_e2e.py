@@ -1,0 +1,96 @@
+"""`bench run` end to end on a subset of the real CIFAR-10 copy, read back from the SQLite store.
+
+This is also the attack-success and defense-effect test: BadNets must implant on real images,
+and NAD must remove most of it while keeping the clean accuracy.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quick",
+        "--set", "profile.train_limit=10000", "--set", "profile.test_limit=1000",
+        "--set", "profile.epochs=5", "--set", "profile.clean_share=0.1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = os.environ.get("NADBENCH_DATA_ROOT")
+    if not root or not Path(root).is_dir():
+        pytest.skip("NADBENCH_DATA_ROOT is not set to the folder holding the CIFAR-10 archive")
+    work = tmp_path_factory.mktemp("e2e")
+    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", *ARGS, "--output", "results.json"],
+                         cwd=work, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    assert out.returncode == 0, out.stdout + out.stderr
+    return work, out
+
+
+def test_results_file_and_table(grid):
+    work, out = grid
+    results = json.loads((work / "results.json").read_text())["results"]
+    assert [r["cell"]["defense"] for r in results] == ["finetune", "nad"]
+    assert "cifar10/badnets/nad/wrn-16-1/seed0" in out.stdout
+    before = results[0]["before"]
+    assert results[1]["before"] == before and results[1]["backdoor_cache_hit"]  # trained once
+    assert before["asr"] >= 0.9, before  # the backdoor implants on real images
+    nad = results[1]["after"]
+    assert nad["asr"] <= before["asr"] - 0.5, (before, nad)  # NAD removes most of it
+    assert nad["acc"] >= before["acc"] - 0.1, (before, nad)
+
+
+def test_runs_read_back_from_sqlite(grid):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = grid
+    assert (work / "nadbench.db").exists()
+    client = MlflowClient(f"sqlite:///{work / 'nadbench.db'}")
+    exp = client.get_experiment_by_name("nadbench")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].data.params["grid.defenses"] == "finetune,nad"
+    for run in children:
+        assert run.info.status == "FINISHED"
+        p, m = run.data.params, run.data.metrics
+        assert p["attack.name"] == "badnets" and p["attack.poison_rate"] == "0.1" and p["seed"] == "0"
+        assert p["model.student"] == p["model.teacher"] == "wrn-16-1"
+        assert {"before.acc", "before.asr", "after.acc", "after.asr", "time.backdoor_s",
+                "time.defense_s"} <= set(m)
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"attention", "samples", "model"} <= files
+        names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert names == {"model/backdoored.safetensors", "model/defended.safetensors"}
+        att = client.list_artifacts(run.info.run_id, "attention")
+        assert att[0].path.endswith(".png") and att[0].file_size > 10_000  # a readable figure
+    nad = next(r for r in children if r.data.params["defense.name"] == "nad")
+    assert nad.data.params["defense.betas"] == "500.0,1000.0,1000.0"
+    losses = client.get_metric_history(nad.info.run_id, "defense.loss")
+    assert len(losses) == 20 and len(client.get_metric_history(nad.info.run_id, "teacher.loss")) == 10
+
+
+def test_defended_weights_load_without_pickle(grid):
+    """The logged model is a plain safetensors state dict that loads into a fresh network."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from nadbench.models import build
+    from nadbench.registry import get_registry
+
+    work, _ = grid
+    client = MlflowClient(f"sqlite:///{work / 'nadbench.db'}")
+    run = client.search_runs([client.get_experiment_by_name("nadbench").experiment_id],
+                             "params.`defense.name` = 'nad'")[0]
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'nadbench.db'}")
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/defended.safetensors",
+                                               dst_path=str(work / "dl"))
+    reg = get_registry()
+    model = build(reg.model("wrn-16-1"), reg.dataset("cifar10"))
+    model.load_state_dict(load_file(path))
