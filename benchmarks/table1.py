@@ -3,14 +3,15 @@
     python benchmarks/table1.py --profile quick -- --attacks badnets --defenses finetune,nad
 
 runs `bench run` with the given profile (extra arguments after `--` go to `bench run`), keeps
-its JSON results in benchmarks/results/table1-<profile>.json and renders
-benchmarks/results/table1-<profile>.md with the paper's numbers beside ours, the command and the
+its JSON results in benchmarks/results/table1-<profile>[-<tag>].json and renders
+benchmarks/results/table1-<profile>[-<tag>].md with the paper's numbers beside ours, the command and the
 machine. `--render-only` re-renders an existing JSON file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -55,8 +56,9 @@ def render(results: dict) -> str:
     attacks = list(dict.fromkeys(a for a, _ in cells))
     defenses = ["none"] + list(dict.fromkeys(d for _, d in cells if d != "none"))
     lines = [f"# Table 1 reproduction, profile `{results['profile']}`", "",
-             f"Command: `{results['command']}`  ", f"Device: {results['device']}; wall time "
-             f"{results['wall_s'] / 60:.1f} min; machine: {platform.processor() or platform.machine()}", "",
+             f"Made by: `{results.get('made_by', 'bench run')}`  ",
+             f"Grid command: `{results['command']}`  ", f"Device: {results['device']}; wall time of the grid "
+             f"{results['wall_s'] / 60:.1f} min; machine: {platform.machine()}, {os.cpu_count()} cores", "",
              "ASR / ACC in %, ours (mean over seeds; range in brackets) and the paper's in italics. "
              "ACC is over the whole test set.", "",
              "| attack | " + " | ".join("no defense" if d == "none" else d for d in defenses) + " |",
@@ -79,18 +81,23 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--tag", default="", help="suffix of the results file names")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("bench_args", nargs="*", help="passed to `bench run` (put them after --)")
     args = parser.parse_args()
-    out = HERE / "results" / f"table1-{args.profile}.json"
+    out = HERE / "results" / f"table1-{args.profile}{'-' + args.tag if args.tag else ''}.json"
     if not args.render_only:
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "nadbench.cli", "run", "--profile", args.profile, "--output", str(out),
+        rel = os.path.relpath(out)
+        cmd = [sys.executable, "-m", "nadbench.cli", "run", "--profile", args.profile, "--output", rel,
                *args.bench_args]
         code = subprocess.call(cmd)
         if not out.exists():
             sys.exit(code)
     results = json.loads(out.read_text())
+    if not args.render_only:
+        results["made_by"] = "python benchmarks/table1.py " + " ".join(sys.argv[1:])
+        out.write_text(json.dumps(results, indent=2))
     md = out.with_suffix(".md")
     md.write_text(render(results))
     print(md.read_text())

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quick",
         "--set", "profile.train_limit=10000", "--set", "profile.test_limit=1000",
-        "--set", "profile.epochs=5", "--set", "profile.clean_share=0.1", "--no-progress"]
+        "--set", "profile.epochs=5", "--set", "profile.crop=0", "--set", "profile.flip=false",
+        "--set", "profile.clean_share=0.1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
