@@ -97,6 +97,8 @@ def main() -> None:
     results = json.loads(out.read_text())
     if not args.render_only:
         results["made_by"] = "python benchmarks/table1.py " + " ".join(sys.argv[1:])
+        # Record the output path as seen from the repository root, wherever the grid ran.
+        results["command"] = results["command"].replace(rel, os.path.relpath(out, HERE.parent))
         out.write_text(json.dumps(results, indent=2))
     md = out.with_suffix(".md")
     md.write_text(render(results))

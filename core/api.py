@@ -1,7 +1,6 @@
 """The types a plugin works with. Importing this module does not import torch (keeps `bench --help` fast)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 

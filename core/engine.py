@@ -234,15 +234,11 @@ class Runner:
 
         t = self.tracker
         spec, train_set, test_set = self.data(cell.dataset)
-        attack_cls = self.registry.attack(cell.attack)
-        defense_cls = self.registry.defense(cell.defense)
-        defense = defense_cls.from_overrides(self.overrides.get(cell.defense))
+        defense = self.registry.defense(cell.defense).from_overrides(self.overrides.get(cell.defense))
         params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
                   "model.student": cell.student, "model.teacher": cell.teacher, "seed": cell.seed,
                   "device": str(self.device), "data.n_train": len(train_set), "data.n_test": len(test_set),
-                  **cfgmod.flatten(defense.config, "defense"),
-                  **{f"profile.{k}": v for k, v in cfgmod.flatten(self.profile, "p").items()}}
-        params = {k.replace("profile.p.", "profile."): v for k, v in params.items()}
+                  **cfgmod.flatten(defense.config, "defense"), **cfgmod.flatten(self.profile, "profile")}
         run_id = t.start(cell.label, params, parent=parent) if t else None
         log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
             (lambda *a, **k: None)

@@ -14,8 +14,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quick",
-        "--set", "profile.train_limit=10000", "--set", "profile.test_limit=1000",
-        "--set", "profile.epochs=5", "--set", "profile.crop=0", "--set", "profile.flip=false",
+        # the same subset and schedule as test_attacks_e2e (no augmentation: implants in few steps)
+        "--set", "profile.train_limit=8000", "--set", "profile.test_limit=1000",
+        "--set", "profile.epochs=6", "--set", "profile.crop=0", "--set", "profile.flip=false",
         "--set", "profile.clean_share=0.1", "--no-progress"]
 
 
@@ -29,6 +30,7 @@ def grid(tmp_path_factory):
                          cwd=work, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     assert out.returncode == 0, out.stdout + out.stderr
+    print(out.stdout)
     return work, out
 
 
