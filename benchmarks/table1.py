@@ -73,6 +73,11 @@ def render(results: dict) -> str:
                 text += f" <br>*{paper[0]} / {paper[1]}*"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
+    clean = {(r["cell"]["dataset"], r["cell"]["student"], r["cell"]["seed"]): r["clean_model"]["acc"]
+             for r in results["results"] if r.get("clean_model")}
+    if clean:
+        lines += ["", "Clean models (same profile, no poisoning), ACC in %: " + ", ".join(
+            f"{d}/{s}/seed{seed}: {100 * acc:.2f}" for (d, s, seed), acc in sorted(clean.items()))]
     if results.get("failures"):
         lines += ["", "Failed cells:"] + [f"- {c}: {e}" for c, e in results["failures"]]
     return "\n".join(lines) + "\n"

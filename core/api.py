@@ -86,7 +86,8 @@ class AttackContext:
     clean_model: Callable[[], "nn.Module"] | None = None
     # (train, test) of another registered dataset, on the CPU: e.g. Refool's reflection pool.
     load_dataset: Callable[[str], tuple[Split, Split]] | None = None
-    # Log a matplotlib figure or a uint8 (C, H, W) image as an artifact at ``path`` (e.g. "trigger.png").
+    # Log a matplotlib figure or a uint8 (C, H, W) image as the artifact ``attack/<path>`` of every
+    # cell that uses this attack (e.g. "trigger.png").
     log_image: Callable[[str, Any], None] = lambda path, image: None
     progress: bool = True
 

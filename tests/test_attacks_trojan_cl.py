@@ -88,7 +88,7 @@ def test_trojan_prepare_generates_logs_and_adds_with_clipping():
     t = attack.trigger
     assert t.dtype == torch.uint8 and t.shape == (3, 32, 32) and t.any()
     assert (t[:, :27, :] == 0).all() and (t[:, :, :27] == 0).all()  # only inside the 5x5 mask
-    assert len(logged) == 1 and logged[0][0] == "attack/trojan_trigger.png"
+    assert len(logged) == 1 and logged[0][0] == "trojan_trigger.png"
     assert logged[0][1].dtype == torch.uint8 and logged[0][1].shape == (3, 256, 256)
     assert attack.neurons == most_connected_inputs(last_linear(model), 2).tolist()
 

@@ -85,7 +85,7 @@ class Trojan(Attack):
         self.trigger = (trigger * 255).round().to(torch.uint8)
         self.neurons = neurons.tolist()
         # 8x nearest-neighbour upscaling: a 32x32 PNG is a dot in the MLflow UI.
-        ctx.log_image("attack/trojan_trigger.png", self.trigger.cpu().repeat_interleave(8, 1)
+        ctx.log_image("trojan_trigger.png", self.trigger.cpu().repeat_interleave(8, 1)
                       .repeat_interleave(8, 2))
 
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
