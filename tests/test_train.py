@@ -13,8 +13,8 @@ SPEC = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 def _toy(n=256):
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(n) % 10
-    images = torch.randint(0, 60, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    images += (labels * 19).to(torch.uint8)[:, None, None, None]  # brightness encodes the class
+    images = torch.randint(0, 30, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images += (labels * 24).to(torch.uint8)[:, None, None, None]  # brightness encodes the class
     return Split(images, labels)
 
 
@@ -50,14 +50,14 @@ def test_schedule():
 def test_training_learns_and_is_deterministic_on_cpu(tmp_path):
     spec = get_registry().model("wrn-16-1")
     data = _toy()
-    opt = Optim(epochs=3, lr=0.05, batch_size=32, crop=1, flip=True, cutout=3)
+    opt = Optim(epochs=6, lr=0.01, batch_size=32, crop=1, flip=True, cutout=3)
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         models.append(train(build(spec, SPEC), data, opt, seed=7, progress=False))
     a, b = (dict(m.state_dict()) for m in models)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert accuracy(models[0], data) > 0.3  # chance is 0.1
+    assert accuracy(models[0], data) > 0.3  # chance is 0.1; measured 0.52 (2 threads), 0.56 (1 thread)
     # safetensors round trip
     path = save_weights(models[0], tmp_path / "m.safetensors")
     torch.manual_seed(1)
