@@ -124,7 +124,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
 
 def accuracy(model: nn.Module, split: Split) -> float:
     """Share of ``split`` classified correctly."""
-    return float((predict(model, split.images) == split.labels.to(predict_device(model))).float().mean())
+    preds = predict(model, split.images)
+    return float((preds == split.labels.to(preds.device)).float().mean())
 
 
 def attack_success_rate(model: nn.Module, triggered: Split, target: int) -> float:
@@ -133,10 +134,6 @@ def attack_success_rate(model: nn.Module, triggered: Split, target: int) -> floa
     if bool((triggered.labels == target).any()):
         raise ValueError("the ASR set must not contain target-class images")
     return float((predict(model, triggered.images) == target).float().mean())
-
-
-def predict_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def evaluate(model: nn.Module, test: Split, triggered: Split, target: int) -> dict[str, float]:
