@@ -40,7 +40,8 @@ class DatasetSpec:
     std: tuple[float, ...]
     image_size: int = 32
     description: str = ""
-    provider: str = ""  # filled in by the registry
+    provider: str = ""     # "distribution version", filled in by the registry
+    source_hash: str = ""  # sha256 of the plugin's module source, filled in by the registry
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ModelSpec:
     attention_layers: tuple[str, ...] = ()
     description: str = ""
     provider: str = ""
+    source_hash: str = ""
 
 
 class _Configurable:
@@ -62,7 +64,8 @@ class _Configurable:
     name: ClassVar[str]
     Config: ClassVar[type]
     description: ClassVar[str] = ""
-    provider: ClassVar[str] = ""
+    provider: ClassVar[str] = ""     # "distribution version", set by the registry
+    source_hash: ClassVar[str] = ""  # sha256 of the plugin's module source, set by the registry
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -149,10 +152,22 @@ class DefenseContext:
     seed: int
     log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
     progress: bool = True
+    # The model of a given architecture as the supplier handed it over (a fresh copy each call), or
+    # None when there is none: in a grid, the backdoored model for the student's architecture; in
+    # `bench defend`, the user's model, or the teacher file for the teacher's architecture.
+    supplied_model: Callable[[str], "nn.Module | None"] = lambda arch: None
 
 
 class Defense(_Configurable):
-    """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model."""
+    """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model (an ``nn.Module``).
+
+    ``check(student_layers, teacher_layers)`` runs before anything trains, with the attention-layer
+    names of each student/teacher pair of the grid: raise ``ConfigError`` for a config that cannot
+    work with them (NAD: one beta per attention layer), so the user learns it in seconds.
+    """
+
+    def check(self, student_layers: tuple[str, ...], teacher_layers: tuple[str, ...]) -> None:
+        """Validate the config against the architectures; the default accepts everything."""
 
     def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module":
         raise NotImplementedError

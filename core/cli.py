@@ -2,9 +2,11 @@
 stays fast."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +33,26 @@ class NameList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
-        valid = _registry().names(self.kind)
+        from .registry import PluginError
+
+        registry = _registry()
+        valid = registry.names(self.kind)
         names = []
         for part in (p.strip() for p in str(value).split(",")):
             if not part:
                 continue
             if part == "all":
                 names.extend(n for n in valid if n not in names)
-            elif part not in valid:
-                self.fail(f"unknown {self.kind[:-1]} {part!r}; valid {self.kind}: {', '.join(valid) or '(none)'}"
-                          + (", all" if self.kind in ("attacks", "defenses") else ""), param, ctx)
-            elif part not in names:
+                continue
+            try:
+                registry.get(self.kind, part)  # plain or dist:name; ambiguous names are errors
+            except PluginError as exc:
+                message = str(exc)
+                if self.kind in ("attacks", "defenses") and message.startswith("unknown"):
+                    message = message.replace(f"valid {self.kind}: {', '.join(valid)}",
+                                              f"valid {self.kind}: {', '.join(valid)}, all")
+                self.fail(message, param, ctx)
+            if part not in names:
                 names.append(part)
         if not names:
             self.fail(f"no {self.kind} given", param, ctx)
@@ -62,15 +73,21 @@ class IntList(click.ParamType):
         if isinstance(value, list):
             return value
         try:
-            return [int(v) for v in str(value).split(",") if v.strip()]
+            values = [int(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not values:
+            self.fail("no values given (e.g. 0,1,2)", param, ctx)
+        return list(dict.fromkeys(values))
 
 
-def _parse_sets(sets: tuple[str, ...], registry) -> tuple[dict, dict]:
-    """``--set nad.epochs=5 --set profile.epochs=2`` -> (profile overrides, per-plugin overrides)."""
+def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> tuple[dict, dict]:
+    """``--set nad.epochs=5 --set profile.epochs=2`` -> (profile overrides, per-plugin overrides).
+
+    An owner must be ``profile`` or an attack or defense of this grid (by its name, which a
+    ``dist:name`` choice keeps): a --set that would be silently ignored is an error."""
     prof, plugins = {}, {}
-    known = set(registry.names("attacks")) | set(registry.names("defenses"))
+    in_grid = {registry.get(kind, n).name for kind in ("attacks", "defenses") for n in grid[kind]}
     for item in sets:
         key, eq, value = item.partition("=")
         owner, dot, field = key.strip().partition(".")
@@ -78,11 +95,14 @@ def _parse_sets(sets: tuple[str, ...], registry) -> tuple[dict, dict]:
             raise click.BadParameter(f"{item!r}: expected OWNER.FIELD=VALUE, e.g. nad.epochs=5", param_hint="--set")
         if owner == "profile":
             prof[field] = value
-        elif owner in known:
+        elif owner in in_grid:
             plugins.setdefault(owner, {})[field] = value
         else:
-            raise click.BadParameter(f"{item!r}: {owner!r} is neither 'profile' nor an attack or defense; "
-                                     f"valid: profile, {', '.join(sorted(known))}", param_hint="--set")
+            known = set(registry.names("attacks")) | set(registry.names("defenses"))
+            why = ("is not in this grid (add it to --attacks/--defenses, or drop the --set)" if owner in known
+                   else "is neither 'profile' nor an attack or defense")
+            raise click.BadParameter(f"{item!r}: {owner!r} {why}; valid here: profile, "
+                                     f"{', '.join(sorted(in_grid))}", param_hint="--set")
     return prof, plugins
 
 
@@ -110,7 +130,7 @@ def main():
 @click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE",
               help="Override a config field: profile.epochs=2, nad.betas=500,1000,1000, badnets.target=0.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               envvar="NADBENCH_DATA_ROOT", show_envvar=True,
               help="Folder with the datasets (ImageFolder folders or .tar.xz archives); without it, "
                    "torchvision downloads them.")
@@ -121,34 +141,46 @@ def main():
               help="Also write the results as JSON to this file.")
 @click.option("--clean-reference", is_flag=True,
               help="Also train (once, cached) a clean model per dataset/architecture/seed and log its ACC.")
+@click.option("--tracking-timeout", type=float, default=5.0, show_default=True,
+              envvar="NADBENCH_TRACKING_TIMEOUT", show_envvar=True,
+              help="Seconds for the one reachability check of a tracking server before anything trains.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, sets, device, data_root,
-        tracking_uri, experiment, output, clean_reference, progress):
+        tracking_uri, experiment, output, clean_reference, tracking_timeout, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
     Example:  bench run --attacks all --defenses nad
+    Ctrl-C or SIGTERM ends the current cell (its run KILLED), writes --output with what finished,
+    and exits 130 (SIGINT) or 143 (SIGTERM).
     """
     import time
 
     from .config import ConfigError
-    from .engine import Runner, expand, plugin_overrides, profile, resolve_device, run_grid
-    from .tracking import Tracker
+    from .engine import Runner, check_grid, defense_overrides, expand, profile, resolve_device, run_grid
+    from .registry import PluginError
+    from .tracking import Tracker, TrackingError
 
     registry = _registry()
+    for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
+        click.secho(f"warning: {line}", fg="yellow", err=True)
     try:
-        prof_over, plugin_over = _parse_sets(sets, registry)
+        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses})
         prof = profile(profile_name, prof_over)
-        plugin_over = plugin_overrides(prof, plugin_over)
-        for name in attacks:  # validate every config before anything trains
-            registry.attack(name).from_overrides(plugin_over.get(name))
         for name in defenses:
-            registry.defense(name).from_overrides(plugin_over.get(name))
+            cls = registry.defense(name)
+            plugin_over[cls.name] = defense_overrides(prof, cls, plugin_over.get(cls.name))
         dev = resolve_device(device)
-    except ConfigError as exc:
+        cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds)
+        check_grid(registry, cells, plugin_over)  # every config and pair, before anything trains
+    except (ConfigError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
-    cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds)
-    tracker = Tracker(tracking_uri, experiment)
+    try:
+        tracker = Tracker(tracking_uri, experiment, timeout=tracking_timeout)
+        for run_id in tracker.reap():
+            click.echo(f"marked run {run_id} KILLED: its process on this host is gone", err=True)
+    except TrackingError as exc:
+        raise click.ClickException(str(exc)) from None
     runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over,
                     tracker=tracker, progress=progress, clean_reference=clean_reference)
     click.echo(f"{len(cells)} cell(s) on {dev}, profile {prof.name}; tracking to {tracker.uri}", err=True)
@@ -157,20 +189,47 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
               "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
               "grid.teachers": ",".join(teachers or students), "grid.seeds": ",".join(map(str, seeds)),
               "profile": prof.name, "device": str(dev), "command": _command()}
-    results, failures = run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params)
+    results, failures = [], []
+    interrupted = None
+    with _terminate_as_interrupt() as signalled:
+        try:
+            run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params,
+                     results=results, failures=failures)
+        except KeyboardInterrupt:
+            interrupted = 128 + (signalled[0] if signalled else signal.SIGINT)
     wall = time.perf_counter() - start
     click.echo(_table(results))
-    click.echo(f"wall time {wall:.0f} s; {len(results)} cell(s) finished, {len(failures)} failed. "
+    click.echo(f"wall time {wall:.0f} s; {len(results)} cell(s) finished, {len(failures)} failed"
+               f"{f', interrupted ({len(cells) - len(results) - len(failures)} not finished)' if interrupted else ''}. "
                f"Browse: bench ui", err=True)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"command": _command(), "wall_s": wall, "device": str(dev),
-                                      "profile": prof.name, "results": results,
+                                      "profile": prof.name, "results": results, "interrupted": bool(interrupted),
                                       "failures": [[c.label, e] for c, e in failures]}, indent=2))
+    for cell, err in failures:
+        click.echo(f"FAILED {cell.label}: {err}", err=True)
+    if interrupted:
+        sys.exit(interrupted)
     if failures:
-        for cell, err in failures:
-            click.echo(f"FAILED {cell.label}: {err}", err=True)
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM behaves like Ctrl-C (a KeyboardInterrupt in the main thread); the list it yields
+    receives the signal number, so the exit code can say which one it was."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _command() -> str:
@@ -196,15 +255,20 @@ def _table(results: list[dict]) -> str:
 
 
 @main.command("list")
-@click.argument("kind", required=False, type=click.Choice(["datasets", "models", "attacks", "defenses"]))
+@click.argument("kind", required=False, type=click.Choice(["datasets", "models", "attacks", "defenses", "profile"]))
 def list_(kind):
-    """List the registered datasets, models, attacks and defenses, with providers and configs."""
+    """List the registered datasets, models, attacks and defenses (providers, config fields), and
+    the fields of the profiles."""
     from .config import describe
 
+    if kind == "profile":
+        _list_profiles()
+        return
     registry = _registry()
     for k in [kind] if kind else ["datasets", "models", "attacks", "defenses"]:
         click.secho(k, bold=True)
-        for name in registry.names(k):
+        for name in registry.names(k) + sorted(n for n in registry.qualified[k]
+                                               if n.split(":", 1)[1] in registry.ambiguous[k]):
             item = registry.get(k, name)
             click.echo(f"  {name:<28} {item.description}  [{item.provider}]")
             if k == "models" and item.attention_layers:
@@ -214,18 +278,37 @@ def list_(kind):
             if k in ("attacks", "defenses"):
                 for field, default, help_ in describe(item.Config):
                     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-                    click.echo(f"      {name}.{field}={shown}  {help_}")
+                    click.echo(f"      {item.name}.{field}={shown}  {help_}")
+    for line in registry.problems():
+        click.secho(f"warning: {line}", fg="yellow", err=True)
+
+
+def _list_profiles():
+    from .config import describe
+    from .engine import PROFILES, Profile
+
+    click.secho("profile fields (set with --set profile.FIELD=VALUE)", bold=True)
+    names = list(PROFILES)
+    click.echo(f"  {'field':<16} " + " ".join(f"{n:<12}" for n in names) + " meaning")
+    for field, _, help_ in describe(Profile):
+        values = []
+        for n in names:
+            v = getattr(PROFILES[n], field)
+            values.append(",".join(map(str, v)) if isinstance(v, tuple) else str(v))
+        click.echo(f"  {field:<16} " + " ".join(f"{v:<12}" for v in values) + f" {help_}")
 
 
 @main.command()
 @click.option("--verbose", "-v", is_flag=True, help="Show full tracebacks of plugins that failed.")
 def plugins(verbose):
-    """Installed plugins (entry points of the `nadbench` group) and those that failed to load."""
+    """Installed plugins (entry points of the `nadbench` group) and those that failed to load.
+    Exits 1 when a plugin failed to load or had an item refused."""
     registry = _registry()
     for info in registry.plugins:
         if info.error:
             continue
-        click.echo(f"{info.name:<16} {info.distribution or '-':<22} {info.value}  hooks: {', '.join(info.hooks)}")
+        state = "  (disabled by NADBENCH_DISABLE_PLUGINS)" if info.disabled else f"  hooks: {', '.join(info.hooks)}"
+        click.echo(f"{info.name:<16} {info.distribution or '-':<22} {info.value}{state}")
     failed = registry.failed
     if failed:
         click.secho(f"\n{len(failed)} plugin(s) failed to load and were skipped:", fg="red", err=True)
@@ -233,6 +316,215 @@ def plugins(verbose):
             click.echo(f"{info.name:<16} {info.distribution or '-':<22} {info.value}  {info.error}", err=True)
             if verbose and info.traceback:
                 click.echo(info.traceback, err=True)
+    problems = registry.problems()
+    if problems:
+        click.secho(f"\n{len(problems)} name conflict(s):", fg="yellow", err=True)
+        for line in problems:
+            click.echo(f"  {line}", err=True)
+    if failed or any(p.refused for p in registry.plugins):
+        sys.exit(1)
+
+
+def _fail(message: str, code: int = 2):
+    """One line on stderr and an exit code: for errors in what the user gave us."""
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _floats(text: str | None, option: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5")
+
+
+@main.command()
+@click.option("--attack", "attack_name", default="badnets", show_default=True, help="A registered attack.")
+@click.option("--arch", default="wrn-16-1", show_default=True, help="A registered model architecture.")
+@click.option("--dataset", default="cifar10", show_default=True, help="A registered dataset.")
+@click.option("--profile", "profile_name", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
+              help="How the backdoored model is trained (see `bench list profile`).")
+@click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE",
+              help="Override the attack's or the profile's config: badnets.target=0, profile.epochs=5.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("backdoored.safetensors"),
+              show_default=True, help="Where to write the backdoored model (safetensors).")
+@click.option("--triggered-out", type=click.Path(file_okay=False, path_type=Path), default=Path("triggered"),
+              show_default=True, help="Folder for the triggered test images (PNG, <true label>/<n>.png).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              envvar="NADBENCH_DATA_ROOT", show_envvar=True, help="Folder with the datasets.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_out, device, data_root, progress):
+    """Train a backdoored model to practise on: write it as safetensors, with a folder of triggered
+    test images, ready for `bench defend`.
+
+    \b
+    Example:  bench attack --attack badnets --out backdoored.safetensors --triggered-out triggered
+    """
+    from .config import ConfigError
+    from .data import DataError
+    from .engine import Runner, attention_layers, profile, resolve_device
+    from .registry import PluginError
+    from .repair import attack_to_files
+
+    registry = _registry()
+    try:
+        attack_cls = registry.attack(attack_name)
+        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": [attack_name], "defenses": []})
+        prof = profile(profile_name, prof_over)
+        attack_cls.from_overrides(plugin_over.get(attack_cls.name))
+        attention_layers(registry, arch, dataset)
+        dev = resolve_device(device)
+    except (ConfigError, PluginError) as exc:
+        _fail(str(exc))
+    runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over, progress=progress)
+    try:
+        result = attack_to_files(registry, runner, attack=attack_name, arch=arch, dataset=dataset, seed=seed,
+                                 out=out, triggered_dir=triggered_out)
+    except DataError as exc:
+        _fail(str(exc), code=1)
+    click.echo(f"wrote {out}: {arch} backdoored by {attack_name} (target {result['target']}), "
+               f"ACC {100 * result['acc']:.2f}, ASR {100 * result['asr']:.2f} on the {dataset} test split"
+               f"{' (from the cache)' if result['cache_hit'] else ''}")
+    click.echo(f"wrote {result['n_triggered']} triggered test images to {triggered_out}/")
+    click.echo(f"next: bench defend {out} --arch {arch} --clean {dataset}:0.05 --test {dataset} "
+               f"--triggered {triggered_out} --target {result['target']}")
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(path_type=Path))
+@click.option("--arch", required=True, help="The model's registered architecture (`bench list models`).")
+@click.option("--clean", "clean_data", required=True, metavar="DATA",
+              help="Your clean data: an ImageFolder folder or .tar/.tar.xz/.zip archive of one, or a registered "
+                   "dataset's training split as NAME:SHARE (e.g. cifar10:0.05).")
+@click.option("--defense", "defense_name", default="nad", show_default=True, help="A registered defense.")
+@click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE", help="Override the defense's config.")
+@click.option("--test", "test_data", default=None, metavar="DATA",
+              help="Data for ACC (a registered dataset's test split as NAME[:SHARE], or a folder/archive); "
+                   "default: a held-out 10% of the clean data.")
+@click.option("--triggered", "triggered_data", default=None, metavar="DATA",
+              help="Triggered images with their true labels (ImageFolder; lossless formats advised), for ASR.")
+@click.option("--target", type=int, default=None, help="The backdoor's target label (with --triggered).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("repaired.safetensors"),
+              show_default=True, help="Where to write the repaired model; the report goes beside it.")
+@click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
+@click.option("--std", default=None, help="Input normalisation std of a bare state dict.")
+@click.option("--normalize", default=None, metavar="DATASET", help="Take mean/std from a registered dataset.")
+@click.option("--teacher", "teacher_file", type=click.Path(path_type=Path), default=None,
+              help="A teacher model (safetensors) for defenses that use one (NAD); default: its own.")
+@click.option("--teacher-arch", default=None, help="The teacher's architecture (default: --arch).")
+@click.option("--image-size", type=int, default=None,
+              help="Resize folder images to this size (default: the named dataset's, else 32).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              envvar="NADBENCH_DATA_ROOT", show_envvar=True, help="Folder with the registered datasets.")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+              help="MLflow store [default: sqlite:///./nadbench.db].")
+@click.option("--experiment", default="nadbench-defend", show_default=True, help="MLflow experiment name.")
+@click.option("--tracking-timeout", type=float, default=5.0, show_default=True, envvar="NADBENCH_TRACKING_TIMEOUT")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggered_data, target, out, mean, std,
+           normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri, experiment,
+           tracking_timeout, progress):
+    """Repair MODEL_FILE, a model you were handed (safetensors only: pickles are refused unopened),
+    with your clean data; write the repaired weights and a report of ACC/ASR before and after.
+
+    \b
+    Example:  bench defend backdoored.safetensors --arch wrn-16-1 --clean cifar10:0.05 \\
+                --test cifar10 --triggered triggered --target 5
+    """
+    from .config import ConfigError
+    from .data import DataError
+    from .engine import resolve_device
+    from .handover import HandoverError, read_safetensors
+    from .registry import PluginError
+    from .repair import defend_file, load_user_data
+    from .tracking import Tracker, TrackingError
+
+    registry = _registry()
+    try:
+        read_safetensors(model_file)  # refuse pickles and broken files before anything else
+        if teacher_file:
+            read_safetensors(teacher_file)
+        spec, defense_cls = registry.model(arch), registry.defense(defense_name)
+        if teacher_arch:
+            registry.model(teacher_arch)
+        if (triggered_data is None) != (target is None):
+            _fail("--triggered and --target go together: ASR needs the triggered images and the target label")
+        if normalize and (mean or std):
+            _fail("give either --normalize or --mean/--std, not both")
+        norm = registry.dataset(normalize) if normalize else None
+        mean_v = norm.mean if norm else _floats(mean, "--mean")
+        std_v = norm.std if norm else _floats(std, "--std")
+        _, plugin_over = _parse_sets(sets, registry, {"attacks": [], "defenses": [defense_name]})
+        overrides = plugin_over.get(defense_cls.name, {})
+        defense_cls.from_overrides(overrides)
+        dev = resolve_device(device)
+        size = image_size or next((registry.dataset(d.partition(":")[0]).image_size
+                                   for d in (clean_data, test_data) if d and d.partition(":")[0]
+                                   in registry.names("datasets")), None)
+        clean = load_user_data(registry, clean_data, train=True, image_size=size, seed=seed, data_root=data_root)
+        test = load_user_data(registry, test_data, train=False, image_size=size, seed=seed,
+                              data_root=data_root) if test_data else None
+        triggered = load_user_data(registry, triggered_data, train=False, image_size=size, seed=seed,
+                                   data_root=data_root) if triggered_data else None
+        report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,
+                             defense_name=defense_name, overrides=overrides, mean=mean_v, std=std_v, test=test,
+                             triggered=triggered, target=target, teacher_path=teacher_file,
+                             teacher_arch=teacher_arch, seed=seed, device=dev, out=out, progress=progress,
+                             make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout))
+    except (HandoverError, ConfigError, PluginError, DataError) as exc:
+        _fail(str(exc))
+    except TrackingError as exc:
+        _fail(str(exc), code=1)
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    rows = [("", "before", "after"), ("ACC", report["before"]["acc"], report["after"]["acc"])]
+    if "asr" in report["before"]:
+        rows.append(("ASR", report["before"]["asr"], report["after"]["asr"]))
+    for name, b, a in rows:
+        click.echo(f"{name:<4} {b:>8}  {a:>8}" if not name else f"{name:<4} {100 * b:>7.2f}%  {100 * a:>7.2f}%")
+    click.echo(f"{defense_name} took {report['time_defense_s']:.0f} s ({report['time_total_s']:.0f} s in all); "
+               f"wrote {out}, {out.with_suffix('.report.json')}"
+               + (f", {report['attention']}" if report.get("attention") else ""))
+
+
+@main.group()
+def cache():
+    """The cache of decoded datasets and trained models ($NADBENCH_CACHE, default ~/.cache/nadbench)."""
+
+
+def _cache_parts() -> dict[str, Path]:
+    from .data import DATASETS_DIR, cache_dir
+    from .engine import MODELS_DIR
+
+    root = cache_dir()
+    return {"datasets": root / DATASETS_DIR, "models": root / MODELS_DIR}
+
+
+@cache.command("info")
+def cache_info():
+    """Where the cache lives, and how many files and bytes each part holds."""
+    parts = _cache_parts()
+    click.echo(f"cache: {next(iter(parts.values())).parent}")
+    for name, folder in parts.items():
+        files = [f for f in folder.glob("*.safetensors")] if folder.is_dir() else []
+        size = sum(f.stat().st_size for f in files)
+        click.echo(f"  {name:<9} {len(files):>5} file(s) {size / 2**20:>9.1f} MiB  {folder}")
+
+
+@cache.command("clear")
+@click.argument("part", required=False, type=click.Choice(["datasets", "models"]))
+def cache_clear(part):
+    """Delete the cached models and datasets (or one PART): they are recomputed when next needed."""
+    for name, folder in _cache_parts().items():
+        if part in (None, name) and folder.is_dir():
+            shutil.rmtree(folder)
+            click.echo(f"cleared {folder}")
 
 
 @main.command()

@@ -12,24 +12,54 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the valid choices or range."""
 
 
+# The value types a config field may hold: what `--set` can parse and MLflow can record.
+SCALARS = (bool, int, float, str)
+
+
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None) -> Any:
-    """A config field with help text and an optional valid range or set of choices."""
+          choices: tuple | None = None, min_exclusive: bool = False, nonempty: bool = False) -> Any:
+    """A config field with help text and an optional valid range or set of choices.
+
+    ``min_exclusive``: the value must be strictly greater than ``min`` (e.g. a share in (0, 1]).
+    ``nonempty``: a tuple field that must hold at least one item (e.g. the rows of a trigger).
+    """
     return dataclasses.field(default=default, metadata={
-        "help": help, "min": min, "max": max, "choices": choices})
+        "help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
+        "nonempty": nonempty})
 
 
 def _range_text(meta: dict) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(map(str, meta["choices"]))
     lo, hi = meta.get("min"), meta.get("max")
+    opening = "(" if meta.get("min_exclusive") else "["
     if lo is not None and hi is not None:
-        return f"in [{lo}, {hi}]"
+        return f"in {opening}{lo}, {hi}]"
     if lo is not None:
-        return f">= {lo}"
+        return f"{'>' if meta.get('min_exclusive') else '>='} {lo}"
     if hi is not None:
         return f"<= {hi}"
     return ""
+
+
+def _below_min(value: Any, meta: dict) -> bool:
+    lo = meta.get("min")
+    return lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo)
+
+
+def check_fields(cls: type) -> None:
+    """Raise ``ConfigError`` unless ``cls`` is a dataclass whose every field holds a supported value
+    (bool, int, float, str, None, or a tuple of those): the contract `--set` and MLflow rely on."""
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"Config {cls!r} must be a dataclass (use @dataclass(frozen=True) and param())")
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config field {f.name!r} has no default (every field needs one)")
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        items = value if isinstance(value, tuple) else (value,)
+        if not all(v is None or isinstance(v, SCALARS) for v in items):
+            raise ConfigError(f"config field {f.name!r} holds {type(value).__name__} {value!r}: supported "
+                              "types are bool, int, float, str, None and tuples of these")
 
 
 def validate(cfg: Any, prefix: str = "") -> None:
@@ -37,13 +67,14 @@ def validate(cfg: Any, prefix: str = "") -> None:
     for f in dataclasses.fields(cfg):
         value, meta, name = getattr(cfg, f.name), f.metadata, f"{prefix}{f.name}"
         items = value if isinstance(value, tuple) else (value,)
+        if meta.get("nonempty") and isinstance(value, tuple) and not value:
+            raise ConfigError(f"{name} is empty: it needs at least one value")
         for v in items:
             if meta.get("choices") and v not in meta["choices"]:
                 raise ConfigError(f"{name} = {v!r} is invalid: must be {_range_text(meta)}")
             if v is None or isinstance(v, (str, bool)):
                 continue
-            if (meta.get("min") is not None and v < meta["min"]) or (
-                    meta.get("max") is not None and v > meta["max"]):
+            if _below_min(v, meta) or (meta.get("max") is not None and v > meta["max"]):
                 raise ConfigError(f"{name} = {v!r} is out of range: must be {_range_text(meta)}")
 
 
@@ -98,7 +129,8 @@ def describe(cls: type) -> list[tuple[str, Any, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         rng = _range_text(f.metadata)
-        help_ = f.metadata.get("help", "") + (f" ({rng})" if rng else "")
+        help_ = f.metadata.get("help", "") + (f" ({rng})" if rng else "") + (
+            " (not empty)" if f.metadata.get("nonempty") else "")
         rows.append((f.name, f.default, help_))
     return rows
 

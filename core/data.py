@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import tarfile
 import tempfile
 import warnings
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
@@ -33,6 +35,7 @@ ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Bump when the decoding or the cache file format changes: old cache files are then ignored.
 _CACHE_VERSION = "1"
+DATASETS_DIR = "datasets"  # under cache_dir()
 
 
 class DataError(RuntimeError):
@@ -117,7 +120,7 @@ def _fingerprint(source: Path) -> str:
 
 def _cache_path(name: str, source: Path, kind: str) -> Path:
     key = hashlib.sha256(f"{_CACHE_VERSION}\n{name}\n{kind}\n{_fingerprint(source)}".encode()).hexdigest()
-    return cache_dir() / "datasets" / f"{name}-{kind}-{key[:20]}.safetensors"
+    return cache_dir() / DATASETS_DIR / f"{name}-{kind}-{key[:20]}.safetensors"
 
 
 def _read_cache(path: Path) -> tuple[Split, Split] | None:
@@ -235,7 +238,14 @@ def load_imagefolder(root: Path, name: str) -> tuple[Split, Split]:
     if (cached := _read_cache(cache)) is not None:
         return cached
     items = _folder_items(source) if source.is_dir() else _archive_items(source, name)
-    train, test = _decode_items(items, str(source))
+    try:
+        train, test = _decode_items(items, str(source))
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as exc:
+        raise DataError(
+            f"cannot read dataset {name!r} from {source}: {type(exc).__name__}: {exc}. The "
+            f"{'archive' if source.is_file() else 'folder'} is truncated or corrupt: replace it with a good copy "
+            f"(check an archive against its SHA256SUMS with `sha256sum -c SHA256SUMS`, or let torchvision "
+            f"download the dataset by leaving out --data-root)") from exc
     _write_cache(cache, name, source, train, test)
     return train, test
 
@@ -289,6 +299,9 @@ def load_dataset(name: str, root: Path | None) -> tuple[Split, Split]:
     torchvision download into ``root`` (or, with no root, into ``cache_dir()/torchvision``)."""
     if root is not None:
         root = Path(root).expanduser()
+        if not root.exists():  # a typo: never a download target
+            raise DataError(f"data root {root} does not exist (from --data-root or NADBENCH_DATA_ROOT): "
+                            f"{_layout_help(name, root)}")
         if _find_local(root, name) is not None:
             return load_imagefolder(root, name)
     target = root if root is not None else cache_dir() / "torchvision"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,11 +27,13 @@ from . import data as datamod
 from .api import AttackContext, DefenseContext, Split
 from .attention import layer_names
 from .config import param
-from .models import build, load_weights, save_weights
-from .registry import Registry
-from .train import Optim, accuracy, evaluate, train
+from .models import build, load_cached, save_weights
+from .registry import PluginError, Registry
+from .train import FinetuneParams, Optim, accuracy, evaluate, train
 
-CACHE_VERSION = "1"
+# Bump when a core change alters trained weights: every cached model is then retrained.
+CACHE_VERSION = "2"
+MODELS_DIR = "models"  # under the cache folder (``$NADBENCH_CACHE``, default ~/.cache/nadbench)
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,13 @@ class Profile:
     weight_decay: float = param(1e-4, "backdoor training weight decay", min=0.0)
     crop: int = param(4, "random-crop padding for backdoor training (0: off)", min=0)
     flip: bool = param(True, "random flips for backdoor training")
-    clean_share: float = param(0.05, "share of the training set the defender holds", min=0.0, max=1.0)
+    clean_share: float = param(0.05, "share of the training set the defender holds", min=0.0, max=1.0,
+                               min_exclusive=True)
     train_limit: int | None = param(None, "use a random subset of this many training images", min=1)
     test_limit: int | None = param(None, "use a random subset of this many test images", min=1)
-    # Plugin config defaults this profile changes, in --set syntax; the user's --set wins.
-    plugin_defaults: tuple[str, ...] = param((), "plugin config overrides (OWNER.FIELD=VALUE)")
+    # Applies by field to every defense built on FinetuneParams (built-in or not); --set wins.
+    finetune_lr: float | None = param(None, "initial lr of every defense built on FinetuneParams "
+                                      "(none: each defense's own default)", min=0.0, max=10.0)
 
     def backdoor_optim(self) -> Optim:
         return Optim(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
@@ -64,23 +70,21 @@ PROFILES = {
     "paper": Profile(name="paper"),
     # Fits BadNets x {finetune, NAD} on CIFAR-10 into ~12 minutes on a 2-core CPU. A 10-epoch
     # model is less settled than the paper's 100-epoch one: the paper's finetuning lr of 0.1 costs
-    # it ~7 ACC points (vs ~4.5 in the paper), so this profile starts finetuning and NAD at 0.03
-    # (measured: ASR 100 -> 2.5 with an ACC drop of 2.3; see benchmarks/results/).
+    # it ~7 ACC points (vs ~4.5 in the paper), so this profile starts every finetuning-style
+    # defense at 0.03 (measured: ASR 100 -> 2.5 with an ACC drop of 2.3; see benchmarks/results/).
     "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
-                     batch_size=128, weight_decay=5e-4,
-                     plugin_defaults=("finetune.lr=0.03", "nad.lr=0.03")),
+                     batch_size=128, weight_decay=5e-4, finetune_lr=0.03),
 }
 
 
-def plugin_overrides(prof: Profile, user: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """The profile's plugin defaults merged under the user's ``--set`` overrides."""
-    merged: dict[str, dict[str, str]] = {}
-    for item in prof.plugin_defaults:
-        key, _, value = item.partition("=")
-        owner, _, field = key.partition(".")
-        merged.setdefault(owner, {})[field] = value
-    for owner, fields in user.items():
-        merged.setdefault(owner, {}).update(fields)
+def defense_overrides(prof: Profile, defense: type, user: dict[str, str] | None) -> dict[str, str]:
+    """The ``--set`` overrides of one defense, over the profile's field defaults. The profile's
+    ``finetune_lr`` applies to every defense whose config is a ``FinetuneParams`` (by field, never
+    by plugin name), so a third-party finetuning-style defense runs at the same lr as the built-ins."""
+    merged = {}
+    if prof.finetune_lr is not None and issubclass(defense.Config, FinetuneParams):
+        merged["lr"] = str(prof.finetune_lr)
+    merged.update(user or {})
     return merged
 
 
@@ -109,6 +113,70 @@ class Cell:
     def label(self) -> str:
         arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
         return f"{self.dataset}/{self.attack}/{self.defense}/{arch}/seed{self.seed}"
+
+
+def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, ...]:
+    """The attention layers of a built model of ``arch``, checked to exist (a model plugin's contract)."""
+    spec = registry.model(arch)
+    model = build(spec, registry.dataset(dataset))
+    layers = layer_names(model, spec.attention_layers)
+    missing = [n for n in layers if not _has_module(model, n)]
+    if missing:
+        raise PluginError(f"model {arch!r} ({spec.provider}) breaks the plugin contract: its declared attention "
+                          f"layers {', '.join(missing)} do not exist in the built network")
+    return layers
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[str, str]]) -> None:
+    """Everything that can be checked before anything trains: every plugin config (with the
+    overrides the Runner will use), every model's attention layers, and every defense against its
+    student/teacher pair (NAD: one beta per attention layer). Raises ``ConfigError`` or ``PluginError``."""
+    layers: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def layers_of(arch, dataset):
+        if (arch, dataset) not in layers:
+            layers[arch, dataset] = attention_layers(registry, arch, dataset)
+        return layers[arch, dataset]
+
+    for cell in cells:
+        attack_cls = registry.attack(cell.attack)
+        attack_cls.from_overrides(overrides.get(attack_cls.name))
+        defense_cls = registry.defense(cell.defense)
+        defense = defense_cls.from_overrides(overrides.get(defense_cls.name))
+        defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
+
+
+def provenance(registry: Registry, cell: Cell) -> dict[str, str]:
+    """Who provided each part of a cell (distribution and version, source hash), and nadbench itself."""
+    from . import __version__
+
+    parts = {"dataset": registry.dataset(cell.dataset), "attack": registry.attack(cell.attack),
+             "defense": registry.defense(cell.defense), "model.student": registry.model(cell.student),
+             "model.teacher": registry.model(cell.teacher)}
+    params = {"nadbench.version": __version__, "nadbench.git_commit": git_commit() or "unknown"}
+    for key, item in parts.items():
+        params[f"{key}.provider"] = item.provider
+        params[f"{key}.source_hash"] = item.source_hash[:16]
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the nadbench checkout, when it is one (an editable install); None otherwise."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds) -> list[Cell]:
@@ -143,7 +211,7 @@ class Runner:
         self.data_root, self.tracker, self.progress = data_root, tracker, progress
         self.overrides = overrides or {}
         self.clean_reference = clean_reference
-        self.cache_dir = Path(cache_dir or datamod.cache_dir()) / "models"
+        self.cache_dir = Path(cache_dir or datamod.cache_dir()) / MODELS_DIR
         self._data: dict[str, tuple] = {}
         self._attacks: dict[tuple, Any] = {}
         self._models: dict[str, dict] = {}       # cache key -> state dict
@@ -165,7 +233,8 @@ class Runner:
         key = (cell.attack, cell.dataset, cell.student, cell.seed)
         if key not in self._attacks:
             spec, train_set, test_set = self.data(cell.dataset)
-            attack = self.registry.attack(cell.attack).from_overrides(self.overrides.get(cell.attack))
+            attack_cls = self.registry.attack(cell.attack)
+            attack = attack_cls.from_overrides(self.overrides.get(attack_cls.name))
             images: dict[str, Any] = {}
             attack.prepare(AttackContext(
                 dataset=spec, train=train_set, device=self.device, seed=cell.seed,
@@ -182,22 +251,25 @@ class Runner:
         on disk under a content hash of ``what`` (+ architecture, seed, profile); returns (model, hit)."""
         spec, train_set, test_set = self.data(dataset)
         prof = dataclasses.asdict(self.profile)
-        for k in ("name", "clean_share", "plugin_defaults"):  # no effect on the trained model
+        for k in ("name", "clean_share", "finetune_lr"):  # no effect on the trained model
             prof.pop(k)
+        model_spec = self.registry.model(arch)
+        # Everything that changes the weights, the plugins' code included (provider + source hash).
         key_src = json.dumps({"v": CACHE_VERSION, "dataset": dataset, "n_train": len(train_set),
-                              "n_test": len(test_set), "model": arch, "seed": seed, "profile": prof, **what},
+                              "dataset_plugin": [spec.provider, spec.source_hash],
+                              "n_test": len(test_set), "model": arch,
+                              "model_plugin": [model_spec.provider, model_spec.source_hash],
+                              "device": self.device.type, "seed": seed, "profile": prof, **what},
                              sort_keys=True, default=str)
         key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
         torch.manual_seed(seed)
-        model = build(self.registry.model(arch), spec, self.device)
+        model = build(model_spec, spec, self.device)
         if key in self._models:
             model.load_state_dict(self._models[key])
             return model, True
         path = self.cache_dir / f"{key}.safetensors"
-        hit = path.exists()
-        if hit:
-            load_weights(model, path)
-        else:
+        hit = load_cached(model, path, key_src)
+        if not hit:
             start = time.perf_counter()
             train(model, data, self.profile.backdoor_optim(), seed=seed, desc=desc, progress=self.progress)
             save_weights(model, path, {"key": key_src, "train_s": f"{time.perf_counter() - start:.1f}"})
@@ -221,7 +293,8 @@ class Runner:
         returns (model, metrics {"acc", "asr"}, cache hit)."""
         spec, train_set, test_set = self.data(cell.dataset)
         attack, poisoned, _, triggered, _ = self.attack(cell)
-        what = {"attack": cell.attack, "attack_config": dataclasses.asdict(attack.config)}
+        what = {"attack": attack.name, "attack_config": dataclasses.asdict(attack.config),
+                "attack_plugin": [attack.provider, attack.source_hash]}
         model, hit = self._trained(what, cell.student, cell.dataset, cell.seed, poisoned,
                                    f"backdoor {cell.attack}/{cell.student}")
         key = ("backdoored", cell.dataset, cell.attack, cell.student, cell.seed)
@@ -234,38 +307,39 @@ class Runner:
         from .report import attention_figure, samples_figure
 
         t = self.tracker
-        spec, train_set, test_set = self.data(cell.dataset)
-        defense = self.registry.defense(cell.defense).from_overrides(self.overrides.get(cell.defense))
+        defense_cls = self.registry.defense(cell.defense)
+        defense = defense_cls.from_overrides(self.overrides.get(defense_cls.name))
         params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
                   "model.student": cell.student, "model.teacher": cell.teacher, "seed": cell.seed,
-                  "device": str(self.device), "data.n_train": len(train_set), "data.n_test": len(test_set),
+                  "device": str(self.device), **provenance(self.registry, cell),
                   **cfgmod.flatten(defense.config, "defense"), **cfgmod.flatten(self.profile, "profile")}
+        # The run starts before any stage, data loading included, so every failure has a run.
         run_id = t.start(cell.label, params, parent=parent) if t else None
         log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
             (lambda *a, **k: None)
         try:
             start = time.perf_counter()
+            spec, train_set, test_set = self.data(cell.dataset)
             attack, poisoned, index, triggered, attack_images = self.attack(cell)
             model, before, hit = self.backdoored(cell)
             t_backdoor = time.perf_counter() - start
             clean_ref = self.clean_model(cell)[1] if self.clean_reference else None
             if t:
                 t.params(run_id, {**cfgmod.flatten(attack.config, "attack"), "attack.n_poisoned": len(index),
-                                  "backdoor.cache_hit": hit})
+                                  "backdoor.cache_hit": hit, "data.n_train": len(train_set),
+                                  "data.n_test": len(test_set)})
                 t.metrics(run_id, {"before.acc": before["acc"], "before.asr": before["asr"],
                                    "time.backdoor_s": t_backdoor,
                                    **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
                 for path, image in attack_images.items():
                     t.image(run_id, image, f"attack/{path}")
             clean = datamod.clean_subset(train_set, self.profile.clean_share, cell.seed)
+            original = copy.deepcopy(model)
             ctx = DefenseContext(device=self.device, dataset=spec, student=self.registry.model(cell.student),
                                  teacher=self.registry.model(cell.teacher), seed=cell.seed,
-                                 log_metric=log, progress=self.progress)
-            original = copy.deepcopy(model)
-            start = time.perf_counter()
-            torch.manual_seed(cell.seed)
-            defended = defense.defend(model, clean, ctx)
-            t_defense = time.perf_counter() - start
+                                 log_metric=log, progress=self.progress,
+                                 supplied_model=lambda arch: copy.deepcopy(original) if arch == cell.student else None)
+            defended, t_defense = apply_defense(defense, model, clean, ctx)
             after = evaluate(defended, test_set, triggered, attack.config.target)
             result = {"cell": dataclasses.asdict(cell), "before": before, "after": after,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
@@ -274,8 +348,9 @@ class Runner:
                 t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
                                    "time.defense_s": t_defense})
                 layers = layer_names(defended, ctx.student.attention_layers)
-                fig = attention_figure(original, defended, layers, _clean_of(test_set, attack),
-                                       triggered.images[:1], title=f"{cell.label}: attention mean_c|F|^2")
+                fig = attention_figure(original, defended, layers,
+                                       [("clean", _clean_of(test_set, attack)), ("triggered", triggered.images[:1])],
+                                       title=f"{cell.label}: attention mean_c|F|^2")
                 t.figure(run_id, fig, "attention/attention_maps.png")
                 pick = _spread(index, 6).to(train_set.images.device)  # across classes: data is sorted by class
                 keep = _spread((test_set.labels != attack.config.target).nonzero().flatten(), 6)
@@ -298,6 +373,18 @@ class Runner:
             raise
 
 
+def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[torch.nn.Module, float]:
+    """The one way a defense runs, in a grid cell and in `bench defend`: seeded, timed, and held to
+    the contract (it returns the repaired module). Returns (repaired model, seconds)."""
+    start = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    defended = defense.defend(model, clean, ctx)
+    if not isinstance(defended, torch.nn.Module):
+        raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: "
+                          f"defend() must return the repaired nn.Module, it returned {defended!r}")
+    return defended, time.perf_counter() - start
+
+
 def _spread(index: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` entries of ``index`` evenly spaced over its length."""
     return index[torch.linspace(0, len(index) - 1, min(n, len(index))).long().to(index.device)]
@@ -309,12 +396,18 @@ def _clean_of(test_set: Split, attack) -> torch.Tensor:
     return test_set.images[first:first + 1]
 
 
-def run_grid(runner: Runner, cells: list[Cell], name: str = "grid",
-             params: dict[str, Any] | None = None) -> tuple[list[dict], list[tuple[Cell, str]]]:
-    """Run every cell under one parent run. A failing cell is recorded and the grid goes on."""
+def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict[str, Any] | None = None,
+             results: list[dict] | None = None,
+             failures: list[tuple[Cell, str]] | None = None) -> tuple[list[dict], list[tuple[Cell, str]]]:
+    """Run every cell under one parent run. A failing cell is recorded and the grid goes on.
+
+    ``results`` and ``failures`` fill as cells end, so a caller interrupted by Ctrl-C or SIGTERM
+    (a ``KeyboardInterrupt``: the current cell's run and the parent end KILLED) keeps what finished.
+    """
     t = runner.tracker
+    results = [] if results is None else results
+    failures = [] if failures is None else failures
     parent = t.start(name, params) if t else None
-    results, failures = [], []
     status = "KILLED"  # unless the loop completes
     bar = tqdm(cells, desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
     try:

@@ -1,9 +1,13 @@
 """Building models from their specs, and storing weights safely (safetensors, never pickles)."""
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,14 +34,41 @@ def build(spec: ModelSpec, dataset: DatasetSpec, device=None) -> Normalized:
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the state dict as safetensors (atomically)."""
+    """Write the state dict as safetensors, atomically: a unique temporary file in the same folder,
+    then a rename, so concurrent writers or a kill mid-write never leave a broken file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def load_cached(model: nn.Module, path: str | Path, key: str) -> bool:
+    """Load a cache entry into ``model`` only if the file's metadata holds exactly ``key`` and its
+    tensors fit the model. Anything else (a missing, truncated or foreign file, another key) is
+    reported, naming the file, and returns False: the caller recomputes and overwrites it."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        if stored != key:
+            raise ValueError("it was written for another key (its metadata does not match)")
+        load_weights(model, path)
+        return True
+    except Exception as exc:  # noqa: BLE001 — a bad cache entry is never fatal and never trusted
+        warnings.warn(f"ignoring cache entry {path}: {type(exc).__name__}: {exc}; recomputing it",
+                      stacklevel=2)
+        return False
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -3,27 +3,35 @@ entry-point group and registers its items through `register_*(register)` hooks.
 
 Unlike pluggy's `load_setuptools_entrypoints`, entry points are loaded one by one: a plugin that
 fails to import or to register is recorded (name, distribution, traceback) and skipped, and the
-rest of the registry keeps working.
+rest of the registry keeps working. Built-ins load first and keep their names.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.metadata as md
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .api import Attack, DatasetSpec, Defense, ModelSpec
+from .config import ConfigError, check_fields
 
 GROUP = "nadbench"
+BUILTIN = "nadbench"  # the distribution whose items keep their names against any third party
+DISABLE_ENV = "NADBENCH_DISABLE_PLUGINS"
 KINDS = ("datasets", "models", "attacks", "defenses")
 _TYPES = {"datasets": DatasetSpec, "models": ModelSpec, "attacks": Attack, "defenses": Defense}
 
 
 class PluginError(RuntimeError):
-    """A registry-level error: duplicate names, unknown names, hooks with no spec."""
+    """A registry-level error: unknown or ambiguous names, broken plugin contracts."""
 
 
 @dataclass
@@ -34,27 +42,132 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     error: str | None = None       # one line
     traceback: str | None = None   # the whole story, for `bench plugins --verbose`
+    refused: list[str] = field(default_factory=list)  # items refused (a built-in's name), one line each
+    disabled: bool = False         # blocked by NADBENCH_DISABLE_PLUGINS
+
+    @property
+    def dist_name(self) -> str:
+        """The distribution's name (the qualifier of ``dist:name``), or the entry-point name."""
+        return self.distribution.split(" ")[0] if self.distribution else self.name
+
+    @property
+    def builtin(self) -> bool:
+        return self.dist_name == BUILTIN
+
+
+def _disabled() -> set[str]:
+    return {p.strip() for p in os.environ.get(DISABLE_ENV, "").split(",") if p.strip()}
+
+
+def _source_hash(*modules: str) -> str:
+    """sha256 over the source files of the given modules: editing a plugin changes its hash (and so
+    the cache keys of everything it produced). Modules without a file hash as their name."""
+    digest = hashlib.sha256()
+    for name in sorted(set(modules)):
+        file = getattr(sys.modules.get(name), "__file__", None)
+        digest.update(name.encode())
+        if file and Path(file).is_file():
+            digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def _defining_module(kind: str, item: Any) -> str:
+    if kind in ("attacks", "defenses"):
+        return item.__module__
+    fn = item.build if kind == "models" else item.load
+    return getattr(getattr(fn, "func", fn), "__module__", "") or ""
+
+
+def _overrides(cls: type, base: type, method: str) -> bool:
+    return getattr(cls, method) is not getattr(base, method)
+
+
+def check_contract(kind: str, item: Any) -> None:
+    """What the plugin contract demands of an item and can be checked without running anything.
+    Raises ``PluginError`` naming the rule that is broken."""
+    expected = _TYPES[kind]
+    if kind in ("attacks", "defenses"):
+        if not (isinstance(item, type) and issubclass(item, expected)):
+            raise PluginError(f"register_{kind} got {item!r}; expected a subclass of nadbench.{expected.__name__}")
+    elif not isinstance(item, expected):
+        raise PluginError(f"register_{kind} got {item!r}; expected an instance of nadbench.{expected.__name__}")
+    name = getattr(item, "name", None)
+    if not isinstance(name, str) or not name or any(c in name for c in ",: ="):
+        raise PluginError(f"{kind[:-1]} name {name!r} is invalid: a non-empty string without ',', ':', '=' "
+                          "or spaces")
+    if kind not in ("attacks", "defenses"):
+        return
+    what = f"{kind[:-1]} {name!r}"
+    try:
+        check_fields(item.Config)
+    except AttributeError:
+        raise PluginError(f"{what} has no Config (a dataclass of its settings)") from None
+    except ConfigError as exc:
+        raise PluginError(f"{what}: {exc}") from None
+    fields = {f.name for f in dataclasses.fields(item.Config)}
+    if kind == "attacks":
+        if "target" not in fields:
+            raise PluginError(f"{what}: its Config has no 'target' field (the target label every attack declares)")
+        if not _overrides(item, Attack, "apply_trigger"):
+            raise PluginError(f"{what} does not implement apply_trigger(images)")
+        if "poison_rate" not in fields and not _overrides(item, Attack, "poison_train"):
+            raise PluginError(f"{what}: its Config has no 'poison_rate' field and it does not override "
+                              "poison_train()")
+    elif not _overrides(item, Defense, "defend"):
+        raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
 
 
 class Registry:
-    """The registered datasets, models, attacks and defenses, each tagged with its provider."""
+    """The registered datasets, models, attacks and defenses, each tagged with its provider.
+
+    Names: a built-in (distribution ``nadbench``) keeps its name; a third-party item claiming it is
+    refused and reported. Two third-party items with one name make the plain name ambiguous; each
+    stays reachable as ``dist:name`` (every item is), or the user blocks one plugin with
+    ``NADBENCH_DISABLE_PLUGINS=<entry point or distribution>``.
+    """
 
     def __init__(self) -> None:
-        self.items: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+        self.items: dict[str, dict[str, Any]] = {k: {} for k in KINDS}       # plain name -> item
+        self.qualified: dict[str, dict[str, Any]] = {k: {} for k in KINDS}   # dist:name -> item
+        self.ambiguous: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}  # name -> providers
         self.plugins: list[PluginInfo] = []
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
 
     # -- lookup -------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
+        """The plain (unambiguous) names of ``kind``."""
         return sorted(self.items[kind])
 
     def get(self, kind: str, name: str) -> Any:
-        try:
+        if name in self.items[kind]:
             return self.items[kind][name]
-        except KeyError:
-            valid = ", ".join(self.names(kind)) or "(none registered)"
-            raise PluginError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}") from None
+        if name in self.qualified[kind]:
+            return self.qualified[kind][name]
+        if name in self.ambiguous[kind]:
+            raise PluginError(self.ambiguity(kind, name))
+        valid = ", ".join(self.names(kind)) or "(none registered)"
+        raise PluginError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}{self.failure_hint()}")
+
+    def ambiguity(self, kind: str, name: str) -> str:
+        options = [q for q, item in self.qualified[kind].items() if item.name == name]
+        plugins = [p.name for p in self.plugins if any(q.split(":")[0] == p.dist_name for q in options)]
+        return (f"{kind[:-1]} {name!r} is ambiguous: provided by {' and '.join(self.ambiguous[kind][name])}. "
+                f"Choose one as {' or '.join(options)}, or block a plugin with "
+                f"{DISABLE_ENV}={plugins[-1] if plugins else '<plugin>'}")
+
+    def failure_hint(self) -> str:
+        """A note about plugins that failed to load (one of them may provide the missing name)."""
+        if not self.failed:
+            return ""
+        names = ", ".join(f"{p.name} ({p.error})" for p in self.failed)
+        return f". Note: {len(self.failed)} plugin(s) failed to load: {names}; see `bench plugins -v`"
+
+    def problems(self) -> list[str]:
+        """One line per refused item and per ambiguous name, for warnings."""
+        lines = [f"{p.dist_name}: {msg}" for p in self.plugins for msg in p.refused]
+        lines += [self.ambiguity(k, n) for k in KINDS for n in sorted(self.ambiguous[k])]
+        return lines
 
     def attack(self, name: str) -> type[Attack]:
         return self.get("attacks", name)
@@ -76,8 +189,8 @@ class Registry:
     def add_plugin(self, module: Any, info: PluginInfo) -> None:
         """Register one plugin object (a module with hook implementations) and collect its items.
 
-        Everything a plugin registers is validated here; on any error the plugin is unregistered
-        again, its partial items are dropped, and the error is recorded on ``info``.
+        Everything a plugin registers is checked here; on any error the plugin is unregistered
+        again, none of its items are kept, and the error is recorded on ``info``.
         """
         self.plugins.append(info)
         try:
@@ -93,52 +206,67 @@ class Registry:
             info.error = (f"PluginError: {exc}; valid hooks: "
                           f"{', '.join('register_' + k for k in KINDS)}")
             return
-        added: list[tuple[str, str]] = []
+        pending: list[tuple[str, Any]] = []
         try:
             for kind in KINDS:
                 hook = getattr(self.pm.hook, f"register_{kind}")
                 impls = [i for i in hook.get_hookimpls() if i.plugin is module]
                 for impl in impls:
-                    impl.function(register=self._register_fn(kind, info, added))
+                    impl.function(register=self._register_fn(kind, pending))
         except Exception as exc:
-            for kind, name in added:
-                del self.items[kind][name]
             self.pm.unregister(module)
             info.error, info.traceback = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            return
+        for kind, item in pending:
+            self._commit(kind, item, info, getattr(module, "__name__", ""))
 
-    def _register_fn(self, kind: str, info: PluginInfo, added: list):
-        expected = _TYPES[kind]
-        provider = info.distribution or info.name
-
+    def _register_fn(self, kind: str, pending: list):
         def register(item: Any) -> None:
-            ok = isinstance(item, type) and issubclass(item, expected) if kind in ("attacks", "defenses") \
-                else isinstance(item, expected)
-            if not ok:
-                raise PluginError(f"register_{kind} got {item!r}; expected "
-                                  f"{'a subclass of' if kind in ('attacks', 'defenses') else 'an instance of'} "
-                                  f"nadbench.{expected.__name__}")
-            name = item.name
-            if name in self.items[kind]:
-                other = self.items[kind][name].provider
-                raise PluginError(f"duplicate {kind[:-1]} name {name!r}: registered by {other} "
-                                  f"and again by {provider}")
-            if kind in ("attacks", "defenses"):
-                item.provider = provider
-            else:
-                item = replace(item, provider=provider)
-            self.items[kind][name] = item
-            added.append((kind, name))
+            check_contract(kind, item)
+            if any(k == kind and other.name == item.name for k, other in pending):
+                raise PluginError(f"{kind[:-1]} {item.name!r} registered twice by the same plugin")
+            pending.append((kind, item))
         return register
 
+    def _commit(self, kind: str, item: Any, info: PluginInfo, plugin_module: str) -> None:
+        name, provider = item.name, info.distribution or info.name
+        builtin_here = self.items[kind].get(name)
+        if builtin_here is not None and builtin_here.provider.split(" ")[0] == BUILTIN and not info.builtin:
+            info.refused.append(f"{kind[:-1]} {name!r} refused: the name belongs to a built-in "
+                                f"({builtin_here.provider}); the built-in keeps it")
+            return
+        source = _source_hash(plugin_module, _defining_module(kind, item))
+        if kind in ("attacks", "defenses"):
+            item.provider, item.source_hash = provider, source
+        else:
+            item = replace(item, provider=provider, source_hash=source)
+        self.qualified[kind][f"{info.dist_name}:{name}"] = item
+        if name in self.ambiguous[kind]:
+            self.ambiguous[kind][name].append(provider)
+        elif name in self.items[kind]:  # two third-party plugins: neither wins
+            self.ambiguous[kind][name] = [self.items[kind].pop(name).provider, provider]
+        else:
+            self.items[kind][name] = item
+
     def load_entrypoints(self) -> None:
-        """Load every plugin of the entry-point group, one at a time."""
-        seen = set()
-        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name)):
+        """Load every plugin of the entry-point group, one at a time: built-ins first (their names
+        are reserved), then the rest in distribution order; skip those the user disabled."""
+        seen, disabled = set(), _disabled()
+
+        def order(ep):
+            dist = ep.dist.name if ep.dist else ""
+            return (dist != BUILTIN, dist, ep.name)
+
+        for ep in sorted(md.entry_points(group=GROUP), key=order):
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ""
             if (ep.name, ep.value, dist) in seen:  # the same distribution on sys.path twice
                 continue
             seen.add((ep.name, ep.value, dist))
             info = PluginInfo(ep.name, ep.value, dist)
+            if {info.name, info.dist_name} & disabled:
+                info.disabled = True
+                self.plugins.append(info)
+                continue
             try:
                 module = ep.load()
             except BaseException as exc:  # noqa: BLE001 — a plugin must never take the registry down

@@ -26,14 +26,14 @@ def _show(ax, img: torch.Tensor, title: str) -> None:
     ax.axis("off")
 
 
-def attention_figure(before, after, layers, clean: torch.Tensor, triggered: torch.Tensor,
-                     title: str = ""):
-    """One figure per cell: rows = input + one per attention layer; columns = clean/triggered
-    input x before/after the defense. ``clean``/``triggered`` hold one image each (1, C, H, W)."""
-    cols = [("clean, before", before, clean), ("clean, after", after, clean),
-            ("triggered, before", before, triggered), ("triggered, after", after, triggered)]
+def attention_figure(before, after, layers, inputs: list[tuple[str, torch.Tensor]], title: str = ""):
+    """One figure: rows = input + one per attention layer; columns = each image of ``inputs``
+    (name, uint8 (N, C, H, W), e.g. ``[("clean", x), ("triggered", t)]``) before and after the defense."""
+    cols = [(f"{name}, {when}", model, images[i:i + 1]) for name, images in inputs for i in range(len(images))
+            for when, model in (("before", before), ("after", after))]
     maps = [attention_maps(m, layers, x) for _, m, x in cols]
-    fig, axes = plt.subplots(len(layers) + 1, 4, figsize=(9, 2.2 * (len(layers) + 1)), squeeze=False)
+    fig, axes = plt.subplots(len(layers) + 1, len(cols), figsize=(2.25 * len(cols), 2.2 * (len(layers) + 1)),
+                             squeeze=False)
     for c, (label, _, x) in enumerate(cols):
         _show(axes[0, c], x[0], label)
         for r, layer in enumerate(layers):

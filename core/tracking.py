@@ -9,12 +9,73 @@ artifacts live in ``attention/``, ``samples/`` and ``model/`` (safetensors state
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "nadbench.db"
 DEFAULT_EXPERIMENT = "nadbench"
+DEFAULT_TIMEOUT = 5.0  # seconds for the one reachability check of a tracking server
+HOST = socket.gethostname()
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI and the fix."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot, Linux), to tell a live process from a
+    later one that reuses its pid; None when there is no such process or no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    if Path("/proc").is_dir():
+        now = _process_start(pid)
+        return now is not None and (start is None or now == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_store(uri: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Fail fast, before anything trains: one bounded reachability check of a tracking server, or a
+    check that an SQLite store's folder exists and is writable. Raises ``TrackingError``."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        # Later MLflow calls: a bounded number of retries instead of minutes of silent back-off.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server at {uri} ({reason}; one try, {timeout:g} s timeout): "
+                f"start it (`mlflow server --host 127.0.0.1 --port PORT`) or drop --tracking-uri / "
+                f"MLFLOW_TRACKING_URI to use the local store sqlite:///./{DEFAULT_DB}") from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        folder = path.parent
+        problem = (f"its folder {folder} does not exist (or is not a folder)" if not folder.is_dir() else
+                   f"{path} is not a file" if path.exists() and not path.is_file() else
+                   f"{folder} is not writable" if not os.access(folder, os.W_OK) else
+                   f"{path} is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+        if problem:
+            raise TrackingError(f"cannot use the tracking store {uri}: {problem}. Create the folder or "
+                                f"point --tracking-uri / MLFLOW_TRACKING_URI at a writable place "
+                                f"(e.g. sqlite:///./{DEFAULT_DB})")
 
 
 def default_uri() -> str:
@@ -34,25 +95,53 @@ def artifact_root(uri: str) -> str:
 class Tracker:
     """A thin layer over ``MlflowClient``: explicit run ids, no fluent global state."""
 
-    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                 timeout: float = DEFAULT_TIMEOUT):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.uri = uri or default_uri()
+        check_store(self.uri, timeout)
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or default_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            exp_id = self.client.create_experiment(
-                experiment, artifact_location=f"{artifact_root(self.uri)}/{experiment}")
-        else:
-            exp_id = exp.experiment_id
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = self.client.create_experiment(
+                    experiment, artifact_location=f"{artifact_root(self.uri)}/{experiment}")
+            else:
+                exp_id = exp.experiment_id
+        except Exception as exc:  # noqa: BLE001 — one line that names the store, not a long traceback
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TrackingError(f"cannot use the tracking store {self.uri}: {type(exc).__name__}: "
+                                f"{first[:300]}") from None
         self.experiment_id = exp_id
+
+    def reap(self) -> list[str]:
+        """Mark KILLED the runs left RUNNING by a process of this host that is gone (killed with
+        SIGKILL, or its machine rebooted). A run of a live process is never touched. Returns the
+        ids of the runs marked."""
+        runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                       max_results=5000)
+        marked = []
+        for run in runs:
+            tags = run.data.tags
+            if tags.get("nadbench.host") != HOST or not tags.get("nadbench.pid", "").isdigit():
+                continue  # another machine's run (or not ours): its process cannot be checked from here
+            if _alive(int(tags["nadbench.pid"]), tags.get("nadbench.pid_start")):
+                continue
+            self.client.set_tag(run.info.run_id, "nadbench.end_reason",
+                                f"process {tags['nadbench.pid']} on {HOST} ended without closing the run")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            marked.append(run.info.run_id)
+        return marked
 
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        pid = os.getpid()
+        tags = {"nadbench.host": HOST, "nadbench.pid": str(pid),
+                "nadbench.pid_start": _process_start(pid) or "", **(tags or {})}
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)

@@ -195,6 +195,7 @@ class _OfflineCIFAR10:
 
 def test_no_data_and_no_internet_gives_a_helpful_error(tmp_path, fresh_cache, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", _OfflineCIFAR10)
+    (tmp_path / "empty").mkdir()  # an existing, empty data root is a download target
     with pytest.raises(data.DataError) as info:
         data.load_dataset("cifar10", tmp_path / "empty")
     message = str(info.value)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quick",
         # the same subset and schedule as test_attacks_e2e (no augmentation: implants in few steps)
         "--set", "profile.train_limit=8000", "--set", "profile.test_limit=1000",
-        "--set", "profile.epochs=6", "--set", "profile.crop=0", "--set", "profile.flip=false",
+        "--set", "profile.epochs=6", "--set", "profile.lr=0.1", "--set", "profile.crop=0",
+        "--set", "profile.flip=false",
         "--set", "profile.clean_share=0.1", "--no-progress"]
 
 
@@ -64,6 +65,11 @@ def test_runs_read_back_from_sqlite(grid):
         p, m = run.data.params, run.data.metrics
         assert p["attack.name"] == "badnets" and p["attack.poison_rate"] == "0.1" and p["seed"] == "0"
         assert p["model.student"] == p["model.teacher"] == "wrn-16-1"
+        # provenance: who provided each part, and which nadbench
+        for part in ("dataset", "attack", "defense", "model.student", "model.teacher"):
+            assert p[f"{part}.provider"].startswith("nadbench ") and len(p[f"{part}.source_hash"]) == 16
+        assert p["nadbench.version"] and p["nadbench.git_commit"]
+        assert run.data.tags["nadbench.pid"].isdigit() and run.data.tags["nadbench.host"]
         assert {"before.acc", "before.asr", "after.acc", "after.asr", "time.backdoor_s",
                 "time.defense_s"} <= set(m)
         files = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -29,8 +29,8 @@ def _fake_dist(site: Path, dist: str, entry: str, module_name: str, source: str)
     (site / f"{module_name}.py").write_text(source)
 
 
-def _bench(*args, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _bench(*args, pythonpath: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "nadbench.cli", *args], capture_output=True, text=True,
@@ -57,14 +57,20 @@ class _Dup(Attack):
     name = "badnets"
     Config = get_registry().attack("badnets").Config
 
+    def apply_trigger(self, images):
+        return images
 
-def test_duplicate_names_both_providers_and_rollback():
+
+def test_builtin_name_is_refused_and_a_failing_plugin_is_rolled_back():
     reg = Registry()
     reg.load_entrypoints()
 
     class Extra(Defense):
         name = "extra-defense"
         Config = get_registry().defense("finetune").Config
+
+        def defend(self, model, clean, ctx):
+            return model
 
     @hookimpl
     def register_attacks(register):
@@ -77,10 +83,21 @@ def test_duplicate_names_both_providers_and_rollback():
     info = PluginInfo("dup", "dup_module", "dup-dist 0.1")
     reg.add_plugin(_module("dup_module", register_attacks=register_attacks, register_defenses=register_defenses),
                    info)
-    assert "duplicate attack name 'badnets'" in info.error
-    assert "nadbench 0.1.0" in info.error and "dup-dist 0.1" in info.error
+    assert info.error is None
+    assert info.refused == ["attack 'badnets' refused: the name belongs to a built-in (nadbench 0.1.0); "
+                            "the built-in keeps it"]
     assert reg.attack("badnets").provider.startswith("nadbench")  # the original stays
-    assert "extra-defense" not in reg.names("defenses")  # partial registrations are rolled back
+    assert reg.defense("extra-defense").provider == "dup-dist 0.1"  # the plugin's other items register
+
+    @hookimpl
+    def register_defenses(register):  # noqa: F811 — a plugin whose second item breaks the contract
+        register(Extra)
+        register("not a defense")
+
+    bad = PluginInfo("bad", "bad_module", "bad-dist 0.1")
+    reg.add_plugin(_module("bad_module", register_defenses=register_defenses), bad)
+    assert "expected a subclass of nadbench.Defense" in bad.error
+    assert reg.defense("extra-defense").provider == "dup-dist 0.1"  # nothing of the failed plugin is kept
 
 
 def test_hookimpl_without_spec_is_an_error():
@@ -116,10 +133,10 @@ def test_broken_and_duplicate_entry_points_are_reported_and_skipped(tmp_path):
                "class Again(BadNets):\n    pass\n"
                "@hookimpl\ndef register_attacks(register):\n    register(Again)\n")
     out = _bench("plugins", "--verbose", pythonpath=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "2 plugin(s) failed" in out.stderr
+    assert out.returncode == 1, out.stderr  # a failed plugin is an error the user should see
+    assert "1 plugin(s) failed" in out.stderr
     assert "missing dependency xyz" in out.stderr and "broken_plugin 0.1" in out.stderr
-    assert "duplicate attack name 'badnets'" in out.stderr and "dup_plugin 0.1" in out.stderr
+    assert "dup_plugin: attack 'badnets' refused" in out.stderr
     assert "Traceback" in out.stderr
     listed = _bench("list", "attacks", pythonpath=tmp_path)
     assert listed.returncode == 0 and "badnets" in listed.stdout  # the rest keeps working

@@ -8,16 +8,16 @@ Defaults follow the official code's final release: betas 500/1000/1000 on the th
 with its mean-squared form of the loss (``loss="l2"`` gives the paper's formula), 20 epochs,
 lr 0.1 dropping to 0.01 after 2 epochs. When the grid asks for a teacher architecture different
 from the student's, the teacher cannot start from the backdoored weights: it is then trained from
-scratch on the clean subset for ``teacher_epochs``.
+scratch on the clean subset for ``teacher_epochs``, unless the context supplies a model of that
+architecture (``bench defend --teacher FILE``), which is then finetuned as the default teacher is.
 """
-import copy
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nadbench import Defense, hookimpl, param
+from nadbench import ConfigError, Defense, hookimpl, param
 from nadbench.attention import KINDS, check_spatial, layer_names, nad_loss, tap
 from nadbench.models import build
 from nadbench.train import FinetuneParams, train
@@ -28,7 +28,8 @@ class NADConfig(FinetuneParams):
     epochs: int = param(20, "student (distillation) epochs", min=1, max=1000)
     teacher_epochs: int = param(10, "epochs of finetuning that make the teacher", min=1, max=1000)
     teacher_lr: float | None = param(None, "initial learning rate of the teacher (none: lr)", min=0.0, max=10.0)
-    betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), "weight of the attention loss per layer", min=0.0)
+    betas: tuple[float, ...] = param((500.0, 1000.0, 1000.0), "weight of the attention loss per layer",
+                                     min=0.0, nonempty=True)
     attention: str = param("mean_p", "attention function", choices=KINDS)
     p: float = param(2.0, "exponent of the attention function", min=0.5, max=8.0)
     loss: str = param("mse", "mse (official code) or l2 (paper formula)", choices=("mse", "l2"))
@@ -39,11 +40,18 @@ class NAD(Defense):
     Config = NADConfig
     description = "finetuned teacher + attention distillation into the backdoored student"
 
+    def check(self, student_layers, teacher_layers):
+        if not (len(student_layers) == len(teacher_layers) == len(self.config.betas)):
+            raise ConfigError(f"nad.betas has {len(self.config.betas)} value(s) but the student has "
+                              f"{len(student_layers)} attention layers ({', '.join(student_layers)}) and the "
+                              f"teacher {len(teacher_layers)}: give one beta per layer")
+
     def defend(self, model, clean, ctx):
         cfg = self.config
-        if ctx.teacher.name == ctx.student.name:
-            teacher = copy.deepcopy(model)
-        else:
+        # The supplier's model of the teacher's architecture (the backdoored model itself by default),
+        # else a fresh network of that architecture trained from scratch on the clean subset.
+        teacher = ctx.supplied_model(ctx.teacher.name)
+        if teacher is None:
             teacher = build(ctx.teacher, ctx.dataset, ctx.device)
         teacher_optim = dataclasses.replace(cfg.optim(cfg.teacher_epochs), lr=cfg.lr if cfg.teacher_lr is None else cfg.teacher_lr)
         train(teacher, clean, teacher_optim, seed=ctx.seed, desc="nad teacher",
@@ -52,9 +60,7 @@ class NAD(Defense):
 
         s_layers = layer_names(model, ctx.student.attention_layers)
         t_layers = layer_names(teacher, ctx.teacher.attention_layers)
-        if not (len(s_layers) == len(t_layers) == len(cfg.betas)):
-            raise ValueError(f"nad.betas has {len(cfg.betas)} values but the student has "
-                             f"{len(s_layers)} attention layers and the teacher {len(t_layers)}")
+        self.check(s_layers, t_layers)
 
         def loss_fn(student, x, y):
             with torch.no_grad(), tap(teacher, t_layers) as t_feats:

@@ -1,0 +1,220 @@
+"""`bench attack` and `bench defend`: a backdoored model as files, and the repair of a model a user
+was handed. Both go through the grid's own pieces (the engine's cached backdoor training,
+``apply_defense``, the one evaluation), so a repaired file means what a grid cell means.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from . import data as datamod
+from .api import DatasetSpec, DefenseContext, Split
+from .attention import layer_names
+from .engine import Cell, Runner, apply_defense
+from .handover import HandoverError, load_image_folder, load_model, save_image_folder
+from .models import save_weights
+from .registry import Registry
+from .train import accuracy, attack_success_rate
+
+HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is given
+
+
+# ------------------------------------------------------------------------------------ bench attack
+
+def attack_to_files(registry: Registry, runner: Runner, *, attack: str, arch: str, dataset: str, seed: int,
+                    out: Path, triggered_dir: Path) -> dict[str, Any]:
+    """Train (or reuse from the cache) the grid's backdoored model and write it as safetensors, with
+    the triggered test images (true labels, target class left out) as a PNG ImageFolder."""
+    cell = Cell(dataset, attack, "-", arch, arch, seed)
+    model, metrics, hit = runner.backdoored(cell)
+    attack_obj, _, index, triggered, _ = runner.attack(cell)
+    spec = registry.dataset(dataset)
+    meta = {"nadbench.version": __version__, "arch": arch, "dataset": dataset, "seed": str(seed),
+            "attack": attack_obj.name, "attack.config": json.dumps(dataclasses.asdict(attack_obj.config)),
+            "target": str(attack_obj.config.target), "acc": f"{metrics['acc']:.4f}", "asr": f"{metrics['asr']:.4f}"}
+    save_weights(model, out, meta)
+    save_image_folder(triggered, triggered_dir, width=len(str(spec.num_classes - 1)))
+    return {"model": str(out), "triggered": str(triggered_dir), "n_triggered": len(triggered),
+            "n_poisoned": len(index), "target": attack_obj.config.target, "cache_hit": hit, **metrics}
+
+
+# ------------------------------------------------------------------------------------ bench defend
+
+@dataclass
+class UserData:
+    split: Split
+    num_classes: int
+    where: str          # what the user gave, for the report
+    note: str = ""      # e.g. "resized 120 images to 32x32"
+
+
+def load_user_data(registry: Registry, text: str, *, train: bool, image_size: int | None, seed: int,
+                   data_root=None) -> UserData:
+    """``name[:share]`` of a registered dataset (its training split for clean data, its test split
+    otherwise; a seeded ``share``), or an ImageFolder folder/archive resized to ``image_size``."""
+    name, _, share = text.partition(":")
+    if name in registry.names("datasets") and not Path(text).exists():
+        spec = registry.dataset(name)
+        try:
+            fraction = float(share) if share else 1.0
+        except ValueError:
+            raise HandoverError(f"{text}: the share after ':' must be a number in (0, 1]") from None
+        if not 0 < fraction <= 1:
+            raise HandoverError(f"{text}: the share after ':' must be in (0, 1]")
+        train_set, test_set = spec.load(data_root)
+        split = datamod.clean_subset(train_set if train else test_set, fraction, seed)
+        return UserData(split, spec.num_classes, f"{name} {'train' if train else 'test'} split, share {fraction:g}")
+    if not Path(text).exists():
+        raise HandoverError(f"{text}: neither a folder or archive nor a registered dataset "
+                            f"(valid: {', '.join(registry.names('datasets'))}, as NAME or NAME:SHARE)")
+    split, classes, resized = load_image_folder(text, image_size or 32)
+    numeric = all(c.isdigit() for c in classes)
+    n_classes = int(split.labels.max()) + 1 if numeric else len(classes)
+    note = f"resized {resized} of {len(split)} images to {image_size or 32}x{image_size or 32}" if resized else ""
+    return UserData(split, n_classes, text, note)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData, defense_name: str,
+                overrides: dict[str, str], mean, std, test: UserData | None, triggered: UserData | None,
+                target: int | None, teacher_path: Path | None, teacher_arch: str | None, seed: int,
+                device: torch.device, out: Path, make_tracker=None, progress: bool = True) -> dict[str, Any]:
+    """Repair the model in ``model_path`` with a registered defense, evaluate it before and after on
+    the user's data, and write the repaired weights and a report; log it all as one MLflow run.
+
+    ``make_tracker()`` is called once every input has been checked, so a bad file or folder fails
+    in seconds without touching the tracking store."""
+    from .report import attention_figure
+
+    start_all = time.perf_counter()
+    spec = registry.model(arch)
+    model = load_model(model_path, spec, clean.num_classes, mean, std).to(device).eval()
+    mean, std = tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())
+    teacher_spec = registry.model(teacher_arch or arch)
+    teacher = (load_model(teacher_path, teacher_spec, clean.num_classes, mean, std).to(device).eval()
+               if teacher_path else None)
+    defense_cls = registry.defense(defense_name)
+    defense = defense_cls.from_overrides(overrides)
+    teacher_net = teacher if teacher is not None else model if teacher_spec is spec else \
+        teacher_spec.build(clean.num_classes)
+    defense.check(layer_names(model, spec.attention_layers), layer_names(teacher_net, teacher_spec.attention_layers))
+
+    clean_split, notes = clean.split, [n for n in (clean.note,) if n]
+    if test is None:  # ACC on a held-out slice of the clean data, which the defense then never sees
+        order = torch.randperm(len(clean_split), generator=torch.Generator().manual_seed(seed))
+        n_out = max(1, round(HELD_OUT * len(clean_split)))
+        test_split = clean_split.subset(order[:n_out].sort().values)
+        clean_split = clean_split.subset(order[n_out:].sort().values)
+        notes.append(f"ACC on a held-out {HELD_OUT:.0%} of the clean data ({n_out} images), which the defense "
+                     "did not see")
+    else:
+        test_split = test.split
+        notes += [n for n in (test.note,) if n]
+        _same_classes(test, clean, "--test")
+    asr_split = None
+    if triggered is not None:
+        _same_classes(triggered, clean, "--triggered")
+        notes += [n for n in (triggered.note,) if n]
+        keep = triggered.split.labels != target
+        asr_split = triggered.split.subset(keep.nonzero().flatten())
+        if not len(asr_split):
+            raise HandoverError(f"{triggered.where}: every image is labelled {target} (the target): nothing to "
+                                "measure ASR on")
+
+    clean_dev, test_dev = clean_split.to(device), test_split.to(device)
+    asr_dev = asr_split.to(device) if asr_split is not None else None
+
+    def measure(m) -> dict[str, float]:
+        result = {"acc": accuracy(m, test_dev)}
+        if asr_dev is not None:
+            result["asr"] = attack_success_rate(m, asr_dev, target)
+        return result
+
+    tracker = make_tracker() if make_tracker else None
+    before = measure(model)
+    run_id = None
+    if tracker:
+        run_id = tracker.start(f"bench defend {model_path.name}", {
+            "model.path": str(model_path), "model.sha256": sha256_of(model_path), "model.student": arch,
+            "model.teacher": teacher_spec.name, "teacher.path": str(teacher_path or ""),
+            "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
+            "device": str(device), "data.clean": clean.where, "data.n_clean": len(clean_split),
+            "data.test": test.where if test else "held-out clean slice", "data.n_test": len(test_split),
+            "data.triggered": triggered.where if triggered else "", "attack.target": "" if target is None else target,
+            "nadbench.version": __version__,
+            **{f"defense.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
+               for k, v in dataclasses.asdict(defense.config).items()}})
+        tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
+    log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
+        (lambda *a, **k: None)
+    dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
+
+    def supplied_model(name: str):
+        """What the user was handed, per architecture: the teacher file, else the model itself."""
+        if teacher is not None and name == teacher_spec.name:
+            return copy.deepcopy(teacher)
+        return copy.deepcopy(model) if name == arch and teacher is None else None
+
+    ctx = DefenseContext(device=device, dataset=dataset, student=spec, teacher=teacher_spec, seed=seed,
+                         log_metric=log, progress=progress, supplied_model=supplied_model)
+    try:
+        original = copy.deepcopy(model)
+        defended, seconds = apply_defense(defense, model, clean_dev, ctx)
+        after = measure(defended)
+        save_weights(defended, out, {
+            "nadbench.version": __version__, "defense": defense_name,
+            "defense.config": json.dumps(dataclasses.asdict(defense.config)),
+            "input.sha256": sha256_of(model_path), "arch": arch})
+        report = {"model": str(model_path), "repaired": str(out), "defense": defense_name, "arch": arch,
+                  "before": before, "after": after, "time_defense_s": seconds,
+                  "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),
+                  "n_test": len(test_split), "n_triggered": len(asr_split) if asr_split is not None else 0,
+                  "notes": notes}
+        figure = None
+        layers = layer_names(defended, spec.attention_layers)
+        if layers:
+            inputs = [("clean", test_split.images[:2])]
+            if asr_split is not None:
+                inputs.append(("triggered", asr_split.images[:2]))
+            figure = attention_figure(original, defended, layers, inputs,
+                                      title=f"{defense_name} on {model_path.name}: attention mean_c|F|^2")
+            figure.savefig(out.with_suffix(".attention.png"), dpi=100)
+            report["attention"] = str(out.with_suffix(".attention.png"))
+        out.with_suffix(".report.json").write_text(json.dumps(report, indent=2))
+        if tracker:
+            tracker.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()}, "time.defense_s": seconds})
+            tracker.text(run_id, json.dumps(report, indent=2), "report.json")
+            if figure is not None:
+                tracker.figure(run_id, figure, "attention/attention_maps.png")
+            tracker.weights(run_id, defended, "model/defended.safetensors")
+            tracker.end(run_id)
+        return report
+    except BaseException as exc:
+        if tracker:
+            import traceback
+
+            tracker.text(run_id, traceback.format_exc(), "error.txt")
+            tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _same_classes(data: UserData, clean: UserData, option: str) -> None:
+    if data.num_classes > clean.num_classes:
+        raise HandoverError(f"{option} {data.where} has {data.num_classes} classes but the clean data has "
+                            f"{clean.num_classes}")
