@@ -13,7 +13,6 @@ import io
 import lzma
 import os
 import tarfile
-import tempfile
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
@@ -22,9 +21,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .api import Split
+from .models import save_tensors
 
 __all__ = ["DataError", "cache_dir", "clean_subset", "data_root", "limit", "load_dataset",
            "load_imagefolder", "load_torchvision"]
@@ -140,17 +140,7 @@ def _write_cache(path: Path, name: str, source: Path, train: Split, test: Split)
     tensors = {"train_images": train.images, "train_labels": train.labels,
                "test_images": test.images, "test_labels": test.labels}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"dataset": name, "source": str(source), "version": _CACHE_VERSION})
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache holds public data
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_tensors(tensors, path, {"dataset": name, "source": str(source), "version": _CACHE_VERSION})
     except OSError as exc:
         warnings.warn(f"could not write dataset cache {path}: {exc}", stacklevel=3)
 

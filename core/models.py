@@ -33,22 +33,27 @@ def build(spec: ModelSpec, dataset: DatasetSpec, device=None) -> Normalized:
     return model.to(device) if device is not None else model
 
 
-def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the state dict as safetensors, atomically: a unique temporary file in the same folder,
-    then a rename, so concurrent writers or a kill mid-write never leave a broken file."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors as safetensors, atomically: a unique temporary file in the same folder, then a
+    rename, so concurrent writers or a kill mid-write never leave a broken file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the state dict as safetensors (atomically, see :func:`save_tensors`)."""
+    return save_tensors(model.state_dict(), path, metadata)
 
 
 def load_cached(model: nn.Module, path: str | Path, key: str) -> bool:

@@ -19,6 +19,7 @@ from . import __version__
 from . import data as datamod
 from .api import DatasetSpec, DefenseContext, Split
 from .attention import layer_names
+from .config import flatten
 from .engine import Cell, Runner, apply_defense
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import save_weights
@@ -148,18 +149,17 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
 
     tracker = make_tracker() if make_tracker else None
     before = measure(model)
+    input_sha256 = sha256_of(model_path)
     run_id = None
     if tracker:
         run_id = tracker.start(f"bench defend {model_path.name}", {
-            "model.path": str(model_path), "model.sha256": sha256_of(model_path), "model.student": arch,
+            "model.path": str(model_path), "model.sha256": input_sha256, "model.student": arch,
             "model.teacher": teacher_spec.name, "teacher.path": str(teacher_path or ""),
             "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
             "device": str(device), "data.clean": clean.where, "data.n_clean": len(clean_split),
             "data.test": test.where if test else "held-out clean slice", "data.n_test": len(test_split),
             "data.triggered": triggered.where if triggered else "", "attack.target": "" if target is None else target,
-            "nadbench.version": __version__,
-            **{f"defense.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
-               for k, v in dataclasses.asdict(defense.config).items()}})
+            "nadbench.version": __version__, **flatten(defense.config, "defense")})
         tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
     log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
         (lambda *a, **k: None)
@@ -180,7 +180,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         save_weights(defended, out, {
             "nadbench.version": __version__, "defense": defense_name,
             "defense.config": json.dumps(dataclasses.asdict(defense.config)),
-            "input.sha256": sha256_of(model_path), "arch": arch})
+            "input.sha256": input_sha256, "arch": arch})
         report = {"model": str(model_path), "repaired": str(out), "defense": defense_name, "arch": arch,
                   "before": before, "after": after, "time_defense_s": seconds,
                   "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),

@@ -36,7 +36,7 @@ def _process_start(pid: int) -> str | None:
 def _alive(pid: int, start: str | None) -> bool:
     if Path("/proc").is_dir():
         now = _process_start(pid)
-        return now is not None and (start is None or now == start)
+        return now is not None and (not start or now == start)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

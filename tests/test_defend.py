@@ -2,7 +2,6 @@
 one-line refusals (exit code 2) of everything a practitioner might hand over by mistake."""
 import os
 import pickle
-import re
 import shlex
 import subprocess
 import sys

@@ -4,10 +4,9 @@ import subprocess
 import sys
 import types
 
-import pytest
 
 from nadbench import Attack, Defense, hookimpl, param
-from nadbench.registry import PluginError, PluginInfo, Registry, get_registry
+from nadbench.registry import PluginInfo, Registry, get_registry
 
 from test_plugins import _bench, _fake_dist
 
