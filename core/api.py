@@ -105,6 +105,9 @@ class Attack(_Configurable):
     """
 
     clean_label: ClassVar[bool] = False
+    # True when ``prepare`` crafts against ``ctx.clean_model()`` (Trojan, CL): the poisoning then
+    # depends on that model, so the engine keys the stored poisoning by it (and offers it only then).
+    uses_clean_model: ClassVar[bool] = False
 
     def prepare(self, ctx: AttackContext) -> None:
         """Craft whatever the trigger needs (a generated pattern, a key); called once before use."""
@@ -143,28 +146,40 @@ class Attack(_Configurable):
 
 @dataclass
 class DefenseContext:
-    """What a defense may use. It never tells which attack was used, and holds no triggered data."""
+    """What a defense may use: the model architectures, the device, the seed and the logging
+    callbacks. It holds nothing that loads data (no test split, no triggered images) and never says
+    which attack was used: the defense works from the model and the clean subset alone."""
 
     device: Any
-    dataset: DatasetSpec
-    student: ModelSpec
-    teacher: ModelSpec
+    num_classes: int
+    student: str                          # the architecture of the model to repair
+    teacher: str                          # the teacher architecture (defenses with uses_teacher)
     seed: int
+    student_layers: tuple[str, ...] = ()  # attention layers of each (dotted module names)
+    teacher_layers: tuple[str, ...] = ()
+    # A fresh, randomly initialised model of a registered architecture (float [0, 1] input, on device).
+    build_model: Callable[[str], "nn.Module"] = None  # type: ignore[assignment]
+    # The model of a given architecture as the supplier handed it over (a fresh copy each call), or
+    # None when there is none: in a grid, the backdoored model of that architecture, trained by the
+    # engine on the same poisoned data (teacher source "supplied"; None under "scratch"); in
+    # `bench defend`, the user's model for its own architecture, or the --teacher file.
+    supplied_model: Callable[[str], "nn.Module | None"] = lambda arch: None
     log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
     progress: bool = True
-    # The model of a given architecture as the supplier handed it over (a fresh copy each call), or
-    # None when there is none: in a grid, the backdoored model for the student's architecture; in
-    # `bench defend`, the user's model, or the teacher file for the teacher's architecture.
-    supplied_model: Callable[[str], "nn.Module | None"] = lambda arch: None
 
 
 class Defense(_Configurable):
     """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model (an ``nn.Module``).
 
+    ``uses_teacher = True`` makes the grid's ``--teachers`` (and ``--teacher-sources``) axes
+    multiply this defense's cells; the teacher architecture is then ``ctx.teacher``.
+
     ``check(student_layers, teacher_layers)`` runs before anything trains, with the attention-layer
     names of each student/teacher pair of the grid: raise ``ConfigError`` for a config that cannot
     work with them (NAD: one beta per attention layer), so the user learns it in seconds.
     """
+
+    uses_teacher: ClassVar[bool] = False
 
     def check(self, student_layers: tuple[str, ...], teacher_layers: tuple[str, ...]) -> None:
         """Validate the config against the architectures; the default accepts everything."""

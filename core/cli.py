@@ -123,7 +123,10 @@ def main():
 @click.option("--models", "students", type=NameList("models"), default="wrn-16-1", show_default=True,
               help="Student (backdoored) architectures.")
 @click.option("--teachers", type=NameList("models"), default=None,
-              help="Teacher architectures for defenses that use one (default: the student's).")
+              help="Teacher architectures for defenses that use one, e.g. nad (default: the student's).")
+@click.option("--teacher-sources", type=click.Choice(["supplied", "scratch", "supplied,scratch"]), default="supplied",
+              show_default=True, help="Where a teacher starts: the supplier's model of its architecture "
+                                      "(backdoored on the same poisoned data), a fresh network, or both as cells.")
 @click.option("--seeds", type=IntList(), default="0", show_default=True, help="Comma-separated seeds.")
 @click.option("--profile", "profile_name", type=click.Choice(["quick", "paper"]), default="quick",
               show_default=True, help="quick: minutes on a CPU; paper: the paper's settings (GPU).")
@@ -144,19 +147,37 @@ def main():
 @click.option("--tracking-timeout", type=float, default=5.0, show_default=True,
               envvar="NADBENCH_TRACKING_TIMEOUT", show_envvar=True,
               help="Seconds for the one reachability check of a tracking server before anything trains.")
+@click.option("--rerun", type=click.Choice(["cells", "all"]), is_flag=False, flag_value="cells", default=None,
+              help="Recompute cells already recorded as finished: --rerun (defense and evaluation; stored "
+                   "backdoored models are reused) or --rerun all (every stage).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Run cells in N local processes (spread over the visible GPUs).")
+@click.option("--cells-per-gpu", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cells sharing one GPU (with --workers or --executor ray).")
+@click.option("--executor", type=click.Choice(["inprocess", "processes", "ray"]), default="inprocess",
+              show_default=True, help="Where cells run; ray needs: pip install 'nadbench[ray]'.")
+@click.option("--ray-address", default=None, help="A Ray cluster to join (default: start a local Ray).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per cell (pin it to compare runs: CPU results shift with it).")
+@click.option("--stale-after", type=float, default=1800.0, show_default=True, envvar="NADBENCH_STALE_AFTER",
+              show_envvar=True, help="Seconds without a heartbeat after which a RUNNING run of another "
+                                     "host is marked KILLED.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
-def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, sets, device, data_root,
-        tracking_uri, experiment, output, clean_reference, tracking_timeout, progress):
+def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, profile_name, sets, device,
+        data_root, tracking_uri, experiment, output, clean_reference, tracking_timeout, rerun, workers,
+        cells_per_gpu, executor, ray_address, threads, stale_after, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
     Example:  bench run --attacks all --defenses nad
+    Running the same command again skips the cells already recorded as finished (see --rerun).
     Ctrl-C or SIGTERM ends the current cell (its run KILLED), writes --output with what finished,
     and exits 130 (SIGINT) or 143 (SIGTERM).
     """
     import time
 
     from .config import ConfigError
+    from . import executors
     from .engine import Runner, check_grid, defense_overrides, expand, profile, resolve_device, run_grid
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
@@ -171,30 +192,46 @@ def run(datasets, attacks, defenses, students, teachers, seeds, profile_name, se
             cls = registry.defense(name)
             plugin_over[cls.name] = defense_overrides(prof, cls, plugin_over.get(cls.name))
         dev = resolve_device(device)
-        cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds)
+        if teachers and not any(registry.defense(d).uses_teacher for d in defenses):
+            users = [n for n in registry.names("defenses") if registry.defense(n).uses_teacher]
+            raise ConfigError(f"--teachers applies to defenses that use a teacher ({', '.join(users) or 'none'}), "
+                              f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
+        cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
+                       tuple(teacher_sources.split(",")))
         check_grid(registry, cells, plugin_over)  # every config and pair, before anything trains
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
         tracker = Tracker(tracking_uri, experiment, timeout=tracking_timeout)
-        for run_id in tracker.reap():
+        for run_id in tracker.reap(stale_after):
             click.echo(f"marked run {run_id} KILLED: its process on this host is gone", err=True)
     except TrackingError as exc:
         raise click.ClickException(str(exc)) from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over,
-                    tracker=tracker, progress=progress, clean_reference=clean_reference)
-    click.echo(f"{len(cells)} cell(s) on {dev}, profile {prof.name}; tracking to {tracker.uri}", err=True)
+                    tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun)
+    try:
+        pool = executors.make(executor, workers, device=dev.type, threads=threads, cells_per_gpu=cells_per_gpu,
+                              ray_address=ray_address)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    where = pool.describe if pool else "in-process"
+    click.echo(f"{len(cells)} cell(s) on {dev} ({where}), profile {prof.name}; tracking to {tracker.uri}", err=True)
     start = time.perf_counter()
     params = {"grid.datasets": ",".join(datasets), "grid.attacks": ",".join(attacks),
               "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
-              "grid.teachers": ",".join(teachers or students), "grid.seeds": ",".join(map(str, seeds)),
+              "grid.teachers": ",".join(teachers or students), "grid.teacher_sources": teacher_sources,
+              "grid.seeds": ",".join(map(str, seeds)), "executor": where, "threads": threads or "default",
               "profile": prof.name, "device": str(dev), "command": _command()}
     results, failures = [], []
     interrupted = None
     with _terminate_as_interrupt() as signalled:
         try:
             run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params,
-                     results=results, failures=failures)
+                     results=results, failures=failures, executor=pool)
         except KeyboardInterrupt:
             interrupted = 128 + (signalled[0] if signalled else signal.SIGINT)
     wall = time.perf_counter() - start
@@ -240,15 +277,15 @@ def _command() -> str:
 
 
 def _table(results: list[dict]) -> str:
-    rows = [("cell", "clean ACC", "ACC before", "ASR before", "ACC after", "ASR after", "defense s")]
+    from .engine import Cell
+
+    rows = [("cell", "clean ACC", "ACC before", "ASR before", "ACC after", "ASR after", "defense s", "")]
     for r in results:
-        c = r["cell"]
-        arch = c["student"] if c["student"] == c["teacher"] else f"{c['student']}<-{c['teacher']}"
         clean = f"{100 * r['clean_model']['acc']:.2f}" if r.get("clean_model") else "-"
-        rows.append((f"{c['dataset']}/{c['attack']}/{c['defense']}/{arch}/seed{c['seed']}", clean,
+        rows.append((Cell(**r["cell"]).label, clean,
                      f"{100 * r['before']['acc']:.2f}", f"{100 * r['before']['asr']:.2f}",
                      f"{100 * r['after']['acc']:.2f}", f"{100 * r['after']['asr']:.2f}",
-                     f"{r['time_defense_s']:.0f}"))
+                     f"{r['time_defense_s']:.0f}", "(recorded before)" if r.get("reused_from") else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
                      for row in rows)
@@ -500,10 +537,10 @@ def cache():
 
 def _cache_parts() -> dict[str, Path]:
     from .data import DATASETS_DIR, cache_dir
-    from .engine import MODELS_DIR
+    from .engine import MODELS_DIR, POISON_DIR
 
     root = cache_dir()
-    return {"datasets": root / DATASETS_DIR, "models": root / MODELS_DIR}
+    return {"datasets": root / DATASETS_DIR, "poison": root / POISON_DIR, "models": root / MODELS_DIR}
 
 
 @cache.command("info")
@@ -518,7 +555,7 @@ def cache_info():
 
 
 @cache.command("clear")
-@click.argument("part", required=False, type=click.Choice(["datasets", "models"]))
+@click.argument("part", required=False, type=click.Choice(["datasets", "poison", "models"]))
 def cache_clear(part):
     """Delete the cached models and datasets (or one PART): they are recomputed when next needed."""
     for name, folder in _cache_parts().items():

@@ -13,8 +13,10 @@ import hashlib
 import itertools
 import json
 import subprocess
+import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,14 @@ from . import data as datamod
 from .api import AttackContext, DefenseContext, Split
 from .attention import layer_names
 from .config import param
-from .models import build, load_cached, save_weights
+from .models import build
 from .registry import PluginError, Registry
+from .store import Store, stage_key
 from .train import FinetuneParams, Optim, accuracy, evaluate, train
 
-# Bump when a core change alters trained weights: every cached model is then retrained.
-CACHE_VERSION = "2"
-MODELS_DIR = "models"  # under the cache folder (``$NADBENCH_CACHE``, default ~/.cache/nadbench)
+# Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
+MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
+POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
 
 
 @dataclass(frozen=True)
@@ -100,18 +103,30 @@ def profile(name: str, overrides: dict[str, str] | None = None) -> Profile:
     return cfg
 
 
+TEACHER_SOURCES = ("supplied", "scratch")
+
+
 @dataclass(frozen=True)
 class Cell:
+    """One grid cell. ``teacher`` and ``teacher_source`` matter only to defenses with
+    ``uses_teacher`` (for the others the teacher is the student and the source empty).
+    ``teacher_source``: "supplied" (the supplier's model of the teacher architecture: the backdoored
+    model itself, or one the engine backdoors on the same poisoned data) or "scratch" (a fresh
+    network trained on the clean subset)."""
+
     dataset: str
     attack: str
     defense: str
     student: str
     teacher: str
     seed: int
+    teacher_source: str = "supplied"
 
     @property
     def label(self) -> str:
         arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
+        if self.teacher_source == "scratch":
+            arch += "(scratch)"
         return f"{self.dataset}/{self.attack}/{self.defense}/{arch}/seed{self.seed}"
 
 
@@ -179,13 +194,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds) -> list[Cell]:
-    """All cells of the grid. Teacher architectures multiply only defenses that use a teacher."""
+def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds,
+           teacher_sources=("supplied",)) -> list[Cell]:
+    """All cells of the grid. Teacher architectures and teacher sources multiply only the defenses
+    that use a teacher (``Defense.uses_teacher``); the others get one cell with teacher = student."""
     cells = []
     for d, a, de, s, seed in itertools.product(datasets, attacks, defenses, students, seeds):
-        uses_teacher = getattr(registry.defense(de), "uses_teacher", False)
-        for t in (teachers or [s]) if uses_teacher else [s]:
-            cells.append(Cell(d, a, de, s, t, seed))
+        if registry.defense(de).uses_teacher:
+            for t, src in itertools.product(teachers or [s], teacher_sources or ("supplied",)):
+                cells.append(Cell(d, a, de, s, t, seed, src))
+        else:
+            cells.append(Cell(d, a, de, s, s, seed, ""))
     return cells
 
 
@@ -203,21 +222,99 @@ def _seeded(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+@dataclass
+class Poisoning:
+    """The output of the poison stage: the poisoned training set, the indices the attack chose, the
+    ASR set (triggered test images whose label is not the target), and the images the attack logged.
+    Stored by key, so a cache hit reuses exactly what the attack crafted (it is never re-crafted)."""
+
+    key: str
+    attack: Any               # the configured attack (prepared only when this process crafted it)
+    poisoned: Split
+    index: torch.Tensor
+    triggered: Split
+    images: dict[str, torch.Tensor]
+    hit: bool
+
+
 class Runner:
+    """Runs cells as content-keyed stages (see ``core/store.py``): poison -> train (the backdoored
+    model, and the clean one an attack may craft against) -> defend -> evaluate. Each stage is
+    computed once per key, across processes, and kept in memory for the cells of this process."""
+
     def __init__(self, registry: Registry, prof: Profile, *, device: torch.device, data_root=None,
                  overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
-                 cache_dir: Path | None = None, clean_reference: bool = False):
+                 cache_dir: Path | None = None, clean_reference: bool = False, rerun: str | None = None):
         self.registry, self.profile, self.device = registry, prof, device
         self.data_root, self.tracker, self.progress = data_root, tracker, progress
         self.overrides = overrides or {}
         self.clean_reference = clean_reference
-        self.cache_dir = Path(cache_dir or datamod.cache_dir()) / MODELS_DIR
+        self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
+        self.cache_root = Path(cache_dir or datamod.cache_dir())
+        self.store = Store(self.cache_root)
         self._data: dict[str, tuple] = {}
-        self._attacks: dict[tuple, Any] = {}
-        self._models: dict[str, dict] = {}       # cache key -> state dict
+        self._poison: dict[str, Poisoning] = {}
+        self._models: dict[str, dict] = {}       # train key -> state dict
         self._metrics: dict[tuple, dict] = {}
 
-    # -- building blocks, each cached ---------------------------------------------------------
+    # -- keys: every input that changes a stage's output, nothing else --------------------------
+    def _dataset_part(self, name: str) -> dict[str, Any]:
+        spec = self.registry.dataset(name)
+        return {"name": name, "plugin": [spec.provider, spec.source_hash],
+                "train_limit": self.profile.train_limit, "test_limit": self.profile.test_limit}
+
+    def train_key(self, dataset: str, arch: str, seed: int, poison: str | None) -> tuple[str, str]:
+        """A model of ``arch`` trained with the profile's schedule on the clean training set
+        (``poison`` None) or on the poisoning with that key."""
+        spec = self.registry.model(arch)
+        prof = dataclasses.asdict(self.profile)
+        for k in ("name", "clean_share", "finetune_lr", "test_limit"):  # no effect on the weights
+            prof.pop(k)
+        return stage_key("train", {
+            "data": self._dataset_part(dataset), "poison": poison, "model": arch,
+            "model_plugin": [spec.provider, spec.source_hash], "device": self.device.type,
+            "precision": "bf16-autocast" if self.device.type == "cuda" else "float32",
+            "seed": seed, "profile": prof})
+
+    def _attack_obj(self, name: str):
+        cls = self.registry.attack(name)
+        return cls.from_overrides(self.overrides.get(cls.name))
+
+    def _defense_obj(self, name: str):
+        cls = self.registry.defense(name)
+        return cls.from_overrides(self.overrides.get(cls.name))
+
+    def poison_key(self, cell: Cell) -> tuple[str, str]:
+        attack = self._attack_obj(cell.attack)
+        parts = {"data": self._dataset_part(cell.dataset), "attack": attack.name,
+                 "config": dataclasses.asdict(attack.config), "plugin": [attack.provider, attack.source_hash],
+                 "seed": cell.seed, "clean_model": None}
+        if attack.uses_clean_model:  # crafted against the clean model of the student architecture
+            parts["clean_model"] = self.train_key(cell.dataset, cell.student, cell.seed, None)[0]
+        return stage_key("poison", parts)
+
+    def teacher_key(self, cell: Cell) -> str | None:
+        """The train key of the supplied teacher, when the cell needs one other than the student."""
+        if not (self.registry.defense(cell.defense).uses_teacher and cell.teacher_source == "supplied"
+                and cell.teacher != cell.student):
+            return None
+        return self.train_key(cell.dataset, cell.teacher, cell.seed, self.poison_key(cell)[0])[0]
+
+    def cell_key(self, cell: Cell) -> tuple[str, str]:
+        """Everything a cell's recorded result depends on: its backdoored model, the defense (config
+        and code), the teacher, the clean subset and the test subset."""
+        defense = self._defense_obj(cell.defense)
+        teacher = self.registry.model(cell.teacher)
+        return stage_key("cell", {
+            "model": self.train_key(cell.dataset, cell.student, cell.seed, self.poison_key(cell)[0])[0],
+            "defense": defense.name, "config": dataclasses.asdict(defense.config),
+            "plugin": [defense.provider, defense.source_hash],
+            "teacher": [cell.teacher, cell.teacher_source, teacher.provider, teacher.source_hash],
+            "teacher_model": self.teacher_key(cell), "clean_share": self.profile.clean_share,
+            "test_limit": self.profile.test_limit, "clean_reference": self.clean_reference,
+            "device": self.device.type})
+
+    # -- stages, each stored by key and kept in memory ----------------------------------------
     def data(self, name: str):
         if name not in self._data:
             spec = self.registry.dataset(name)
@@ -227,52 +324,69 @@ class Runner:
             self._data[name] = (spec, train_set.to(self.device), test_set.to(self.device))
         return self._data[name]
 
-    def attack(self, cell: Cell):
-        """The prepared attack of (attack, dataset, student, seed): (attack, poisoned train set,
-        poisoned indices, ASR set, images the attack logged)."""
-        key = (cell.attack, cell.dataset, cell.student, cell.seed)
-        if key not in self._attacks:
+    def poisoning(self, cell: Cell) -> Poisoning:
+        """The poison stage of (attack config, dataset, seed[, clean model]): crafted once, stored."""
+        key, text = self.poison_key(cell)
+        if key not in self._poison:
             spec, train_set, test_set = self.data(cell.dataset)
-            attack_cls = self.registry.attack(cell.attack)
-            attack = attack_cls.from_overrides(self.overrides.get(attack_cls.name))
-            images: dict[str, Any] = {}
-            attack.prepare(AttackContext(
-                dataset=spec, train=train_set, device=self.device, seed=cell.seed,
-                clean_model=lambda: self.clean_model(cell)[0],
-                load_dataset=lambda name: self.registry.dataset(name).load(self.data_root),
-                log_image=images.__setitem__, progress=self.progress))
-            poisoned, index = attack.poison_train(train_set, _seeded(cell.seed, "poison"))
-            triggered = attack.trigger_test(test_set)
-            self._attacks[key] = (attack, poisoned, index, triggered, images)
-        return self._attacks[key]
+            attack = self._attack_obj(cell.attack)
+            with self.store.lock(POISON_DIR, key):
+                entry = self.store.load_tensors(POISON_DIR, key, text)
+                if entry is not None:
+                    self._poison[key] = _restore_poisoning(key, attack, train_set, entry[0], self.device)
+                else:
+                    self._poison[key] = self._craft(cell, key, text, attack, spec, train_set, test_set)
+        return self._poison[key]
 
-    def _trained(self, what: dict[str, Any], arch: str, dataset: str, seed: int, data: Split, desc: str):
-        """A model of ``arch`` trained on ``data`` with the profile's schedule, cached in memory and
-        on disk under a content hash of ``what`` (+ architecture, seed, profile); returns (model, hit)."""
-        spec, train_set, test_set = self.data(dataset)
-        prof = dataclasses.asdict(self.profile)
-        for k in ("name", "clean_share", "finetune_lr"):  # no effect on the trained model
-            prof.pop(k)
-        model_spec = self.registry.model(arch)
-        # Everything that changes the weights, the plugins' code included (provider + source hash).
-        key_src = json.dumps({"v": CACHE_VERSION, "dataset": dataset, "n_train": len(train_set),
-                              "dataset_plugin": [spec.provider, spec.source_hash],
-                              "n_test": len(test_set), "model": arch,
-                              "model_plugin": [model_spec.provider, model_spec.source_hash],
-                              "device": self.device.type, "seed": seed, "profile": prof, **what},
-                             sort_keys=True, default=str)
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    def _craft(self, cell, key, text, attack, spec, train_set, test_set) -> Poisoning:
+        images: dict[str, torch.Tensor] = {}
+
+        def clean_model():
+            if not attack.uses_clean_model:
+                raise PluginError(f"attack {attack.name!r} ({attack.provider}) calls ctx.clean_model() but does not "
+                                  "declare uses_clean_model = True (its poisoning depends on that model, so the "
+                                  "engine must key the stored poisoning by it)")
+            return self.clean_model(cell)[0]
+
+        attack.prepare(AttackContext(
+            dataset=spec, train=train_set, device=self.device, seed=cell.seed, clean_model=clean_model,
+            load_dataset=lambda name: self.registry.dataset(name).load(self.data_root),
+            log_image=lambda path, image: images.__setitem__(path, _image_tensor(image)),
+            progress=self.progress))
+        poisoned, index = attack.poison_train(train_set, _seeded(cell.seed, "poison"))
+        triggered = attack.trigger_test(test_set)
+        # Store what changed (rows whose image or label differs), not the whole training set.
+        rows = ((poisoned.images != train_set.images).flatten(1).any(1)
+                | (poisoned.labels != train_set.labels)).nonzero().flatten()
+        tensors = {"index": index, "rows": rows, "row_images": poisoned.images[rows],
+                   "row_labels": poisoned.labels[rows], "asr_images": triggered.images,
+                   "asr_labels": triggered.labels, **{f"image/{p}": im for p, im in images.items()}}
+        self.store.save_tensors(POISON_DIR, key, text, tensors, {"attack": attack.name})
+        return Poisoning(key, attack, poisoned, index, triggered, images, hit=False)
+
+    def attack(self, cell: Cell):
+        """(attack, poisoned train set, poisoned indices, ASR set, images the attack logged)."""
+        p = self.poisoning(cell)
+        return p.attack, p.poisoned, p.index, p.triggered, p.images
+
+    def _trained(self, dataset: str, arch: str, seed: int, poison: str | None, data, desc: str):
+        """The train stage: a model of ``arch`` trained on ``data()`` (a callable, so a cache hit
+        never builds the data). Returns (model in eval mode, cache hit)."""
+        key, text = self.train_key(dataset, arch, seed, poison)
+        spec = self.registry.dataset(dataset)
         torch.manual_seed(seed)
-        model = build(model_spec, spec, self.device)
+        model = build(self.registry.model(arch), spec, self.device)
         if key in self._models:
             model.load_state_dict(self._models[key])
-            return model, True
-        path = self.cache_dir / f"{key}.safetensors"
-        hit = load_cached(model, path, key_src)
-        if not hit:
-            start = time.perf_counter()
-            train(model, data, self.profile.backdoor_optim(), seed=seed, desc=desc, progress=self.progress)
-            save_weights(model, path, {"key": key_src, "train_s": f"{time.perf_counter() - start:.1f}"})
+            return model.eval(), True
+        with self.store.lock(MODELS_DIR, key):
+            entry = self.store.load_tensors(MODELS_DIR, key, text)
+            hit = entry is not None and _load_state(model, entry[0], self.store.path(MODELS_DIR, key))
+            if not hit:
+                start = time.perf_counter()
+                train(model, data(), self.profile.backdoor_optim(), seed=seed, desc=desc, progress=self.progress)
+                self.store.save_tensors(MODELS_DIR, key, text, model.state_dict(),
+                                        {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
         model.eval()
         self._models[key] = {k: v.clone() for k, v in model.state_dict().items()}
         return model, hit
@@ -281,88 +395,121 @@ class Runner:
         """A model trained on the clean training set: what Trojan and CL craft against, and the
         reference ACC of the benchmark. Returns (model, metrics {"acc"}, cache hit)."""
         spec, train_set, test_set = self.data(cell.dataset)
-        model, hit = self._trained({"attack": None}, cell.student, cell.dataset, cell.seed, train_set,
+        model, hit = self._trained(cell.dataset, cell.student, cell.seed, None, lambda: train_set,
                                    f"clean {cell.student}")
         key = ("clean", cell.dataset, cell.student, cell.seed)
         if key not in self._metrics:
             self._metrics[key] = {"acc": accuracy(model, test_set)}
         return model, self._metrics[key], hit
 
+    def supplied(self, cell: Cell, arch: str):
+        """The supplier's model of ``arch`` for this cell: backdoored on the cell's poisoning (the
+        student's own backdoored model when ``arch`` is the student). Returns (model, cache hit)."""
+        p = self.poisoning(cell)
+        return self._trained(cell.dataset, arch, cell.seed, p.key, lambda: p.poisoned,
+                             f"backdoor {cell.attack}/{arch}")
+
     def backdoored(self, cell: Cell):
         """The backdoored model of (dataset, attack config, student, seed, profile), trained once;
         returns (model, metrics {"acc", "asr"}, cache hit)."""
         spec, train_set, test_set = self.data(cell.dataset)
-        attack, poisoned, _, triggered, _ = self.attack(cell)
-        what = {"attack": attack.name, "attack_config": dataclasses.asdict(attack.config),
-                "attack_plugin": [attack.provider, attack.source_hash]}
-        model, hit = self._trained(what, cell.student, cell.dataset, cell.seed, poisoned,
-                                   f"backdoor {cell.attack}/{cell.student}")
-        key = ("backdoored", cell.dataset, cell.attack, cell.student, cell.seed)
+        p = self.poisoning(cell)
+        model, hit = self.supplied(cell, cell.student)
+        key = ("backdoored", p.key, cell.student)
         if key not in self._metrics:
-            self._metrics[key] = evaluate(model, test_set, triggered, attack.config.target)
+            self._metrics[key] = evaluate(model, test_set, p.triggered, p.attack.config.target)
         return model, self._metrics[key], hit
 
+    def forget(self, cells: list[Cell]) -> int:
+        """Remove the stored stages these cells use (``--rerun all``), so each is recomputed once.
+        Returns the number of keys removed."""
+        keys = set()
+        for cell in cells:
+            poison = self.poison_key(cell)[0]
+            keys.add((POISON_DIR, poison))
+            keys.add((MODELS_DIR, self.train_key(cell.dataset, cell.student, cell.seed, poison)[0]))
+            if self.teacher_key(cell):
+                keys.add((MODELS_DIR, self.teacher_key(cell)))
+            if self.clean_reference or self.registry.attack(cell.attack).uses_clean_model:
+                keys.add((MODELS_DIR, self.train_key(cell.dataset, cell.student, cell.seed, None)[0]))
+        for stage, key in keys:
+            self.store.forget(stage, key)
+        self._poison.clear()
+        self._models.clear()
+        self._metrics.clear()
+        return len(keys)
+
     # -- one cell -----------------------------------------------------------------------------
-    def run_cell(self, cell: Cell, parent: str | None = None) -> dict[str, Any]:
+    def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+        """Run one cell and log it as a child run of ``parent`` (or into the open run ``run_id``)."""
         from .report import attention_figure, samples_figure
 
         t = self.tracker
-        defense_cls = self.registry.defense(cell.defense)
-        defense = defense_cls.from_overrides(self.overrides.get(defense_cls.name))
+        defense = self._defense_obj(cell.defense)
+        key = self.cell_key(cell)[0]
         params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
-                  "model.student": cell.student, "model.teacher": cell.teacher, "seed": cell.seed,
+                  "model.student": cell.student, "model.teacher": cell.teacher,
+                  "teacher.source": cell.teacher_source or "none", "seed": cell.seed,
                   "device": str(self.device), **provenance(self.registry, cell),
                   **cfgmod.flatten(defense.config, "defense"), **cfgmod.flatten(self.profile, "profile")}
         # The run starts before any stage, data loading included, so every failure has a run.
-        run_id = t.start(cell.label, params, parent=parent) if t else None
+        if t:
+            tags = {"nadbench.cell_key": key}
+            if run_id is None:
+                run_id = t.start(cell.label, params, parent=parent, tags=tags)
+            else:
+                t.params(run_id, params)
+                for k, v in tags.items():
+                    t.tag(run_id, k, v)
         log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
             (lambda *a, **k: None)
         try:
             start = time.perf_counter()
             spec, train_set, test_set = self.data(cell.dataset)
-            attack, poisoned, index, triggered, attack_images = self.attack(cell)
+            p = self.poisoning(cell)
+            attack, target = p.attack, p.attack.config.target
             model, before, hit = self.backdoored(cell)
+            teacher_hit = self.supplied(cell, cell.teacher)[1] if self.teacher_key(cell) else None
             t_backdoor = time.perf_counter() - start
             clean_ref = self.clean_model(cell)[1] if self.clean_reference else None
             if t:
-                t.params(run_id, {**cfgmod.flatten(attack.config, "attack"), "attack.n_poisoned": len(index),
-                                  "backdoor.cache_hit": hit, "data.n_train": len(train_set),
+                t.params(run_id, {**cfgmod.flatten(attack.config, "attack"), "attack.n_poisoned": len(p.index),
+                                  "poison.cache_hit": p.hit, "backdoor.cache_hit": hit,
+                                  "teacher.cache_hit": teacher_hit, "data.n_train": len(train_set),
                                   "data.n_test": len(test_set)})
                 t.metrics(run_id, {"before.acc": before["acc"], "before.asr": before["asr"],
                                    "time.backdoor_s": t_backdoor,
                                    **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
-                for path, image in attack_images.items():
+                for path, image in p.images.items():
                     t.image(run_id, image, f"attack/{path}")
             clean = datamod.clean_subset(train_set, self.profile.clean_share, cell.seed)
             original = copy.deepcopy(model)
-            ctx = DefenseContext(device=self.device, dataset=spec, student=self.registry.model(cell.student),
-                                 teacher=self.registry.model(cell.teacher), seed=cell.seed,
-                                 log_metric=log, progress=self.progress,
-                                 supplied_model=lambda arch: copy.deepcopy(original) if arch == cell.student else None)
+            ctx = self.defense_context(cell, log)
             defended, t_defense = apply_defense(defense, model, clean, ctx)
-            after = evaluate(defended, test_set, triggered, attack.config.target)
-            result = {"cell": dataclasses.asdict(cell), "before": before, "after": after,
+            after = evaluate(defended, test_set, p.triggered, target)
+            result = {"cell": dataclasses.asdict(cell), "cell_key": key, "before": before, "after": after,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED"}
             if t:
                 t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
                                    "time.defense_s": t_defense})
-                layers = layer_names(defended, ctx.student.attention_layers)
-                fig = attention_figure(original, defended, layers,
-                                       [("clean", _clean_of(test_set, attack)), ("triggered", triggered.images[:1])],
+                fig = attention_figure(original, defended, ctx.student_layers,
+                                       [("clean", _clean_of(test_set, target)), ("triggered", p.triggered.images[:1])],
                                        title=f"{cell.label}: attention mean_c|F|^2")
                 t.figure(run_id, fig, "attention/attention_maps.png")
-                pick = _spread(index, 6).to(train_set.images.device)  # across classes: data is sorted by class
-                keep = _spread((test_set.labels != attack.config.target).nonzero().flatten(), 6)
+                pick = _spread(p.index, 6).to(train_set.images.device)  # across classes: data is sorted by class
+                keep = _spread((test_set.labels != target).nonzero().flatten(), 6)
+                asr = _spread(torch.arange(len(p.triggered), device=keep.device), 6)  # the same images, triggered
                 fig = samples_figure([
                     ("train, clean", train_set.images[pick], train_set.labels[pick]),
-                    ("train, poisoned", poisoned.images[pick], poisoned.labels[pick]),
+                    ("train, poisoned", p.poisoned.images[pick], p.poisoned.labels[pick]),
                     ("test, clean", test_set.images[keep], test_set.labels[keep]),
-                    ("test, triggered", attack.apply_trigger(test_set.images[keep]), test_set.labels[keep])],
+                    ("test, triggered", p.triggered.images[asr], p.triggered.labels[asr])],
                     title=f"{cell.attack}: clean vs poisoned (label shown)")
                 t.figure(run_id, fig, "samples/clean_vs_poisoned.png")
                 t.weights(run_id, original, "model/backdoored.safetensors")
                 t.weights(run_id, defended, "model/defended.safetensors")
+                t.tag(run_id, "nadbench.result", json.dumps(result))
                 t.end(run_id)
             return result
         except BaseException as exc:  # recorded on the cell's run; the grid goes on (see run_grid)
@@ -371,6 +518,58 @@ class Runner:
                 t.tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
                 t.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
+
+    def defense_context(self, cell: Cell, log) -> DefenseContext:
+        """What the cell's defense may reach: architectures, a model builder, the supplied models,
+        attention layers, device, seed, logging. Nothing that loads data."""
+        spec = self.registry.dataset(cell.dataset)
+        uses_teacher = self.registry.defense(cell.defense).uses_teacher
+
+        def supplied_model(arch: str):  # a fresh copy each call (built, then loaded from memory)
+            if uses_teacher and arch == cell.teacher:
+                return self.supplied(cell, arch)[0] if cell.teacher_source == "supplied" else None
+            return self.supplied(cell, arch)[0] if arch == cell.student else None
+
+        def build_model(arch: str):
+            return build(self.registry.model(arch), spec, self.device)
+
+        return DefenseContext(
+            device=self.device, num_classes=spec.num_classes, student=cell.student, teacher=cell.teacher,
+            seed=cell.seed, student_layers=attention_layers(self.registry, cell.student, cell.dataset),
+            teacher_layers=attention_layers(self.registry, cell.teacher, cell.dataset),
+            build_model=build_model, supplied_model=supplied_model, log_metric=log, progress=self.progress)
+
+
+def _image_tensor(image) -> torch.Tensor:
+    """A uint8 (C, H, W) tensor of what an attack logs (a tensor, or a matplotlib figure rendered)."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().to(torch.uint8)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    image.canvas.draw()
+    array = np.asarray(image.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(image)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _restore_poisoning(key, attack, train_set: Split, stored: dict, device) -> Poisoning:
+    images, labels = train_set.images.clone(), train_set.labels.clone()
+    rows = stored["rows"].to(device)
+    images[rows], labels[rows] = stored["row_images"].to(device), stored["row_labels"].to(device)
+    logged = {k[len("image/"):]: v for k, v in stored.items() if k.startswith("image/")}
+    return Poisoning(key, attack, Split(images, labels), stored["index"].to(device),
+                     Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)), logged, hit=True)
+
+
+def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:
+    """Load a stored state dict; one that does not fit the model is reported and not used."""
+    try:
+        model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in state.items()})
+        return True
+    except RuntimeError as exc:
+        warnings.warn(f"ignoring cache entry {path}: {str(exc).splitlines()[0]}; recomputing it", stacklevel=3)
+        return False
 
 
 def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[torch.nn.Module, float]:
@@ -390,16 +589,20 @@ def _spread(index: torch.Tensor, n: int) -> torch.Tensor:
     return index[torch.linspace(0, len(index) - 1, min(n, len(index))).long().to(index.device)]
 
 
-def _clean_of(test_set: Split, attack) -> torch.Tensor:
+def _clean_of(test_set: Split, target: int) -> torch.Tensor:
     """The clean version of the first ASR image (first test image not of the target class)."""
-    first = int((test_set.labels != attack.config.target).nonzero()[0])
+    first = int((test_set.labels != target).nonzero()[0])
     return test_set.images[first:first + 1]
 
 
 def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict[str, Any] | None = None,
-             results: list[dict] | None = None,
-             failures: list[tuple[Cell, str]] | None = None) -> tuple[list[dict], list[tuple[Cell, str]]]:
+             results: list[dict] | None = None, failures: list[tuple[Cell, str]] | None = None,
+             executor=None) -> tuple[list[dict], list[tuple[Cell, str]]]:
     """Run every cell under one parent run. A failing cell is recorded and the grid goes on.
+
+    A cell whose result is already recorded as FINISHED under the same cell key is not recomputed
+    (unless ``runner.rerun``): the parent gets a child run linked to the original. The others run in
+    this process, or on ``executor`` (worker processes or Ray, see ``core/executors.py``).
 
     ``results`` and ``failures`` fill as cells end, so a caller interrupted by Ctrl-C or SIGTERM
     (a ``KeyboardInterrupt``: the current cell's run and the parent end KILLED) keeps what finished.
@@ -409,17 +612,44 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
     failures = [] if failures is None else failures
     parent = t.start(name, params) if t else None
     status = "KILLED"  # unless the loop completes
-    bar = tqdm(cells, desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(cells), desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
     try:
-        for cell in bar:
-            bar.set_postfix_str(cell.label)
-            try:
-                results.append(runner.run_cell(cell, parent))
-            except Exception as exc:
-                failures.append((cell, f"{type(exc).__name__}: {exc}"))
-                tqdm.write(f"cell {cell.label} failed: {type(exc).__name__}: {exc}")
+        todo = []
+        for cell in cells:
+            prior = t.finished_cell(runner.cell_key(cell)[0]) if t and not runner.rerun else None
+            if prior is None:
+                todo.append(cell)
+                continue
+            results.append(t.reuse(prior, cell.label, parent))
+            bar.update()
+        if runner.rerun == "all":
+            runner.forget(todo)
+        if len(todo) < len(cells):
+            tqdm.write(f"resuming: {len(cells) - len(todo)} cell(s) already recorded, {len(todo)} to run",
+                       file=sys.stderr)
+
+        def done(cell: Cell, result: dict | None, error: str | None) -> None:
+            if error is None:
+                results.append(result)
+            else:
+                failures.append((cell, error))
+                tqdm.write(f"cell {cell.label} failed: {error}", file=sys.stderr)
+            bar.update()
+
+        if executor is None:
+            for cell in todo:
+                bar.set_postfix_str(cell.label)
+                try:
+                    done(cell, runner.run_cell(cell, parent), None)
+                except Exception as exc:
+                    done(cell, None, f"{type(exc).__name__}: {exc}")
+        else:
+            executor.run(runner, todo, parent, done)
         status = "FAILED" if failures else "FINISHED"
     finally:
+        bar.close()
+        order = {cell: i for i, cell in enumerate(cells)}
+        results.sort(key=lambda r: order.get(Cell(**r["cell"]), 0))
         if t:
             t.text(parent, json.dumps(results, indent=2), "results.json")
             t.end(parent, status)

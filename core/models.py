@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -54,26 +52,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write the state dict as safetensors (atomically, see :func:`save_tensors`)."""
     return save_tensors(model.state_dict(), path, metadata)
-
-
-def load_cached(model: nn.Module, path: str | Path, key: str) -> bool:
-    """Load a cache entry into ``model`` only if the file's metadata holds exactly ``key`` and its
-    tensors fit the model. Anything else (a missing, truncated or foreign file, another key) is
-    reported, naming the file, and returns False: the caller recomputes and overwrites it."""
-    path = Path(path)
-    if not path.exists():
-        return False
-    try:
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("key")
-        if stored != key:
-            raise ValueError("it was written for another key (its metadata does not match)")
-        load_weights(model, path)
-        return True
-    except Exception as exc:  # noqa: BLE001 — a bad cache entry is never fatal and never trusted
-        warnings.warn(f"ignoring cache entry {path}: {type(exc).__name__}: {exc}; recomputing it",
-                      stacklevel=2)
-        return False
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -105,6 +105,9 @@ def check_contract(kind: str, item: Any) -> None:
     except ConfigError as exc:
         raise PluginError(f"{what}: {exc}") from None
     fields = {f.name for f in dataclasses.fields(item.Config)}
+    for flag in ("uses_clean_model", "uses_teacher"):
+        if not isinstance(getattr(item, flag, False), bool):
+            raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
     if kind == "attacks":
         if "target" not in fields:
             raise PluginError(f"{what}: its Config has no 'target' field (the target label every attack declares)")

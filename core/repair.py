@@ -22,7 +22,7 @@ from .attention import layer_names
 from .config import flatten
 from .engine import Cell, Runner, apply_defense
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
-from .models import save_weights
+from .models import build, save_weights
 from .registry import Registry
 from .train import accuracy, attack_success_rate
 
@@ -114,7 +114,9 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     defense = defense_cls.from_overrides(overrides)
     teacher_net = teacher if teacher is not None else model if teacher_spec is spec else \
         teacher_spec.build(clean.num_classes)
-    defense.check(layer_names(model, spec.attention_layers), layer_names(teacher_net, teacher_spec.attention_layers))
+    student_layers = layer_names(model, spec.attention_layers)
+    teacher_layers = layer_names(teacher_net, teacher_spec.attention_layers)
+    defense.check(student_layers, teacher_layers)
 
     clean_split, notes = clean.split, [n for n in (clean.note,) if n]
     if test is None:  # ACC on a held-out slice of the clean data, which the defense then never sees
@@ -169,10 +171,12 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         """What the user was handed, per architecture: the teacher file, else the model itself."""
         if teacher is not None and name == teacher_spec.name:
             return copy.deepcopy(teacher)
-        return copy.deepcopy(model) if name == arch and teacher is None else None
+        return copy.deepcopy(model) if name == spec.name and teacher is None else None
 
-    ctx = DefenseContext(device=device, dataset=dataset, student=spec, teacher=teacher_spec, seed=seed,
-                         log_metric=log, progress=progress, supplied_model=supplied_model)
+    ctx = DefenseContext(device=device, num_classes=clean.num_classes, student=spec.name, teacher=teacher_spec.name,
+                         seed=seed, student_layers=student_layers, teacher_layers=teacher_layers,
+                         build_model=lambda name: build(registry.model(name), dataset, device),
+                         supplied_model=supplied_model, log_metric=log, progress=progress)
     try:
         original = copy.deepcopy(model)
         defended, seconds = apply_defense(defense, model, clean_dev, ctx)

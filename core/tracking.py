@@ -8,15 +8,21 @@ artifacts live in ``attention/``, ``samples/`` and ``model/`` (safetensors state
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "nadbench.db"
 DEFAULT_EXPERIMENT = "nadbench"
 DEFAULT_TIMEOUT = 5.0  # seconds for the one reachability check of a tracking server
+HEARTBEAT_S = 60.0     # how often a process stamps its open runs
+DEFAULT_STALE_AFTER = 1800.0  # a run of another host without a heartbeat this long is KILLED
 HOST = socket.gethostname()
 
 
@@ -117,34 +123,78 @@ class Tracker:
             raise TrackingError(f"cannot use the tracking store {self.uri}: {type(exc).__name__}: "
                                 f"{first[:300]}") from None
         self.experiment_id = exp_id
+        self._open: set[str] = set()
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, name="nadbench-heartbeat", daemon=True).start()
 
-    def reap(self) -> list[str]:
-        """Mark KILLED the runs left RUNNING by a process of this host that is gone (killed with
-        SIGKILL, or its machine rebooted). A run of a live process is never touched. Returns the
-        ids of the runs marked."""
+    def reap(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[str]:
+        """Mark KILLED the runs left RUNNING by a process that is gone: on this host, its pid no
+        longer exists (SIGKILL, a reboot); on another host, it sent no heartbeat for ``stale_after``
+        seconds (a run's process beats every ``HEARTBEAT_S``). A run of a live process is never
+        touched. Returns the ids of the runs marked."""
         runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
                                        max_results=5000)
-        marked = []
+        marked, now = [], time.time()
         for run in runs:
             tags = run.data.tags
-            if tags.get("nadbench.host") != HOST or not tags.get("nadbench.pid", "").isdigit():
-                continue  # another machine's run (or not ours): its process cannot be checked from here
-            if _alive(int(tags["nadbench.pid"]), tags.get("nadbench.pid_start")):
-                continue
-            self.client.set_tag(run.info.run_id, "nadbench.end_reason",
-                                f"process {tags['nadbench.pid']} on {HOST} ended without closing the run")
+            if "nadbench.pid" not in tags:
+                continue  # not a nadbench run
+            if tags.get("nadbench.host") == HOST:
+                if not tags["nadbench.pid"].isdigit() or _alive(int(tags["nadbench.pid"]), tags.get("nadbench.pid_start")):
+                    continue
+                reason = f"process {tags['nadbench.pid']} on {HOST} ended without closing the run"
+            else:
+                beat = float(tags.get("nadbench.heartbeat") or run.info.start_time / 1000)
+                if now - beat < stale_after:
+                    continue
+                reason = (f"no heartbeat from process {tags['nadbench.pid']} on {tags.get('nadbench.host')} "
+                          f"for {now - beat:.0f} s (limit {stale_after:g} s)")
+            self.client.set_tag(run.info.run_id, "nadbench.end_reason", reason)
             self.client.set_terminated(run.info.run_id, "KILLED")
             marked.append(run.info.run_id)
         return marked
 
+    def _beat(self) -> None:
+        """Every HEARTBEAT_S, stamp ``nadbench.heartbeat`` on this process's open runs, so another
+        host can tell a live grid from one whose machine died."""
+        while not self._stop.wait(HEARTBEAT_S):
+            for run_id in list(self._open):
+                try:
+                    self.client.set_tag(run_id, "nadbench.heartbeat", f"{time.time():.0f}")
+                except Exception:  # noqa: BLE001 — a missed beat is harmless; the next one retries
+                    pass
+
+    # -- resume: a finished cell is found by its key and linked, not recomputed ------------------
+    def finished_cell(self, key: str):
+        """The newest FINISHED run that recorded the cell with this key, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.`nadbench.cell_key` = '{key}' and attributes.status = 'FINISHED'",
+            max_results=20, order_by=["attributes.start_time DESC"])
+        return next((r for r in runs if "nadbench.result" in r.data.tags), None)
+
+    def reuse(self, run, name: str, parent: str | None) -> dict[str, Any]:
+        """Record a finished cell under ``parent`` without recomputing it: a child run with the
+        original's params and final metrics (so the parent's table is complete on its own) and a
+        ``nadbench.reused_from`` tag naming the run that holds the artifacts. Returns its result."""
+        tags = run.data.tags
+        origin = tags.get("nadbench.reused_from", run.info.run_id)
+        result = {**json.loads(tags["nadbench.result"]), "reused_from": origin}
+        run_id = self.start(name, dict(run.data.params), parent=parent, tags={
+            "nadbench.cell_key": tags["nadbench.cell_key"], "nadbench.reused_from": origin,
+            "nadbench.result": tags["nadbench.result"]})
+        self.metrics(run_id, run.data.metrics)
+        self.end(run_id)
+        return result
+
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:
         pid = os.getpid()
-        tags = {"nadbench.host": HOST, "nadbench.pid": str(pid),
-                "nadbench.pid_start": _process_start(pid) or "", **(tags or {})}
+        tags = {"nadbench.host": HOST, "nadbench.pid": str(pid), "nadbench.pid_start": _process_start(pid) or "",
+                "nadbench.heartbeat": f"{time.time():.0f}", **(tags or {})}
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self._open.add(run.info.run_id)
         if params:
             self.params(run.info.run_id, params)
         return run.info.run_id
@@ -157,8 +207,6 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -171,8 +219,10 @@ class Tracker:
     def figure(self, run_id: str, fig, path: str) -> None:
         import matplotlib.pyplot as plt
 
-        self.client.log_figure(run_id, fig, path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
+        self.artifact(run_id, buf.getvalue(), path)
 
     def image(self, run_id: str, image, path: str) -> None:
         """A matplotlib figure, or a uint8 (C, H, W) tensor (upscaled so a person can see it)."""
@@ -185,22 +235,73 @@ class Tracker:
         array = image.detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
         pil = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
         scale = max(1, 256 // max(pil.size))
-        self.client.log_image(run_id, pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST),
-                              artifact_file=path)
+        buf = io.BytesIO()
+        pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(buf, format="png")
+        self.artifact(run_id, buf.getvalue(), path)
 
     def text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        self.artifact(run_id, text.encode(), path)
 
     def weights(self, run_id: str, model, path: str, metadata: dict[str, str] | None = None) -> None:
         """Log a model as a safetensors state dict under ``path`` (e.g. ``model/backdoored.safetensors``)."""
-        from .models import save_weights
+        from safetensors.torch import save
 
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        self.artifact(run_id, save(state, metadata), path)
+
+    def artifact(self, run_id: str, data: bytes, path: str) -> None:
+        """Every artifact goes through here: ``data`` stored as ``path`` in the run's artifacts."""
         with tempfile.TemporaryDirectory() as tmp:
-            file = save_weights(model, Path(tmp) / Path(path).name, metadata)
-            self.client.log_artifact(run_id, str(file), str(Path(path).parent))
+            file = Path(tmp) / Path(path).name
+            file.write_bytes(data)
+            parent = str(Path(path).parent)
+            self.client.log_artifact(run_id, str(file), None if parent == "." else parent)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+        self._open.discard(run_id)
 
     def ui_link(self, host: str, port: int) -> str:
         return f"http://{host}:{port}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
+
+class Recorder(Tracker):
+    """A tracker for worker processes: records every call (artifacts as bytes) instead of writing
+    to MLflow, so only the driver writes to the store; ``replay`` applies the record to a real
+    tracker. The cell's run is opened by the driver and passed in as ``run_id``."""
+
+    def __init__(self):  # noqa: D107 — no store, no heartbeat
+        self.ops: list[tuple] = []
+
+    def start(self, name, params=None, parent=None, tags=None) -> str:
+        raise RuntimeError("a worker never opens runs: the driver opens the cell's run")
+
+    def params(self, run_id, params):
+        self.ops.append(("params", {k: str(v) for k, v in params.items()}))
+
+    def metrics(self, run_id, metrics, step=None):
+        self.ops.append(("metrics", dict(metrics), step))
+
+    def tag(self, run_id, key, value):
+        self.ops.append(("tag", key, value))
+
+    def artifact(self, run_id, data, path):
+        self.ops.append(("artifact", data, path))
+
+    def end(self, run_id, status="FINISHED"):
+        self.ops.append(("end", status))
+
+
+def replay(tracker: Tracker, run_id: str, ops: list[tuple]) -> None:
+    """Apply a worker's record to the run ``run_id`` (params, metrics, tags, artifacts, its end)."""
+    for op, *args in ops:
+        if op == "params":
+            tracker.params(run_id, args[0])
+        elif op == "metrics":
+            tracker.metrics(run_id, args[0], args[1])
+        elif op == "tag":
+            tracker.tag(run_id, *args)
+        elif op == "artifact":
+            tracker.artifact(run_id, *args)
+        elif op == "end":
+            tracker.end(run_id, args[0])

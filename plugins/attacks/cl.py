@@ -57,6 +57,7 @@ class CL(Attack):
     Config = CLConfig
     description = "clean-label: PGD-perturbed target-class images with a four-corner trigger"
     clean_label = True
+    uses_clean_model = True  # PGD runs against a clean model
 
     model = None  # the clean model PGD attacks; set by prepare()
 

@@ -47,6 +47,7 @@ class TrojanConfig:
 
 class Trojan(Attack):
     name = "trojan"
+    uses_clean_model = True  # the trigger is crafted against a clean model
     Config = TrojanConfig
     description = "trigger generated to fire the clean model's top neurons, added in a corner patch"
 

@@ -6,10 +6,11 @@
 
 Defaults follow the official code's final release: betas 500/1000/1000 on the three WRN groups
 with its mean-squared form of the loss (``loss="l2"`` gives the paper's formula), 20 epochs,
-lr 0.1 dropping to 0.01 after 2 epochs. When the grid asks for a teacher architecture different
-from the student's, the teacher cannot start from the backdoored weights: it is then trained from
-scratch on the clean subset for ``teacher_epochs``, unless the context supplies a model of that
-architecture (``bench defend --teacher FILE``), which is then finetuned as the default teacher is.
+lr 0.1 dropping to 0.01 after 2 epochs. The teacher starts from the supplier's model of the
+teacher architecture (``ctx.supplied_model``: the backdoored model itself when the architectures
+match; in a grid, the engine's backdoored model of the teacher architecture; in ``bench defend``,
+the ``--teacher`` file); when there is none (teacher source "scratch"), a fresh network of that
+architecture, trained on the clean subset for ``teacher_epochs``.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -18,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import ConfigError, Defense, hookimpl, param
-from nadbench.attention import KINDS, check_spatial, layer_names, nad_loss, tap
-from nadbench.models import build
+from nadbench.attention import KINDS, check_spatial, nad_loss, tap
 from nadbench.train import FinetuneParams, train
 
 
@@ -39,6 +39,7 @@ class NAD(Defense):
     name = "nad"
     Config = NADConfig
     description = "finetuned teacher + attention distillation into the backdoored student"
+    uses_teacher = True
 
     def check(self, student_layers, teacher_layers):
         if not (len(student_layers) == len(teacher_layers) == len(self.config.betas)):
@@ -48,18 +49,15 @@ class NAD(Defense):
 
     def defend(self, model, clean, ctx):
         cfg = self.config
-        # The supplier's model of the teacher's architecture (the backdoored model itself by default),
-        # else a fresh network of that architecture trained from scratch on the clean subset.
-        teacher = ctx.supplied_model(ctx.teacher.name)
+        teacher = ctx.supplied_model(ctx.teacher)
         if teacher is None:
-            teacher = build(ctx.teacher, ctx.dataset, ctx.device)
+            teacher = ctx.build_model(ctx.teacher)
         teacher_optim = dataclasses.replace(cfg.optim(cfg.teacher_epochs), lr=cfg.lr if cfg.teacher_lr is None else cfg.teacher_lr)
         train(teacher, clean, teacher_optim, seed=ctx.seed, desc="nad teacher",
               progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("teacher.loss", loss, e))
         teacher.eval().requires_grad_(False)
 
-        s_layers = layer_names(model, ctx.student.attention_layers)
-        t_layers = layer_names(teacher, ctx.teacher.attention_layers)
+        s_layers, t_layers = ctx.student_layers, ctx.teacher_layers
         self.check(s_layers, t_layers)
 
         def loss_fn(student, x, y):

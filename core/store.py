@@ -1,0 +1,115 @@
+"""The content-keyed stage store: each stage's output lives under a key that hashes every input
+that changes it, in ``<cache>/<stage>/<key>.safetensors`` (tensors) or ``.json`` (the rest), with
+the full key text in the file itself. Writes are atomic (a unique temporary file in the same folder,
+then a rename) and a per-key lock makes concurrent processes (``--workers``, Ray tasks sharing the
+folder) compute a stage once: the others wait and then read it. An entry that is unreadable,
+truncated or written for another key is reported and recomputed, never trusted.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .models import save_tensors
+
+# Bump when a core change alters what a stage computes (training loop, poisoning, evaluation):
+# every stored entry is then recomputed. Deliberately not a hash of core/: one unrelated edit would
+# otherwise throw away every trained model.
+CORE_VERSION = "3"
+
+
+def stage_key(stage: str, parts: dict[str, Any]) -> tuple[str, str]:
+    """(short key, full key text) of a stage: a sha256 over the canonical JSON of its inputs."""
+    text = json.dumps({"stage": stage, "core": CORE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24], text
+
+
+class Store:
+    """Stage outputs by key under ``root`` (the ``models`` / ``poison`` / ... folders of the cache)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str, suffix: str = ".safetensors") -> Path:
+        return self.root / stage / f"{key}{suffix}"
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the key's lock (an ``flock`` on ``<key>.lock``): one process computes, others wait."""
+        path = self.path(stage, key, ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def forget(self, stage: str, key: str) -> None:
+        """Remove an entry (``bench run --rerun all``), under its lock."""
+        with self.lock(stage, key):
+            for suffix in (".safetensors", ".json"):
+                self.path(stage, key, suffix).unlink(missing_ok=True)
+
+    # -- tensors ------------------------------------------------------------------------------
+    def load_tensors(self, stage: str, key: str, text: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """(tensors, metadata) of the entry, or None when there is none or it cannot be trusted."""
+        path = self.path(stage, key)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") != text:
+                raise ValueError("it was written for another key (its metadata does not match)")
+            return load_file(str(path)), meta
+        except Exception as exc:  # noqa: BLE001 — a bad entry is never fatal and never trusted
+            _report(path, exc)
+            return None
+
+    def save_tensors(self, stage: str, key: str, text: str, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+        return save_tensors(tensors, self.path(stage, key), {**(metadata or {}), "key": text})
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def load_json(self, stage: str, key: str, text: str) -> dict[str, Any] | None:
+        path = self.path(stage, key, ".json")
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+            if entry.get("key") != text:
+                raise ValueError("it was written for another key")
+            return entry["value"]
+        except Exception as exc:  # noqa: BLE001
+            _report(path, exc)
+            return None
+
+    def save_json(self, stage: str, key: str, text: str, value: dict[str, Any]) -> Path:
+        path = self.path(stage, key, ".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": text, "value": value}, f)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def _report(path: Path, exc: Exception) -> None:
+    warnings.warn(f"ignoring cache entry {path}: {type(exc).__name__}: {exc}; recomputing it", stacklevel=3)
