@@ -176,8 +176,8 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     """
     import time
 
-    from .config import ConfigError
     from . import executors
+    from .config import ConfigError
     from .engine import Runner, check_grid, defense_overrides, expand, profile, resolve_device, run_grid
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
@@ -204,7 +204,8 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     try:
         tracker = Tracker(tracking_uri, experiment, timeout=tracking_timeout)
         for run_id in tracker.reap(stale_after):
-            click.echo(f"marked run {run_id} KILLED: its process on this host is gone", err=True)
+            click.echo(f"marked run {run_id} KILLED: its process is gone (tag nadbench.end_reason says how "
+                       "that was told)", err=True)
     except TrackingError as exc:
         raise click.ClickException(str(exc)) from None
     if threads:
