@@ -38,15 +38,15 @@ class RunSpec:
     overrides: dict
     cache_dir: str
     clean_reference: bool
-    rerun: str | None
     threads: int | None
     env: dict  # the driver's plugin filter, so workers see the same registry
 
 
 def spec_of(runner, threads: int | None) -> RunSpec:
-    # ``rerun`` stays with the driver: for "all" it has already removed the grid's stored stages.
+    # ``rerun`` stays with the driver: it skips finished cells, and for "all" it has already removed
+    # the grid's stored stages, so workers compute each stage once, as usual.
     return RunSpec(runner.profile, runner.device.type, str(runner.data_root) if runner.data_root else None,
-                   runner.overrides, str(runner.cache_root), runner.clean_reference, None, threads,
+                   runner.overrides, str(runner.cache_root), runner.clean_reference, threads,
                    {k: os.environ[k] for k in ("NADBENCH_DISABLE_PLUGINS",) if k in os.environ})
 
 
@@ -67,7 +67,7 @@ def _runner(spec: RunSpec):
         os.environ.update(spec.env)
         _RUNNERS[key] = Runner(get_registry(), spec.profile, device=torch.device(spec.device),
                                data_root=spec.data_root, overrides=spec.overrides, progress=False,
-                               cache_dir=spec.cache_dir, clean_reference=spec.clean_reference, rerun=spec.rerun)
+                               cache_dir=spec.cache_dir, clean_reference=spec.clean_reference)
     return _RUNNERS[key]
 
 

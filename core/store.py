@@ -1,6 +1,6 @@
 """The content-keyed stage store: each stage's output lives under a key that hashes every input
-that changes it, in ``<cache>/<stage>/<key>.safetensors`` (tensors) or ``.json`` (the rest), with
-the full key text in the file itself. Writes are atomic (a unique temporary file in the same folder,
+that changes it, in ``<cache>/<stage>/<key>.safetensors``, with the full key text in the file's
+metadata. (A cell's own result is recorded in MLflow under its cell key, see ``Tracker.finished_cell``.) Writes are atomic (a unique temporary file in the same folder,
 then a rename) and a per-key lock makes concurrent processes (``--workers``, Ray tasks sharing the
 folder) compute a stage once: the others wait and then read it. An entry that is unreadable,
 truncated or written for another key is reported and recomputed, never trusted.
@@ -11,8 +11,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,8 +57,7 @@ class Store:
     def forget(self, stage: str, key: str) -> None:
         """Remove an entry (``bench run --rerun all``), under its lock."""
         with self.lock(stage, key):
-            for suffix in (".safetensors", ".json"):
-                self.path(stage, key, suffix).unlink(missing_ok=True)
+            self.path(stage, key).unlink(missing_ok=True)
 
     # -- tensors ------------------------------------------------------------------------------
     def load_tensors(self, stage: str, key: str, text: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -81,34 +78,6 @@ class Store:
     def save_tensors(self, stage: str, key: str, text: str, tensors: dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> Path:
         return save_tensors(tensors, self.path(stage, key), {**(metadata or {}), "key": text})
-
-    # -- JSON ---------------------------------------------------------------------------------
-    def load_json(self, stage: str, key: str, text: str) -> dict[str, Any] | None:
-        path = self.path(stage, key, ".json")
-        if not path.exists():
-            return None
-        try:
-            entry = json.loads(path.read_text())
-            if entry.get("key") != text:
-                raise ValueError("it was written for another key")
-            return entry["value"]
-        except Exception as exc:  # noqa: BLE001
-            _report(path, exc)
-            return None
-
-    def save_json(self, stage: str, key: str, text: str, value: dict[str, Any]) -> Path:
-        path = self.path(stage, key, ".json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": text, "value": value}, f)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
 
 
 def _report(path: Path, exc: Exception) -> None:
