@@ -162,10 +162,16 @@ def main():
 @click.option("--stale-after", type=float, default=1800.0, show_default=True, envvar="NADBENCH_STALE_AFTER",
               show_envvar=True, help="Seconds without a heartbeat after which a RUNNING run of another "
                                      "host is marked KILLED.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default="auto", show_default=True,
+              envvar="NADBENCH_PRECISION", show_envvar=True,
+              help="auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else float32 (GPUs "
+                   "too: faster there for these small networks).")
+@click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
+              help="torch.compile the model for the plain cross-entropy phases.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, profile_name, sets, device,
         data_root, tracking_uri, experiment, output, clean_reference, tracking_timeout, rerun, workers,
-        cells_per_gpu, executor, ray_address, threads, stale_after, progress):
+        cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
@@ -181,7 +187,10 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     from .engine import Runner, check_grid, defense_overrides, expand, profile, resolve_device, run_grid
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
+    from .train import numerics
 
+    # The training loop reads these (core/train.py); workers inherit them (executors.RunSpec.env).
+    os.environ["NADBENCH_PRECISION"], os.environ["NADBENCH_COMPILE"] = precision, "1" if compile_ else "0"
     registry = _registry()
     for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
         click.secho(f"warning: {line}", fg="yellow", err=True)
@@ -226,6 +235,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
               "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
               "grid.teachers": ",".join(teachers or students), "grid.teacher_sources": teacher_sources,
               "grid.seeds": ",".join(map(str, seeds)), "executor": where, "threads": threads or "default",
+              "numerics": numerics(dev),
               "profile": prof.name, "device": str(dev), "command": _command()}
     results, failures = [], []
     interrupted = None

@@ -32,7 +32,7 @@ from .config import param
 from .models import build
 from .registry import PluginError, Registry
 from .store import Store, stage_key
-from .train import FinetuneParams, Optim, accuracy, evaluate, train
+from .train import FinetuneParams, Optim, accuracy, evaluate, numerics, train
 
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
 MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
@@ -273,7 +273,7 @@ class Runner:
         return stage_key("train", {
             "data": self._dataset_part(dataset), "poison": poison, "model": arch,
             "model_plugin": [spec.provider, spec.source_hash], "device": self.device.type,
-            "precision": "bf16-autocast" if self.device.type == "cuda" else "float32",
+            "precision": numerics(self.device),
             "seed": seed, "profile": prof})
 
     def _attack_obj(self, name: str):

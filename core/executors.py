@@ -39,7 +39,11 @@ class RunSpec:
     cache_dir: str
     clean_reference: bool
     threads: int | None
-    env: dict  # the driver's plugin filter, so workers see the same registry
+    env: dict  # the driver's WORKER_ENV: plugin filter and numerics, so workers match the driver
+
+
+# Settings that reach the registry and the training loop through the environment (`bench run` sets them).
+WORKER_ENV = ("NADBENCH_DISABLE_PLUGINS", "NADBENCH_PRECISION", "NADBENCH_COMPILE")
 
 
 def spec_of(runner, threads: int | None) -> RunSpec:
@@ -47,7 +51,7 @@ def spec_of(runner, threads: int | None) -> RunSpec:
     # the grid's stored stages, so workers compute each stage once, as usual.
     return RunSpec(runner.profile, runner.device.type, str(runner.data_root) if runner.data_root else None,
                    runner.overrides, str(runner.cache_root), runner.clean_reference, threads,
-                   {k: os.environ[k] for k in ("NADBENCH_DISABLE_PLUGINS",) if k in os.environ})
+                   {k: os.environ[k] for k in WORKER_ENV if k in os.environ})
 
 
 _RUNNERS: dict[str, Any] = {}
@@ -232,9 +236,10 @@ def _visible_gpus() -> list[str]:
 
 def make(executor: str, workers: int | None, *, device: str, threads: int | None, cells_per_gpu: int,
          ray_address: str | None) -> Executor | None:
-    """The executor a `bench run` asked for; None for in-process."""
+    """The executor a `bench run` asked for; None for in-process. ``--cells-per-gpu K`` alone on a
+    GPU means G*K workers (it used to run in-process, silently)."""
     if executor == "ray":
         return Ray(ray_address, device=device, threads=threads, cells_per_gpu=cells_per_gpu)
-    if executor == "processes" or (workers or 0) > 1:
+    if executor == "processes" or (workers or 0) > 1 or (cells_per_gpu > 1 and device.startswith("cuda")):
         return Processes(workers, device=device, threads=threads, cells_per_gpu=cells_per_gpu)
     return None

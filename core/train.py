@@ -5,7 +5,10 @@ A defense that needs a different objective (NAD) passes ``loss_fn``; it never wr
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,9 +56,61 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(model(x), y)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
-        else torch.autocast("cpu", enabled=False)
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+@lru_cache(maxsize=None)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU executes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
+    bf16 on the CPU, about 10x slower than float32 (measured on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def precision(device: torch.device) -> str:
+    """``bf16`` (autocast) or ``float32`` for training and evaluation on ``device``.
+
+    ``NADBENCH_PRECISION`` (set by ``bench run --precision``): ``auto`` (default) is bf16 on CPUs
+    with native bf16 and float32 elsewhere, CUDA included: on an H200 the small networks of this
+    benchmark are launch-bound and bf16 autocast (its casts are extra kernels) trained WRN-16-1
+    15% slower than float32 with TF32 convolutions (benchmarks/results/speed-cuda.md).
+    ``float32`` or ``bf16`` force it.
+    """
+    choice = os.environ.get("NADBENCH_PRECISION", "auto")
+    if choice not in PRECISIONS:
+        raise ValueError(f"NADBENCH_PRECISION={choice!r}; valid: {', '.join(PRECISIONS)}")
+    if choice == "auto":
+        return "bf16" if device.type == "cpu" and native_bf16_cpu() else "float32"
+    return choice
+
+
+def channels_last(device: torch.device) -> bool:
+    """Channels-last memory format for the plain cross-entropy phases (backdoor training,
+    finetuning). Measured in benchmarks/speed.py: on an AVX2 CPU it trained WRN-16-1 18-28% faster
+    (batch 128, crop + flip) but not the NAD phase, whose attention maps reduce over channels;
+    on the H200 float32 NCHW was fastest (channels-last helped only under bf16, +4%)."""
+    return device.type == "cpu"
+
+
+def compiled() -> bool:
+    """``NADBENCH_COMPILE=1`` (``bench run --compile``): ``torch.compile`` the model for the plain
+    cross-entropy phases (backdoor training, finetuning). Off by default: it costs a compilation
+    per process, and on an H200 it did not beat eager float32 (benchmarks/results/speed-cuda.md)."""
+    return os.environ.get("NADBENCH_COMPILE", "0") not in ("", "0", "false")
+
+
+def numerics(device: torch.device) -> str:
+    """Everything above that changes a trained model's weights (as the backdoor training runs:
+    plain cross-entropy), for stage keys."""
+    parts = [precision(device)] + ["channels-last"] * channels_last(device) + ["compile"] * compiled()
+    return "+".join(parts)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: LossFn = cross_entropy,
@@ -67,6 +122,11 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
     ``on_epoch(epoch, mean_loss)`` is called after every epoch (for tracking).
     """
     device = next(model.parameters()).device
+    bf16 = precision(device) == "bf16"
+    plain = loss_fn is cross_entropy
+    fmt = torch.channels_last if plain and channels_last(device) else torch.contiguous_format
+    model.to(memory_format=fmt)
+    forward = torch.compile(model) if plain and compiled() else model
     # Tiny gradients turn into denormal floats that slow CPU kernels 4x; flushing them changes
     # nothing measurable in the results.
     torch.set_flush_denormal(True)
@@ -93,8 +153,8 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
                     group["lr"] = lr
                 idx = order[i * opt.batch_size:(i + 1) * opt.batch_size]
                 x = augment(to_float(data.images[idx]), gen, opt.crop, opt.flip, opt.cutout)
-                with _autocast(device):
-                    loss = loss_fn(model, x, data.labels[idx])
+                with _autocast(device, bf16):
+                    loss = loss_fn(forward, x.contiguous(memory_format=fmt), data.labels[idx])
                 sgd.zero_grad(set_to_none=True)
                 loss.backward()
                 sgd.step()
@@ -108,15 +168,18 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
     return model
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels for uint8 images, in eval mode."""
+@torch.inference_mode()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Predicted labels for uint8 images, in eval mode, in large batches (memory is no concern
+    without gradients: 1000 images of 32x32 on a CPU, 5000 on a GPU)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or (5000 if device.type == "cuda" else 1000)
+    bf16 = precision(device) == "bf16"
     out = []
     for i in range(0, len(images), batch_size):
-        with _autocast(device):
+        with _autocast(device, bf16):
             out.append(model(to_float(images[i:i + batch_size].to(device))).argmax(1))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)

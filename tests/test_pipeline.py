@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from nadbench import DatasetSpec, Split, hookimpl
+from nadbench import DatasetSpec, Split, executors, hookimpl
 from nadbench.api import DefenseContext
 from nadbench.engine import Cell, Runner, expand, profile
 from nadbench.registry import PluginInfo, Registry, get_registry
@@ -89,6 +89,11 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     # training settings change the model, not BadNets' poisoning (it crafts against no model)
     p, t, c = keys(_runner(registry, tmp_path, epochs="2"))
     assert p == p0 and t != t0 and c != c0
+    # the numerics (precision) change the model, not the poisoning
+    monkeypatch.setenv("NADBENCH_PRECISION", "bf16")
+    p, t, c = keys(base)
+    assert p == p0 and t != t0 and c != c0
+    monkeypatch.delenv("NADBENCH_PRECISION")
     # the attack's config and code change the poisoning and everything after it
     for runner in (_runner(registry, tmp_path, {"badnets": {"poison_rate": "0.2"}}),):
         assert len({keys(runner)[i] for i in range(3)} & {p0, t0, c0}) == 0
@@ -246,3 +251,12 @@ def test_runs_of_another_host_are_reaped_only_without_a_recent_heartbeat(tmp_pat
     assert tracker.client.get_run(dead).info.status == "KILLED"
     assert "no heartbeat from process 123 on elsewhere" in tracker.client.get_run(dead).data.tags["nadbench.end_reason"]
     assert tracker.client.get_run(alive).info.status == "RUNNING"
+
+
+def test_cells_per_gpu_alone_runs_cells_in_workers():
+    pool = executors.make("inprocess", None, device="cuda", threads=None, cells_per_gpu=2, ray_address=None)
+    try:
+        assert isinstance(pool, executors.Processes)
+    finally:
+        pool.close()
+    assert executors.make("inprocess", None, device="cpu", threads=None, cells_per_gpu=2, ray_address=None) is None

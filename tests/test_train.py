@@ -1,11 +1,14 @@
 """The training loop and batched augmentation: determinism, shapes, the lr schedule."""
+import pytest
 import torch
+import torch.nn.functional as F
 
+import nadbench.train as trainmod
 from nadbench import DatasetSpec, Split
 from nadbench.augment import cutout, random_crop, random_flip
 from nadbench.models import build, load_weights, save_weights
 from nadbench.registry import get_registry
-from nadbench.train import Optim, accuracy, train
+from nadbench.train import Optim, accuracy, precision, train
 
 SPEC = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -63,3 +66,36 @@ def test_training_learns_and_is_deterministic_on_cpu(tmp_path):
     torch.manual_seed(1)
     fresh = load_weights(build(spec, SPEC), path)
     assert all(torch.equal(fresh.state_dict()[k], a[k]) for k in a)
+
+
+def test_precision_follows_the_switch_and_the_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("NADBENCH_PRECISION", raising=False)
+    monkeypatch.setattr(trainmod, "native_bf16_cpu", lambda: False)
+    assert precision(cpu) == precision(cuda) == "float32"  # auto: bf16 only where the CPU has it
+    monkeypatch.setattr(trainmod, "native_bf16_cpu", lambda: True)
+    assert precision(cpu) == "bf16" and precision(cuda) == "float32"
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    assert precision(cpu) == "float32"
+    monkeypatch.setenv("NADBENCH_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="valid: auto, float32, bf16"):
+        precision(cpu)
+
+
+@pytest.mark.parametrize("choice", ["float32", "bf16"])
+def test_the_loop_trains_in_the_chosen_precision_and_memory_format(monkeypatch, choice):
+    monkeypatch.setenv("NADBENCH_PRECISION", choice)
+    spec, data, seen = get_registry().model("wrn-16-1"), _toy(64), []
+
+    def recording(model, x, y):
+        logits = model(x)
+        seen.append((logits.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        return F.cross_entropy(logits, y)
+
+    opt = Optim(epochs=1, batch_size=32)
+    plain = train(build(spec, SPEC), data, opt, seed=0, progress=False)
+    other = train(build(spec, SPEC), data, opt, seed=0, progress=False, loss_fn=recording)
+    assert {dtype for dtype, _ in seen} == {torch.bfloat16 if choice == "bf16" else torch.float32}
+    # channels-last on the CPU for plain cross-entropy only (measured faster there, not for NAD)
+    assert plain.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert other.net.conv1.weight.is_contiguous() and not any(cl for _, cl in seen)
