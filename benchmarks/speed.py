@@ -42,7 +42,7 @@ import nadbench.train as trainmod
 from nadbench import DefenseContext
 from nadbench.attention import layer_names, tap
 from nadbench.data import limit
-from nadbench.engine import PROFILES
+from nadbench.engine import PROFILES, attention_layers
 from nadbench.models import build
 from nadbench.registry import get_registry
 from nadbench.train import Optim, train
@@ -58,12 +58,12 @@ def _sync(device):
 
 @contextlib.contextmanager
 def variant(precision: str, channels_last: bool | None = None, compiled: bool = False):
-    """Our loop under one setting: precision via the env var the CLI sets, the memory format and
-    torch.compile switched by patching the loop's own decisions."""
+    """Our loop under one setting: precision via the env var the CLI sets; the memory format (for
+    every phase, NAD's too) switched by patching the loop's own decision."""
     env = {"NADBENCH_PRECISION": precision, "NADBENCH_COMPILE": "1" if compiled else "0"}
     with mock.patch.dict(os.environ, env), contextlib.ExitStack() as stack:
         if channels_last is not None:
-            stack.enter_context(mock.patch.object(trainmod, "channels_last", lambda device: channels_last))
+            stack.enter_context(mock.patch.object(trainmod, "channels_last", lambda device, plain=True: channels_last))
         yield
 
 
@@ -91,7 +91,7 @@ def nad_ours(spec, ds, data, device, epochs) -> float:
             _sync(device)
             stamps.append(time.perf_counter())
 
-    layers = layer_names(build(spec, ds, "cpu"), spec.attention_layers)
+    layers = attention_layers(get_registry(), ARCH, "cifar10")
     ctx = DefenseContext(device=device, num_classes=ds.num_classes, student=ARCH, teacher=ARCH, seed=0,
                          student_layers=layers, teacher_layers=layers,
                          build_model=lambda arch: build(spec, ds, device),
@@ -214,6 +214,7 @@ def main() -> None:
     else:
         variants = {"default": {"precision": "auto"},
                     "nchw": {"precision": "auto", "channels_last": False},
+                    "channels-last-all": {"precision": "auto", "channels_last": True},
                     "bf16": {"precision": "bf16"}}
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}

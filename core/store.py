@@ -1,7 +1,7 @@
 """The content-keyed stage store: each stage's output lives under a key that hashes every input
 that changes it, in ``<cache>/<stage>/<key>.safetensors``, with the full key text in the file's
-metadata. (A cell's own result is recorded in MLflow under its cell key, see ``Tracker.finished_cell``.) Writes are atomic (a unique temporary file in the same folder,
-then a rename) and a per-key lock makes concurrent processes (``--workers``, Ray tasks sharing the
+metadata (a cell's own result is recorded in MLflow under its cell key: ``Tracker.finished_cell``).
+Writes are atomic (a unique temporary file in the same folder, then a rename) and a per-key lock makes concurrent processes (``--workers``, Ray tasks sharing the
 folder) compute a stage once: the others wait and then read it. An entry that is unreadable,
 truncated or written for another key is reported and recomputed, never trusted.
 """

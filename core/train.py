@@ -87,12 +87,12 @@ def precision(device: torch.device) -> str:
     return choice
 
 
-def channels_last(device: torch.device) -> bool:
-    """Channels-last memory format for the plain cross-entropy phases (backdoor training,
-    finetuning). Measured in benchmarks/speed.py: on an AVX2 CPU it trained WRN-16-1 18-28% faster
-    (batch 128, crop + flip) but not the NAD phase, whose attention maps reduce over channels;
-    on the H200 float32 NCHW was fastest (channels-last helped only under bf16, +4%)."""
-    return device.type == "cpu"
+def channels_last(device: torch.device, plain: bool = True) -> bool:
+    """Channels-last memory format, for the plain cross-entropy phases (``plain``: backdoor training,
+    finetuning) on the CPU. Measured in benchmarks/speed.py: on an AVX2 CPU it trained WRN-16-1's
+    backdoor phase 1.12-1.18x faster, and the NAD phase, whose attention maps reduce over channels, no
+    faster (benchmarks/results/speed-cpu.md, cpu-memory-format/); on the H200 float32 NCHW was fastest."""
+    return device.type == "cpu" and plain
 
 
 def compiled() -> bool:
@@ -124,7 +124,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
     device = next(model.parameters()).device
     bf16 = precision(device) == "bf16"
     plain = loss_fn is cross_entropy
-    fmt = torch.channels_last if plain and channels_last(device) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
     model.to(memory_format=fmt)
     forward = torch.compile(model) if plain and compiled() else model
     # Tiny gradients turn into denormal floats that slow CPU kernels 4x; flushing them changes
