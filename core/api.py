@@ -46,13 +46,21 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model plugin: ``build(num_classes) -> nn.Module`` and the dotted names of the modules whose
-    outputs are the attention features (a built module may override them with an
-    ``attention_layers`` attribute, e.g. when they depend on the timm model chosen)."""
+    """A model plugin: ``build(num_classes) -> nn.Module`` and the dotted names of its declared layers:
+
+    - ``attention_layers``: the modules whose outputs are the attention features (NAD);
+    - ``classifier_layer``: the final linear layer. Its inputs are the model's last features, after
+      the final normalisation and nonlinearity, globally pooled: one input per channel of the last
+      feature map (for a WRN, the channels after the last BN-ReLU, not the ``block3`` output). These
+      are the channels fine-pruning ranks and prunes.
+
+    A built module may override either with an attribute of the same name (e.g. when they depend
+    on the timm model chosen)."""
 
     name: str
     build: Callable[[int], "nn.Module"]
     attention_layers: tuple[str, ...] = ()
+    classifier_layer: str = ""
     description: str = ""
     provider: str = ""
     source_hash: str = ""

@@ -31,6 +31,25 @@ def build(spec: ModelSpec, dataset: DatasetSpec, device=None) -> Normalized:
     return model.to(device) if device is not None else model
 
 
+def classifier_name(model: nn.Module, spec: ModelSpec) -> str:
+    """The dotted name of a built model's final linear layer: its own ``classifier_layer`` attribute,
+    else the spec's; checked to exist and to be an ``nn.Linear`` (the model plugin's contract)."""
+    inner = getattr(model, "net", model)
+    name = getattr(inner, "classifier_layer", None) or spec.classifier_layer
+    if not name:
+        raise ValueError(f"model {spec.name!r} declares no classifier_layer (its final linear layer): "
+                         "fine-pruning needs it; add it to the ModelSpec")
+    full = ("net." if inner is not model else "") + name
+    try:
+        layer = model.get_submodule(full)
+    except AttributeError:
+        raise ValueError(f"model {spec.name!r}: its classifier_layer {name!r} is not a module of the built network") from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"model {spec.name!r}: its classifier_layer {name!r} is a {type(layer).__name__}, "
+                         "not an nn.Linear")
+    return full
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                  metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as safetensors, atomically: a unique temporary file in the same folder, then a

@@ -71,5 +71,6 @@ def register_models(register):
         name="preact-resnet18",
         build=preact_resnet18,
         attention_layers=("layer2", "layer3", "layer4"),
+        classifier_layer="linear",
         description="PreAct-ResNet-18 for 32x32 inputs (BackdoorBench's default model)",
     ))

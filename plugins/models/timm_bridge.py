@@ -20,7 +20,8 @@ describes each stage in ``model.feature_info`` (module name, channels, reduction
 keeps the stages whose maps are still at least 2x2 at the input size (reduction <= 16 at 32x32),
 at most the last three, and stores them on the built module as ``attention_layers``, which
 overrides the spec's (empty) list. For ``timm/resnet18`` that is ``layer1``, ``layer2``,
-``layer3`` (8x8, 4x4, 2x2 maps at 32x32).
+``layer3`` (8x8, 4x4, 2x2 maps at 32x32). The classifier layer (fine-pruning's) is the module
+``get_classifier()`` returns.
 
 This suits convolutional models whose stages output (B, C, H, W) maps (ResNets, RegNets,
 EfficientNets, MobileNets, ConvNeXts, ...). Vision transformers and models with channels-last
@@ -54,12 +55,20 @@ def attention_layers_from_feature_info(model, image_size: int = 32) -> tuple[str
     return layers
 
 
+def classifier_from_timm(model) -> str:
+    """The module name of a timm model's final linear layer (``get_classifier()``): ``fc`` for
+    ResNets, ``classifier`` for EfficientNets and MobileNets, ``head.fc`` for ConvNeXts."""
+    head = model.get_classifier()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
 def build_timm(num_classes: int, *, timm_name: str, image_size: int = 32):
-    """Create a randomly initialised timm model and attach its ``attention_layers``."""
+    """Create a randomly initialised timm model and attach its ``attention_layers`` and ``classifier_layer``."""
     import timm  # imported here so that registering the specs does not load timm
 
     model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
     model.attention_layers = attention_layers_from_feature_info(model, image_size)
+    model.classifier_layer = classifier_from_timm(model)
     return model
 
 

@@ -7,7 +7,8 @@ WRN-d-k has (d - 4) / 6 blocks per group, so the valid depths are 10, 16, 22, 28
 
 Attention is taken at the outputs of the three groups, ``block1``, ``block2`` and ``block3``:
 (B, 16k, 32, 32), (B, 32k, 16, 16) and (B, 64k, 8, 8) for 32x32 inputs, before the final BN-ReLU,
-as in the official code. Module and parameter names follow the official code too (``convShortcut``
+as in the official code. The classifier ``fc`` takes the pooled output of the final BN-ReLU: the last
+features, which fine-pruning prunes. Module and parameter names follow the official code too (``convShortcut``
 included), so its checkpoints load with ``load_state_dict``.
 
 Differences from the official code, none of which changes the function at 32x32: the pooling is
@@ -119,5 +120,6 @@ def register_models(register):
             name=f"wrn-{depth}-{k}",
             build=partial(WideResNet, depth=depth, widen_factor=k),
             attention_layers=("block1", "block2", "block3"),
+            classifier_layer="fc",  # its inputs: the pooled channels after the final BN-ReLU
             description=f"pre-activation WRN, depth {depth}, width x{k} (the NAD official code's network)",
         ))
