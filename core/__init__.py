@@ -3,10 +3,10 @@
 Plugin authors import everything they need from here; this module stays free of torch so that
 the CLI starts fast.
 """
-from .api import Attack, AttackContext, DatasetSpec, Defense, DefenseContext, ModelSpec, Split
+from .api import Attack, AttackContext, DatasetSpec, Defended, Defense, DefenseContext, ModelSpec, Split
 from .config import ConfigError, param
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defense", "DefenseContext",
+__all__ = ["Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
            "ModelSpec", "Split", "hookimpl", "param"]

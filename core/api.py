@@ -1,7 +1,7 @@
 """The types a plugin works with. Importing this module does not import torch (keeps `bench --help` fast)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import config as _config
@@ -165,6 +165,9 @@ class DefenseContext:
     seed: int
     student_layers: tuple[str, ...] = ()  # attention layers of each (dotted module names)
     teacher_layers: tuple[str, ...] = ()
+    # The student's final linear layer (dotted name; see ModelSpec.classifier_layer), "" when its
+    # model declares none.
+    classifier_layer: str = ""
     # A fresh, randomly initialised model of a registered architecture (float [0, 1] input, on device).
     build_model: Callable[[str], "nn.Module"] = None  # type: ignore[assignment]
     # The model of a given architecture as the supplier handed it over (a fresh copy each call), or
@@ -173,11 +176,26 @@ class DefenseContext:
     # `bench defend`, the user's model for its own architecture, or the --teacher file.
     supplied_model: Callable[[str], "nn.Module | None"] = lambda arch: None
     log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
+    # Log a matplotlib figure as the artifact ``defense/<path>`` of the run (e.g. "pruning.png").
+    log_figure: Callable[[Any, str], None] = lambda figure, path: None
     progress: bool = True
 
 
+@dataclass
+class Defended:
+    """What ``Defense.defend`` may return instead of the bare repaired model: the repaired model and
+    extra models along one axis (e.g. MCR's points along its curve, keyed by t), which the engine
+    evaluates like the repaired one (ACC and, where it holds triggered data, ASR) and logs as a curve
+    over ``axis``: the picture of a method whose evaluation needs data the defense never sees."""
+
+    model: "nn.Module"
+    extras: dict[float, "nn.Module"] = field(default_factory=dict)
+    axis: str = "t"
+
+
 class Defense(_Configurable):
-    """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model (an ``nn.Module``).
+    """A defense plugin: ``defend(model, clean, ctx)`` returns the repaired model (an ``nn.Module``),
+    or a :class:`Defended` holding it and extra models for the engine to evaluate.
 
     ``uses_teacher = True`` makes the grid's ``--teachers`` (and ``--teacher-sources``) axes
     multiply this defense's cells; the teacher architecture is then ``ctx.teacher``.
@@ -188,9 +206,12 @@ class Defense(_Configurable):
     """
 
     uses_teacher: ClassVar[bool] = False
+    # True when ``defend`` needs ``ctx.classifier_layer`` (fine-pruning): a grid whose student
+    # architecture declares none is then refused before anything trains.
+    uses_classifier: ClassVar[bool] = False
 
     def check(self, student_layers: tuple[str, ...], teacher_layers: tuple[str, ...]) -> None:
         """Validate the config against the architectures; the default accepts everything."""
 
-    def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module":
+    def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module | Defended":
         raise NotImplementedError

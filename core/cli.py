@@ -81,6 +81,24 @@ class IntList(click.ParamType):
         return list(dict.fromkeys(values))
 
 
+class ShareList(click.ParamType):
+    """Comma-separated shares in (0, 1], e.g. 0.01,0.05,0.1."""
+
+    name = "shares"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            values = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 0.01,0.05,0.1)", param, ctx)
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad or not values:
+            self.fail(f"every share must be in (0, 1] (e.g. 0.01,0.05,0.1); got {value!r}", param, ctx)
+        return list(dict.fromkeys(values))
+
+
 def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> tuple[dict, dict]:
     """``--set nad.epochs=5 --set profile.epochs=2`` -> (profile overrides, per-plugin overrides).
 
@@ -128,6 +146,9 @@ def main():
               show_default=True, help="Where a teacher starts: the supplier's model of its architecture "
                                       "(backdoored on the same poisoned data), a fresh network, or both as cells.")
 @click.option("--seeds", type=IntList(), default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--clean-shares", type=ShareList(), default=None,
+              help="Shares of the training set the defender holds, a grid axis (e.g. 0.01,0.05,0.1); nested: "
+                   "a seed's smaller subset lies inside its larger ones. Default: the profile's clean_share.")
 @click.option("--profile", "profile_name", type=click.Choice(["quick", "paper"]), default="quick",
               show_default=True, help="quick: minutes on a CPU; paper: the paper's settings (GPU).")
 @click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE",
@@ -169,7 +190,7 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
               help="torch.compile the model for the plain cross-entropy phases.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
-def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, profile_name, sets, device,
+def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
         data_root, tracking_uri, experiment, output, clean_reference, tracking_timeout, rerun, workers,
         cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
@@ -206,7 +227,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
             raise ConfigError(f"--teachers applies to defenses that use a teacher ({', '.join(users) or 'none'}), "
                               f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
         cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
-                       tuple(teacher_sources.split(",")))
+                       tuple(teacher_sources.split(",")), clean_shares)
         check_grid(registry, cells, plugin_over)  # every config and pair, before anything trains
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -234,7 +255,8 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     params = {"grid.datasets": ",".join(datasets), "grid.attacks": ",".join(attacks),
               "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
               "grid.teachers": ",".join(teachers or students), "grid.teacher_sources": teacher_sources,
-              "grid.seeds": ",".join(map(str, seeds)), "executor": where, "threads": threads or "default",
+              "grid.seeds": ",".join(map(str, seeds)),
+              "grid.clean_shares": ",".join(map(str, clean_shares or [prof.clean_share])), "executor": where, "threads": threads or "default",
               "numerics": numerics(dev),
               "profile": prof.name, "device": str(dev), "command": _command()}
     results, failures = [], []
@@ -249,7 +271,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     click.echo(_table(results))
     click.echo(f"wall time {wall:.0f} s; {len(results)} cell(s) finished, {len(failures)} failed"
                f"{f', interrupted ({len(cells) - len(results) - len(failures)} not finished)' if interrupted else ''}. "
-               f"Browse: bench ui", err=True)
+               f"Table: bench table; browse: bench ui", err=True)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"command": _command(), "wall_s": wall, "device": str(dev),
@@ -300,6 +322,51 @@ def _table(results: list[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
                      for row in rows)
+
+
+@main.command()
+@click.option("--run-id", default=None, help="The parent run of a `bench run` (default: the newest in the experiment).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text",
+              show_default=True)
+@click.option("--paper", is_flag=True, help="Put the NAD paper's Table 1 numbers beside ours.")
+@click.option("--paired", default=None, metavar="A,B",
+              help="Also compare defense A with B on the same backdoored models (paired by seed): mean "
+                   "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+              help="MLflow store (default: sqlite:///mlflow.db in the current folder).")
+@click.option("--experiment", default="nadbench", show_default=True)
+def table(run_id, fmt, paper, paired, output, tracking_uri, experiment):
+    """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense, mean ± std
+    over seeds, with an average and a deviation row.
+
+    \b
+    Example:  bench table --paper --format markdown --output table1.md
+    """
+    from . import table as tablemod
+    from .tracking import Tracker, TrackingError
+
+    try:
+        parent, results = Tracker(tracking_uri, experiment).grid_results(run_id)
+    except TrackingError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not results:
+        raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
+    text = tablemod.render(tablemod.build(results, paper=paper), fmt)
+    if paired:
+        a, _, b = paired.partition(",")
+        rows = tablemod.paired(results, a.strip(), b.strip())
+        if not rows:
+            raise click.UsageError(f"--paired {paired}: no row has both defenses; defenses here: "
+                                   f"{', '.join(dict.fromkeys(r['cell']['defense'] for r in results))}")
+        text += f"\n{a} - {b}, paired by seed (points; ± twice the standard error):\n" + "\n".join(
+            f"  {'/'.join(map(str, row))}: ASR {d['asr']:+.2f} ± {d['asr_2se']:.2f}, ACC {d['acc']:+.2f} ± "
+            f"{d['acc_2se']:.2f} (n={d['n']})" for row, d in rows.items()) + "\n"
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    click.echo(text, nl=False)
+    click.echo(f"run {parent.info.run_id} ({parent.info.run_name}), {len(results)} cell(s)", err=True)
 
 
 @main.command("list")

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from . import config as cfgmod
 from . import data as datamod
-from .api import AttackContext, DefenseContext, Split
+from .api import AttackContext, Defended, DefenseContext, Split
 from .attention import layer_names
 from .config import param
-from .models import build
+from .models import build, classifier_name
 from .registry import PluginError, Registry
 from .store import Store, stage_key
 from .train import FinetuneParams, Optim, accuracy, evaluate, numerics, train
@@ -121,13 +121,15 @@ class Cell:
     teacher: str
     seed: int
     teacher_source: str = "supplied"
+    clean_share: float | None = None  # None: the profile's (a grid without --clean-shares)
 
     @property
     def label(self) -> str:
         arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
         if self.teacher_source == "scratch":
             arch += "(scratch)"
-        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}/seed{self.seed}"
+        share = "" if self.clean_share is None else f"/clean{self.clean_share:g}"
+        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}{share}/seed{self.seed}"
 
 
 def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, ...]:
@@ -140,6 +142,12 @@ def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, 
         raise PluginError(f"model {arch!r} ({spec.provider}) breaks the plugin contract: its declared attention "
                           f"layers {', '.join(missing)} do not exist in the built network")
     return layers
+
+
+def classifier_layer(registry: Registry, arch: str, dataset: str) -> str:
+    """The final linear layer of a built model of ``arch`` ("" when it declares none), checked."""
+    spec = registry.model(arch)
+    return classifier_name(build(spec, registry.dataset(dataset)), spec)
 
 
 def _has_module(model: torch.nn.Module, name: str) -> bool:
@@ -167,6 +175,9 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
         defense_cls = registry.defense(cell.defense)
         defense = defense_cls.from_overrides(overrides.get(defense_cls.name))
         defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
+        if defense_cls.uses_classifier and not classifier_layer(registry, cell.student, cell.dataset):
+            raise cfgmod.ConfigError(f"defense {defense_cls.name!r} prunes the inputs of the model's classifier "
+                                     f"layer, and {cell.student!r} declares none (ModelSpec.classifier_layer)")
 
 
 def provenance(registry: Registry, cell: Cell) -> dict[str, str]:
@@ -195,16 +206,18 @@ def git_commit() -> str | None:
 
 
 def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds,
-           teacher_sources=("supplied",)) -> list[Cell]:
+           teacher_sources=("supplied",), clean_shares=None) -> list[Cell]:
     """All cells of the grid. Teacher architectures and teacher sources multiply only the defenses
-    that use a teacher (``Defense.uses_teacher``); the others get one cell with teacher = student."""
+    that use a teacher (``Defense.uses_teacher``); the others get one cell with teacher = student.
+    ``clean_shares`` (None: the profile's share) multiplies every defense."""
     cells = []
-    for d, a, de, s, seed in itertools.product(datasets, attacks, defenses, students, seeds):
+    for d, a, de, s, share, seed in itertools.product(datasets, attacks, defenses, students,
+                                                      clean_shares or [None], seeds):
         if registry.defense(de).uses_teacher:
             for t, src in itertools.product(teachers or [s], teacher_sources or ("supplied",)):
-                cells.append(Cell(d, a, de, s, t, seed, src))
+                cells.append(Cell(d, a, de, s, t, seed, src, share))
         else:
-            cells.append(Cell(d, a, de, s, s, seed, ""))
+            cells.append(Cell(d, a, de, s, s, seed, "", share))
     return cells
 
 
@@ -310,9 +323,12 @@ class Runner:
             "defense": defense.name, "config": dataclasses.asdict(defense.config),
             "plugin": [defense.provider, defense.source_hash],
             "teacher": [cell.teacher, cell.teacher_source, teacher.provider, teacher.source_hash],
-            "teacher_model": self.teacher_key(cell), "clean_share": self.profile.clean_share,
+            "teacher_model": self.teacher_key(cell), "clean_share": self.clean_share(cell),
             "test_limit": self.profile.test_limit, "clean_reference": self.clean_reference,
             "device": self.device.type})
+
+    def clean_share(self, cell: Cell) -> float:
+        return self.profile.clean_share if cell.clean_share is None else cell.clean_share
 
     # -- stages, each stored by key and kept in memory ----------------------------------------
     def data(self, name: str):
@@ -450,6 +466,7 @@ class Runner:
         params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
                   "model.student": cell.student, "model.teacher": cell.teacher,
                   "teacher.source": cell.teacher_source or "none", "seed": cell.seed,
+                  "defense.clean_share": self.clean_share(cell),
                   "device": str(self.device), **provenance(self.registry, cell),
                   **cfgmod.flatten(defense.config, "defense"), **cfgmod.flatten(self.profile, "profile")}
         # The run starts before any stage, data loading included, so every failure has a run.
@@ -482,17 +499,25 @@ class Runner:
                                    **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
                 for path, image in p.images.items():
                     t.image(run_id, image, f"attack/{path}")
-            clean = datamod.clean_subset(train_set, self.profile.clean_share, cell.seed)
+            # Nested over shares: the 1% subset of a seed lies inside its 5% one (datamod.clean_subset).
+            clean = datamod.clean_subset(train_set, self.clean_share(cell), cell.seed)
             original = copy.deepcopy(model)
-            ctx = self.defense_context(cell, log)
-            defended, t_defense = apply_defense(defense, model, clean, ctx)
+            ctx = self.defense_context(cell, log, run_id)
+            repaired, t_defense = apply_defense(defense, model, clean, ctx)
+            defended = repaired.model
             after = evaluate(defended, test_set, p.triggered, target)
             result = {"cell": dataclasses.asdict(cell), "cell_key": key, "before": before, "after": after,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED"}
+            if repaired.extras:  # e.g. MCR's points along t: evaluated here, where the test data is
+                points = [{repaired.axis: x, **evaluate(m, test_set, p.triggered, target)}
+                          for x, m in sorted(repaired.extras.items())]
+                result["extras"] = {"axis": repaired.axis, "points": points}
             if t:
                 t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
                                    "time.defense_s": t_defense})
+                if repaired.extras:
+                    log_extras(t, run_id, result["extras"], cell.label)
                 fig = attention_figure(original, defended, ctx.student_layers,
                                        [("clean", _clean_of(test_set, target)), ("triggered", p.triggered.images[:1])],
                                        title=f"{cell.label}: attention mean_c|F|^2")
@@ -519,9 +544,9 @@ class Runner:
                 t.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
 
-    def defense_context(self, cell: Cell, log) -> DefenseContext:
+    def defense_context(self, cell: Cell, log, run_id: str | None = None) -> DefenseContext:
         """What the cell's defense may reach: architectures, a model builder, the supplied models,
-        attention layers, device, seed, logging. Nothing that loads data."""
+        attention and classifier layers, device, seed, logging. Nothing that loads data."""
         spec = self.registry.dataset(cell.dataset)
         uses_teacher = self.registry.defense(cell.defense).uses_teacher
 
@@ -537,7 +562,9 @@ class Runner:
             device=self.device, num_classes=spec.num_classes, student=cell.student, teacher=cell.teacher,
             seed=cell.seed, student_layers=attention_layers(self.registry, cell.student, cell.dataset),
             teacher_layers=attention_layers(self.registry, cell.teacher, cell.dataset),
-            build_model=build_model, supplied_model=supplied_model, log_metric=log, progress=self.progress)
+            classifier_layer=classifier_layer(self.registry, cell.student, cell.dataset),
+            build_model=build_model, supplied_model=supplied_model, log_metric=log,
+            log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
 
 
 def _image_tensor(image) -> torch.Tensor:
@@ -572,16 +599,56 @@ def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:
         return False
 
 
-def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[torch.nn.Module, float]:
+def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[Defended, float]:
     """The one way a defense runs, in a grid cell and in `bench defend`: seeded, timed, and held to
-    the contract (it returns the repaired module). Returns (repaired model, seconds)."""
+    the contract (it returns the repaired module, or a ``Defended``). Returns (Defended, seconds)."""
     start = time.perf_counter()
     torch.manual_seed(ctx.seed)
-    defended = defense.defend(model, clean, ctx)
-    if not isinstance(defended, torch.nn.Module):
+    out = defense.defend(model, clean, ctx)
+    defended = out if isinstance(out, Defended) else Defended(out)
+    modules = [defended.model, *defended.extras.values()]
+    if not all(isinstance(m, torch.nn.Module) for m in modules):
         raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: "
-                          f"defend() must return the repaired nn.Module, it returned {defended!r}")
+                          f"defend() must return the repaired nn.Module (or a Defended holding modules), "
+                          f"it returned {out!r}")
     return defended, time.perf_counter() - start
+
+
+def log_table(tracker, run_id: str, results: list[dict], title: str) -> None:
+    """Table 1 of a grid on its parent run: Markdown (also the run's description, which the MLflow
+    UI's Overview page renders), JSON and a bar chart of ASR and ACC with error bars."""
+    from . import table
+
+    t = table.build(results)
+    markdown = table.render(t, "markdown")
+    tracker.tag(run_id, "mlflow.note.content", f"## {title}\n\n{markdown}")
+    tracker.text(run_id, markdown, "table/table1.md")
+    tracker.text(run_id, table.render(t, "json"), "table/table1.json")
+    tracker.figure(run_id, table.figure(t, title), "table/table1.png")
+
+
+def figure_logger(tracker, run_id: str | None):
+    """``ctx.log_figure``: a defense's figure as the artifact ``defense/<path>`` of its run."""
+    def log_figure(figure, path: str) -> None:
+        if tracker and run_id:
+            tracker.figure(run_id, figure, f"defense/{path}")
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+    return log_figure
+
+
+def log_extras(tracker, run_id: str, extras: dict, title: str) -> None:
+    """The engine's evaluation of a defense's extra models: metrics ``<axis>.acc``/``<axis>.asr``
+    (step = point index), the points as JSON and a plot of ACC and ASR over the axis."""
+    from .report import curve_figure
+
+    axis, points = extras["axis"], extras["points"]
+    for i, point in enumerate(points):
+        tracker.metrics(run_id, {f"{axis}.{k}": v for k, v in point.items() if k != axis}, i)
+    tracker.text(run_id, json.dumps(extras, indent=2), f"defense/{axis}_points.json")
+    tracker.figure(run_id, curve_figure(points, axis, title), f"defense/{axis}_acc_asr.png")
 
 
 def _spread(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -610,7 +677,7 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
     t = runner.tracker
     results = [] if results is None else results
     failures = [] if failures is None else failures
-    parent = t.start(name, params) if t else None
+    parent = t.start(name, params, tags={"nadbench.grid": "1"}) if t else None
     status = "KILLED"  # unless the loop completes
     bar = tqdm(total=len(cells), desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
     try:
@@ -652,5 +719,10 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
         results.sort(key=lambda r: order.get(Cell(**r["cell"]), 0))
         if t:
             t.text(parent, json.dumps(results, indent=2), "results.json")
+            try:
+                if results:
+                    log_table(t, parent, results, name)
+            except Exception as exc:  # noqa: BLE001 — a table that cannot be drawn must not lose the grid's status
+                warnings.warn(f"could not log the grid's table: {type(exc).__name__}: {exc}", stacklevel=2)
             t.end(parent, status)
     return results, failures

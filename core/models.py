@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import DatasetSpec, ModelSpec
+from .registry import PluginError
 
 
 class Normalized(nn.Module):
@@ -33,20 +34,21 @@ def build(spec: ModelSpec, dataset: DatasetSpec, device=None) -> Normalized:
 
 def classifier_name(model: nn.Module, spec: ModelSpec) -> str:
     """The dotted name of a built model's final linear layer: its own ``classifier_layer`` attribute,
-    else the spec's; checked to exist and to be an ``nn.Linear`` (the model plugin's contract)."""
+    else the spec's; "" when neither declares one. A declared one is checked to exist and to be an
+    ``nn.Linear`` (the model plugin's contract)."""
     inner = getattr(model, "net", model)
     name = getattr(inner, "classifier_layer", None) or spec.classifier_layer
     if not name:
-        raise ValueError(f"model {spec.name!r} declares no classifier_layer (its final linear layer): "
-                         "fine-pruning needs it; add it to the ModelSpec")
+        return ""
     full = ("net." if inner is not model else "") + name
     try:
         layer = model.get_submodule(full)
     except AttributeError:
-        raise ValueError(f"model {spec.name!r}: its classifier_layer {name!r} is not a module of the built network") from None
+        raise PluginError(f"model {spec.name!r} ({spec.provider}) breaks the plugin contract: its classifier_layer "
+                          f"{name!r} is not a module of the built network") from None
     if not isinstance(layer, nn.Linear):
-        raise ValueError(f"model {spec.name!r}: its classifier_layer {name!r} is a {type(layer).__name__}, "
-                         "not an nn.Linear")
+        raise PluginError(f"model {spec.name!r} ({spec.provider}) breaks the plugin contract: its classifier_layer "
+                          f"{name!r} is a {type(layer).__name__}, not an nn.Linear")
     return full
 
 

@@ -20,9 +20,9 @@ from . import data as datamod
 from .api import DatasetSpec, DefenseContext, Split
 from .attention import layer_names
 from .config import flatten
-from .engine import Cell, Runner, apply_defense
+from .engine import Cell, Runner, apply_defense, figure_logger, log_extras
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
-from .models import build, save_weights
+from .models import build, classifier_name, save_weights
 from .registry import Registry
 from .train import accuracy, attack_success_rate
 
@@ -175,11 +175,14 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
 
     ctx = DefenseContext(device=device, num_classes=clean.num_classes, student=spec.name, teacher=teacher_spec.name,
                          seed=seed, student_layers=student_layers, teacher_layers=teacher_layers,
+                         classifier_layer=classifier_name(model, spec),
                          build_model=lambda name: build(registry.model(name), dataset, device),
-                         supplied_model=supplied_model, log_metric=log, progress=progress)
+                         supplied_model=supplied_model, log_metric=log, log_figure=figure_logger(tracker, run_id),
+                         progress=progress)
     try:
         original = copy.deepcopy(model)
-        defended, seconds = apply_defense(defense, model, clean_dev, ctx)
+        repaired, seconds = apply_defense(defense, model, clean_dev, ctx)
+        defended = repaired.model
         after = measure(defended)
         save_weights(defended, out, {
             "nadbench.version": __version__, "defense": defense_name,
@@ -190,6 +193,9 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
                   "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),
                   "n_test": len(test_split), "n_triggered": len(asr_split) if asr_split is not None else 0,
                   "notes": notes}
+        if repaired.extras:  # e.g. MCR's points along t, measured like the repaired model
+            report["extras"] = {"axis": repaired.axis, "points": [
+                {repaired.axis: x, **measure(m)} for x, m in sorted(repaired.extras.items())]}
         figure = None
         layers = layer_names(defended, spec.attention_layers)
         if layers:
@@ -203,6 +209,8 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         out.with_suffix(".report.json").write_text(json.dumps(report, indent=2))
         if tracker:
             tracker.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()}, "time.defense_s": seconds})
+            if repaired.extras:
+                log_extras(tracker, run_id, report["extras"], f"{defense_name} on {model_path.name}")
             tracker.text(run_id, json.dumps(report, indent=2), "report.json")
             if figure is not None:
                 tracker.figure(run_id, figure, "attention/attention_maps.png")

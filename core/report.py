@@ -59,3 +59,20 @@ def samples_figure(rows: list[tuple[str, torch.Tensor, torch.Tensor]], title: st
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def curve_figure(points: list[dict], axis: str, title: str = ""):
+    """ACC and ASR (%) of a defense's extra models over ``axis`` (e.g. MCR's t); ``points`` are dicts
+    with ``axis``, ``acc`` and, where measured, ``asr``."""
+    xs = [p[axis] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for key, style in (("acc", "o-"), ("asr", "s--")):
+        if all(key in p for p in points):
+            ax.plot(xs, [100 * p[key] for p in points], style, label=key.upper())
+    ax.set_xlabel(axis)
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

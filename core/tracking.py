@@ -122,7 +122,7 @@ class Tracker:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise TrackingError(f"cannot use the tracking store {self.uri}: {type(exc).__name__}: "
                                 f"{first[:300]}") from None
-        self.experiment_id = exp_id
+        self.experiment_id, self.experiment_name = exp_id, experiment
         self._open: set[str] = set()
         self._stop = threading.Event()
         threading.Thread(target=self._beat, name="nadbench-heartbeat", daemon=True).start()
@@ -185,6 +185,26 @@ class Tracker:
         self.metrics(run_id, run.data.metrics)
         self.end(run_id)
         return result
+
+    def grid_results(self, run_id: str | None = None):
+        """(parent run, results of its finished cells) of a `bench run`: the run ``run_id``, or the
+        newest grid in the experiment."""
+        if run_id is None:
+            runs = self.client.search_runs([self.experiment_id], "tags.`nadbench.grid` = '1'", max_results=1,
+                                           order_by=["attributes.start_time DESC"])
+            if not runs:
+                raise TrackingError(f"no `bench run` grid in experiment {self.experiment_name!r} of {self.uri}")
+            parent = runs[0]
+        else:
+            try:
+                parent = self.client.get_run(run_id)
+            except Exception:  # noqa: BLE001 — MLflow raises its own exception types
+                raise TrackingError(f"no run {run_id!r} in {self.uri}") from None
+        children = self.client.search_runs([parent.info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50000,
+                                           order_by=["attributes.start_time ASC"])
+        return parent, [json.loads(c.data.tags["nadbench.result"]) for c in children
+                        if "nadbench.result" in c.data.tags]
 
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:

@@ -3,14 +3,9 @@
 The subset and schedule are small (CPU CI), so the thresholds are below the full-data numbers in
 the README; they still fail for a trigger that the model cannot learn or a broken poisoning.
 """
-import os
-from pathlib import Path
-
 import pytest
-import torch
 
-from nadbench.engine import Cell, Runner, profile
-from nadbench.registry import get_registry
+from nadbench.engine import Cell
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +23,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def runner():
-    root = os.environ.get("NADBENCH_DATA_ROOT")
-    if not root or not Path(root).is_dir():
-        pytest.skip("NADBENCH_DATA_ROOT is not set to the folder holding the dataset archives")
-    # No augmentation (as the official NAD code trains): the backdoor implants in few steps.
-    # lr 0.1 (not the profile's 0.2): at 0.2, BadNets' implant on this subset depends on the CPU's
-    # kernels (seed 0: ASR 0.99 on one machine, 0.17 on an AVX2-only one); at 0.1 it gave 0.994 and
-    # 0.999 (seeds 0, 1) on the AVX2 machine.
-    prof = profile("quick", {"train_limit": "8000", "test_limit": "1000", "epochs": "6", "lr": "0.1",
-                             "crop": "0", "flip": "false"})
-    return Runner(get_registry(), prof, device=torch.device("cpu"), data_root=Path(root), progress=False)
+def runner(subset_runner):
+    return subset_runner()  # conftest.SUBSET: no augmentation, lr 0.1 (see there why)
 
 
 @pytest.mark.parametrize("attack", list(CASES))

@@ -7,38 +7,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 import torch
 
-from nadbench import DatasetSpec, Split, executors, hookimpl
+from nadbench import DatasetSpec, Split, executors
 from nadbench.api import DefenseContext
 from nadbench.engine import Cell, Runner, expand, profile
-from nadbench.registry import PluginInfo, Registry, get_registry
+from nadbench.registry import get_registry
 from nadbench.store import Store, stage_key
 
 
-def _toy_split(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
-
-
 @pytest.fixture(scope="module")
-def registry():
-    reg = Registry()
-    reg.load_entrypoints()
-    toy = DatasetSpec("toy", lambda root: (_toy_split(64, 0), _toy_split(40, 1)), 10,
-                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-    @hookimpl
-    def register_datasets(register):
-        register(toy)
-
-    module = types.ModuleType("toy_data")
-    module.register_datasets = register_datasets
-    reg.add_plugin(module, PluginInfo("toy", "toy_data", "toy-dist 0.1"))
-    return reg
+def registry(toy_registry):
+    return toy_registry()
 
 
 def _runner(reg, tmp_path, overrides=None, **prof):

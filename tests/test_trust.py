@@ -6,28 +6,22 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from nadbench import DatasetSpec, Defense, ModelSpec, Split, hookimpl
+from nadbench import Defense, ModelSpec
 from nadbench.engine import Cell, Runner, check_grid, profile
 from nadbench.models import build, save_weights
 from nadbench.plugins.defenses.finetune import FinetuneConfig
 from nadbench.plugins.models.wideresnet import WideResNet
-from nadbench.registry import PluginError, PluginInfo, Registry
+from nadbench.registry import PluginError
 from nadbench.tracking import Tracker
 
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
 needs_data = pytest.mark.skipif(not DATA_ROOT or not Path(DATA_ROOT).is_dir(),
                                 reason="NADBENCH_DATA_ROOT is not set to the folder holding the CIFAR-10 archive")
-
-
-def _toy_split(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
 
 
 class ReturnsNothing(Defense):
@@ -40,33 +34,11 @@ class ReturnsNothing(Defense):
 
 
 @pytest.fixture
-def registry():
+def registry(toy_registry):
     """The installed plugins plus a toy dataset, a model with missing attention layers and a
     defense that returns nothing."""
-    reg = Registry()
-    reg.load_entrypoints()
-    toy = DatasetSpec("toy", lambda root: (_toy_split(64, 0), _toy_split(40, 1)), 10,
-                      (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-    @hookimpl
-    def register_datasets(register):
-        register(toy)
-
-    @hookimpl
-    def register_models(register):
-        register(ModelSpec("ghost-layers", WideResNet, attention_layers=("block1", "block9")))
-
-    @hookimpl
-    def register_defenses(register):
-        register(ReturnsNothing)
-
-    module = types.ModuleType("toy_plugin")
-    module.register_datasets, module.register_models = register_datasets, register_models
-    module.register_defenses = register_defenses
-    info = PluginInfo("toy", "toy_plugin", "toy-dist 0.1")
-    reg.add_plugin(module, info)
-    assert info.error is None, info.traceback
-    return reg
+    return toy_registry(models=[ModelSpec("ghost-layers", WideResNet, attention_layers=("block1", "block9"))],
+                        defenses=[ReturnsNothing])
 
 
 CELL = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)

@@ -1,0 +1,243 @@
+"""Table 1 from a grid's results: ASR / ACC per attack (rows) and defense (columns, "no defense"
+first), mean ± standard deviation over seeds, an average row and a deviation row (change against
+no defense), as in the NAD paper. Used by `bench table` (reading a tracked `bench run`), by
+`bench run` itself (the table, a Markdown copy in the parent run's description and a bar chart) and
+by benchmarks/table1.py.
+
+A grid over clean shares, teachers or students gets one row per attack and value of that axis.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+
+# Table 1 of Li et al. (ICLR 2021), (ASR, ACC) in %; Refool on GTSRB, the rest CIFAR-10 / WRN-16-1.
+PAPER = {
+    "badnets": {"none": (100, 85.65), "finetune": (17.18, 81.22), "fine-pruning": (99.73, 81.14),
+                "mcr": (4.65, 80.94), "nad": (4.77, 81.17)},
+    "trojan": {"none": (100, 81.24), "finetune": (71.76, 77.88), "fine-pruning": (41.00, 78.17),
+               "mcr": (41.25, 78.76), "nad": (19.63, 79.16)},
+    "blend": {"none": (99.97, 84.95), "finetune": (36.60, 81.22), "fine-pruning": (93.62, 81.13),
+              "mcr": (64.33, 80.34), "nad": (4.04, 81.68)},
+    "cl": {"none": (99.21, 82.43), "finetune": (75.08, 81.73), "fine-pruning": (29.88, 79.32),
+           "mcr": (32.95, 79.04), "nad": (9.18, 80.34)},
+    "sig": {"none": (99.91, 84.36), "finetune": (9.18, 81.28), "fine-pruning": (74.26, 81.60),
+            "mcr": (1.62, 80.94), "nad": (2.52, 81.95)},
+    "refool": {"none": (95.16, 82.38), "finetune": (14.38, 80.34), "fine-pruning": (63.49, 80.64),
+               "mcr": (8.76, 78.84), "nad": (3.18, 80.73)},
+}
+NONE = "none"
+FORMATS = ("text", "markdown", "csv", "json")
+# Grid axes that split rows when they take more than one value in a grid (cell field, header).
+AXES = (("student", "student"), ("teacher", "teacher"), ("teacher_source", "teacher source"),
+        ("clean_share", "clean share"))
+
+
+@dataclass
+class Stat:
+    """Values over seeds (in %), keyed by seed."""
+
+    values: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values())
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values.values()) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}" if len(self.values) > 1 else f"{self.mean:.2f}"
+
+
+@dataclass
+class Table:
+    axes: list[str]                                   # headers of the row-splitting axes
+    defenses: list[str]                               # columns, "none" first
+    rows: dict[tuple, dict[str, dict[str, Stat]]]     # (dataset, attack, *axis values) -> defense -> asr/acc
+    paper: bool = False
+
+    def seeds(self, row: tuple) -> int:
+        return max(len(s["asr"].values) for s in self.rows[row].values())
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        """The average over rows of each column's mean, per metric."""
+        out = {}
+        for d in self.defenses:
+            out[d] = {m: _mean([r[d][m].mean for r in self.rows.values() if d in r]) for m in ("asr", "acc")}
+        return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def build(results: list[dict], paper: bool = False) -> Table:
+    """Aggregate cell results (``Runner.run_cell``'s dicts) into a table; "no defense" is the
+    backdoored model of each (dataset, attack, student, seed), counted once."""
+    from .engine import Cell
+
+    cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
+    axes = [(f, h) for f, h in AXES if len({_axis(c, f) for c, _ in cells}) > 1]
+    defenses = [NONE] + list(dict.fromkeys(c.defense for c, _ in cells))
+    rows: dict[tuple, dict[str, dict[str, Stat]]] = {}
+    for cell, r in cells:
+        row = (cell.dataset, cell.attack, *(_axis(cell, f) for f, _ in axes))
+        entry = rows.setdefault(row, {})
+        for defense, phase in ((NONE, "before"), (cell.defense, "after")):
+            stats = entry.setdefault(defense, {"asr": Stat(), "acc": Stat()})
+            for metric in ("asr", "acc"):
+                stats[metric].values[cell.seed] = 100 * r[phase][metric]
+    order = {d: i for i, d in enumerate(defenses)}
+    rows = {k: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for k, v in rows.items()}
+    return Table([h for _, h in axes], defenses, rows, paper)
+
+
+def _axis(cell, name: str):
+    if name == "clean_share":
+        return cell.clean_share  # None: the profile's share, the same for every cell
+    if name in ("teacher", "teacher_source") and not cell.teacher_source:
+        return "-"  # a defense without a teacher
+    return getattr(cell, name)
+
+
+def _header(t: Table) -> list[str]:
+    return ["dataset", "attack", *t.axes, "seeds"] + ["no defense" if d == NONE else d for d in t.defenses]
+
+
+def _paper(t: Table, attack: str, defense: str) -> tuple[float, float] | None:
+    return PAPER.get(attack, {}).get(defense) if t.paper else None
+
+
+def _body(t: Table, cell_text) -> list[list[str]]:
+    lines = []
+    for row, entry in t.rows.items():
+        values = [cell_text(entry[d], _paper(t, row[1], d)) if d in entry else "-" for d in t.defenses]
+        lines.append([*(str(v) for v in row), str(t.seeds(row)), *values])
+    summary = t.summary()
+    blank = [""] * (len(t.axes) + 1)
+    avg = [_pair(summary[d]) for d in t.defenses]
+    base = summary[NONE]
+    dev = ["-" if d == NONE else _pair({m: (summary[d][m] - base[m]) if summary[d][m] is not None else None
+                                        for m in ("asr", "acc")}, signed=True) for d in t.defenses]
+    lines.append(["average", "", *blank, *avg])
+    lines.append(["deviation", "", *blank, *dev])
+    return lines
+
+
+def _pair(values: dict, signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return " / ".join("-" if values[m] is None else fmt.format(values[m]) for m in ("asr", "acc"))
+
+
+def render(t: Table, fmt: str = "text") -> str:
+    """The table as ``text`` (aligned columns), ``markdown``, ``csv`` or ``json``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(to_json(t), indent=2)
+    if fmt == "csv":
+        return _csv(t)
+    if fmt == "markdown":
+        def cell(s, paper):
+            text = f"{s['asr'].text()} / {s['acc'].text()}"
+            return text + (f" <br>*{paper[0]} / {paper[1]}*" if paper else "")
+        lines = [_header(t)] + _body(t, cell)
+        out = ["| " + " | ".join(lines[0]) + " |", "|" + " --- |" * len(lines[0])]
+        out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+        note = "ASR / ACC in %, mean ± standard deviation over seeds"
+        note += "; the paper's Table 1 in italics." if t.paper else "."
+        return note + " Deviation: the average's change against no defense.\n\n" + "\n".join(out) + "\n"
+
+    def cell(s, paper):
+        text = f"{s['asr'].text()} / {s['acc'].text()}"
+        return text + (f" (paper {paper[0]} / {paper[1]})" if paper else "")
+    lines = [_header(t)] + _body(t, cell)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    return "ASR / ACC in %, mean ± std over seeds\n" + "\n".join(text) + "\n"
+
+
+def to_json(t: Table) -> dict:
+    rows = []
+    for row, entry in t.rows.items():
+        item = {"dataset": row[0], "attack": row[1], **dict(zip(t.axes, row[2:])), "seeds": t.seeds(row)}
+        for d, s in entry.items():
+            item[d] = {m: {"mean": s[m].mean, "std": s[m].std, "n": len(s[m].values),
+                           "values": s[m].values} for m in ("asr", "acc")}
+            if _paper(t, row[1], d):
+                item[d]["paper"] = dict(zip(("asr", "acc"), _paper(t, row[1], d)))
+        rows.append(item)
+    summary = t.summary()
+    return {"metrics": "ASR and ACC in %", "axes": t.axes, "defenses": t.defenses, "rows": rows,
+            "average": summary,
+            "deviation": {d: {m: None if summary[d][m] is None else summary[d][m] - summary[NONE][m]
+                              for m in ("asr", "acc")} for d in t.defenses if d != NONE}}
+
+
+def _csv(t: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "attack", *t.axes, "defense", "seeds", "asr_mean", "asr_std", "acc_mean", "acc_std"]
+               + (["paper_asr", "paper_acc"] if t.paper else []))
+    for row, entry in t.rows.items():
+        for d, s in entry.items():
+            paper = _paper(t, row[1], d)
+            w.writerow([*row, d, len(s["asr"].values), f"{s['asr'].mean:.4f}", f"{s['asr'].std:.4f}",
+                        f"{s['acc'].mean:.4f}", f"{s['acc'].std:.4f}"]
+                       + ([*(paper or ("", ""))] if t.paper else []))
+    return buf.getvalue()
+
+
+def paired(results: list[dict], a: str, b: str) -> dict[tuple, dict[str, float]]:
+    """Defense ``a`` against ``b`` on the same backdoored models (paired by seed and row): the mean
+    difference of ASR and of ACC (a - b, in points) and twice its standard error, per row."""
+    t = build(results)
+    out = {}
+    for row, entry in t.rows.items():
+        if a not in entry or b not in entry:
+            continue
+        seeds = sorted(set(entry[a]["asr"].values) & set(entry[b]["asr"].values))
+        item = {"n": len(seeds)}
+        for m in ("asr", "acc"):
+            diffs = [entry[a][m].values[s] - entry[b][m].values[s] for s in seeds]
+            item[m] = statistics.fmean(diffs)
+            item[f"{m}_2se"] = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        out[row] = item
+    return out
+
+
+def figure(t: Table, title: str = ""):
+    """Grouped bars of ASR and ACC per row (attack) and defense, with the seeds' standard deviation
+    as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["/".join(str(v) for v in row[1:]) for row in t.rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.2 * len(names) * len(t.defenses) / 3), 6.5), sharex=True)
+    width = 0.8 / len(t.defenses)
+    for ax, metric in zip(axes, ("asr", "acc")):
+        for j, d in enumerate(t.defenses):
+            xs, means, stds = [], [], []
+            for i, entry in enumerate(t.rows.values()):
+                if d in entry:
+                    xs.append(i + (j - (len(t.defenses) - 1) / 2) * width)
+                    means.append(entry[d][metric].mean)
+                    stds.append(entry[d][metric].std)
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label="no defense" if d == NONE else d)
+        ax.set_ylabel(f"{metric.upper()} (%)")
+        ax.set_ylim(0, 105)
+    axes[0].legend(fontsize=8, ncol=len(t.defenses))
+    axes[1].set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    if title:
+        axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,114 @@
+"""`bench table` and the clean-share axis, read back from a real MLflow store: a toy grid over two
+seeds and two clean shares, then the table in every format, the paired comparison, and what
+`bench run` leaves on its parent run (description, Markdown, JSON, bar chart)."""
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import toy_split
+from nadbench import data as datamod
+from nadbench import table
+from nadbench.cli import main
+from nadbench.engine import Runner, expand, profile, run_grid
+from nadbench.tracking import Tracker
+
+
+@pytest.fixture(scope="module")
+def store(toy_registry, tmp_path_factory):
+    """A finished toy grid: badnets x {finetune, fine-pruning} x shares {0.25, 0.5} x seeds {0, 1}."""
+    tmp = tmp_path_factory.mktemp("table")
+    reg = toy_registry()
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    tracker = Tracker(uri, "nadbench")
+    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp / "cache", tracker=tracker,
+                    overrides={"finetune": {"epochs": "1"}, "fine-pruning": {"epochs": "1"}})
+    cells = expand(reg, ["toy"], ["badnets"], ["finetune", "fine-pruning"], ["wrn-16-1"], None, [0, 1],
+                   clean_shares=[0.25, 0.5])
+    results, failures = run_grid(runner, cells, name="toy grid")
+    assert not failures and len(results) == 8
+    return uri, results, tracker
+
+
+def _cli(uri, *args):
+    out = CliRunner().invoke(main, ["table", "--tracking-uri", uri, *args])
+    assert out.exit_code == 0, out.output
+    return out.stdout
+
+
+def test_table_json_is_mean_and_std_over_seeds_per_share(store):
+    uri, results, _ = store
+    data = json.loads(_cli(uri, "--format", "json"))
+    assert data["axes"] == ["clean share"] and data["defenses"] == ["none", "finetune", "fine-pruning"]
+    assert [(r["attack"], r["clean share"], r["seeds"]) for r in data["rows"]] == [("badnets", 0.25, 2),
+                                                                                 ("badnets", 0.5, 2)]
+    for row in data["rows"]:
+        mine = [r for r in results if r["cell"]["clean_share"] == row["clean share"]
+                and r["cell"]["defense"] == "finetune"]
+        asr = [100 * r["after"]["asr"] for r in mine]
+        assert row["finetune"]["asr"]["mean"] == pytest.approx(statistics.fmean(asr))
+        assert row["finetune"]["asr"]["std"] == pytest.approx(statistics.stdev(asr))
+        before = sorted(100 * r["before"]["acc"] for r in mine)
+        assert sorted(row["none"]["acc"]["values"].values()) == pytest.approx(before)
+    avg = statistics.fmean(r["finetune"]["acc"]["mean"] for r in data["rows"])
+    assert data["average"]["finetune"]["acc"] == pytest.approx(avg)
+    assert data["deviation"]["finetune"]["acc"] == pytest.approx(avg - data["average"]["none"]["acc"])
+
+
+def test_table_formats_paper_and_paired(store):
+    uri, results, _ = store
+    text = _cli(uri)
+    assert "± " in text and "average" in text and "deviation" in text and "clean share" in text
+    md = _cli(uri, "--format", "markdown", "--paper")
+    assert "| dataset | attack | clean share | seeds | no defense | finetune | fine-pruning |" in md
+    assert "*17.18 / 81.22*" in md  # the paper's BadNets finetuning beside ours
+    rows = list(__import__("csv").reader(_cli(uri, "--format", "csv").splitlines()))
+    assert rows[0][:4] == ["dataset", "attack", "clean share", "defense"] and len(rows) == 1 + 2 * 3
+    paired = _cli(uri, "--paired", "fine-pruning,finetune")
+    assert "fine-pruning - finetune, paired by seed" in paired and "(n=2)" in paired
+
+
+def test_bench_run_leaves_the_table_on_its_parent_run(store):
+    uri, results, tracker = store
+    parent, read = tracker.grid_results()
+    assert len(read) == len(results)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("## toy grid") and "| no defense |" in note
+    arts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "table")}
+    assert arts == {"table/table1.md", "table/table1.json", "table/table1.png"}
+
+
+def test_table_errors_name_what_is_missing(tmp_path):
+    out = CliRunner().invoke(main, ["table", "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"])
+    assert out.exit_code != 0 and "no `bench run` grid" in out.output
+    out = CliRunner().invoke(main, ["table", "--tracking-uri", f"sqlite:///{tmp_path}/empty.db", "--run-id", "abc"])
+    assert out.exit_code != 0 and "no run 'abc'" in out.output
+
+
+def test_clean_subsets_are_nested_across_shares():
+    train = toy_split(400, 7)
+    rows = lambda split: {bytes(img.flatten().tolist()) for img in split.images}  # noqa: E731
+    small, mid, large = (rows(datamod.clean_subset(train, s, seed=3)) for s in (0.01, 0.05, 0.1))
+    assert len(small) == 4 and len(mid) == 20 and small <= mid <= large
+    assert rows(datamod.clean_subset(train, 0.05, seed=4)) != mid  # another seed, another subset
+
+
+def test_clean_shares_axis_multiplies_cells_and_is_checked(toy_registry):
+    cells = expand(toy_registry(), ["toy"], ["badnets"], ["finetune", "nad"], ["wrn-16-1"], None, [0],
+                   clean_shares=[0.01, 0.1])
+    assert sorted((c.defense, c.clean_share) for c in cells) == [("finetune", 0.01), ("finetune", 0.1),
+                                                                 ("nad", 0.01), ("nad", 0.1)]
+    assert cells[0].label.endswith("/clean0.01/seed0")
+    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--clean-shares", "0.05,2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "every share must be in (0, 1]" in out.stderr
+
+
+def test_render_rejects_unknown_format():
+    with pytest.raises(ValueError, match="valid: text, markdown, csv, json"):
+        table.render(table.build([]), "html")
