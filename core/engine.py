@@ -642,13 +642,15 @@ def figure_logger(tracker, run_id: str | None):
 def log_extras(tracker, run_id: str, extras: dict, title: str) -> None:
     """The engine's evaluation of a defense's extra models: metrics ``<axis>.acc``/``<axis>.asr``
     (step = point index), the points as JSON and a plot of ACC and ASR over the axis."""
-    from .report import curve_figure
+    from .report import line_figure
 
     axis, points = extras["axis"], extras["points"]
     for i, point in enumerate(points):
         tracker.metrics(run_id, {f"{axis}.{k}": v for k, v in point.items() if k != axis}, i)
     tracker.text(run_id, json.dumps(extras, indent=2), f"defense/{axis}_points.json")
-    tracker.figure(run_id, curve_figure(points, axis, title), f"defense/{axis}_acc_asr.png")
+    series = {k.upper(): [100 * p[k] for p in points] for k in ("acc", "asr") if all(k in p for p in points)}
+    figure = line_figure([p[axis] for p in points], series, axis, "%", title=title)
+    tracker.figure(run_id, figure, f"defense/{axis}_acc_asr.png")
 
 
 def _spread(index: torch.Tensor, n: int) -> torch.Tensor:

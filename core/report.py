@@ -61,18 +61,21 @@ def samples_figure(rows: list[tuple[str, torch.Tensor, torch.Tensor]], title: st
     return fig
 
 
-def curve_figure(points: list[dict], axis: str, title: str = ""):
-    """ACC and ASR (%) of a defense's extra models over ``axis`` (e.g. MCR's t); ``points`` are dicts
-    with ``axis``, ``acc`` and, where measured, ``asr``."""
-    xs = [p[axis] for p in points]
+def line_figure(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, *, vline=None, hline=None,
+                title: str = ""):
+    """Lines over ``xs`` (one per named series), with an optional marked ``vline`` / ``hline`` given
+    as (position, label): a defense's curve (fine-pruning's accuracy against pruned channels, MCR's
+    accuracy along t) and the engine's ACC/ASR of a defense's extra models."""
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for key, style in (("acc", "o-"), ("asr", "s--")):
-        if all(key in p for p in points):
-            ax.plot(xs, [100 * p[key] for p in points], style, label=key.upper())
-    ax.set_xlabel(axis)
-    ax.set_ylabel("%")
-    ax.set_ylim(-2, 102)
-    ax.legend()
+    for (name, ys), style in zip(series.items(), ("o-", "s--", "^:")):
+        ax.plot(xs, ys, style, markersize=3, label=name)
+    if vline is not None:
+        ax.axvline(vline[0], color="red", ls="--", label=vline[1])
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", ls=":", label=hline[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
