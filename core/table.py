@@ -35,6 +35,7 @@ FORMATS = ("text", "markdown", "csv", "json")
 # Grid axes that split rows when they take more than one value in a grid (cell field, header).
 AXES = (("student", "student"), ("teacher", "teacher"), ("teacher_source", "teacher source"),
         ("clean_share", "clean share"))
+TEACHER_AXES = ("teacher", "teacher_source")  # axes of defenses that use a teacher only
 
 
 @dataclass
@@ -83,16 +84,23 @@ def build(results: list[dict], paper: bool = False) -> Table:
     from .engine import Cell
 
     cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
-    axes = [(f, h) for f, h in AXES if len({_axis(c, f) for c, _ in cells}) > 1]
+    taught = [c for c, _ in cells if c.teacher_source]  # cells of defenses that use a teacher
+    axes = [(f, h) for f, h in AXES
+            if len({_axis(c, f) for c in (taught if f in TEACHER_AXES else [c for c, _ in cells])}) > 1]
+    teacher_axes = [f for f, _ in axes if f in TEACHER_AXES]
+    pairs = list(dict.fromkeys(tuple(_axis(c, f) for f in teacher_axes) for c in taught))
     defenses = [NONE] + list(dict.fromkeys(c.defense for c, _ in cells))
     rows: dict[tuple, dict[str, dict[str, Stat]]] = {}
     for cell, r in cells:
-        row = (cell.dataset, cell.attack, *(_axis(cell, f) for f, _ in axes))
-        entry = rows.setdefault(row, {})
-        for defense, phase in ((NONE, "before"), (cell.defense, "after")):
-            stats = entry.setdefault(defense, {"asr": Stat(), "acc": Stat()})
-            for metric in ("asr", "acc"):
-                stats[metric].values[cell.seed] = 100 * r[phase][metric]
+        # A defense without a teacher belongs to every teacher row of the grid (its numbers repeat).
+        for pair in [tuple(_axis(cell, f) for f in teacher_axes)] if cell.teacher_source or not teacher_axes else pairs:
+            values = dict(zip(teacher_axes, pair))
+            row = (cell.dataset, cell.attack, *(values[f] if f in values else _axis(cell, f) for f, _ in axes))
+            entry = rows.setdefault(row, {})
+            for defense, phase in ((NONE, "before"), (cell.defense, "after")):
+                stats = entry.setdefault(defense, {"asr": Stat(), "acc": Stat()})
+                for metric in ("asr", "acc"):
+                    stats[metric].values[cell.seed] = 100 * r[phase][metric]
     order = {d: i for i, d in enumerate(defenses)}
     rows = {k: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for k, v in rows.items()}
     return Table([h for _, h in axes], defenses, rows, paper)
@@ -101,8 +109,6 @@ def build(results: list[dict], paper: bool = False) -> Table:
 def _axis(cell, name: str):
     if name == "clean_share":
         return cell.clean_share  # None: the profile's share, the same for every cell
-    if name in ("teacher", "teacher_source") and not cell.teacher_source:
-        return "-"  # a defense without a teacher
     return getattr(cell, name)
 
 

@@ -167,6 +167,19 @@ def test_batch_norm_statistics_are_recomputed_on_the_clean_data():
     assert model.bn.momentum == 0.1 and not model.training
 
 
+def test_batch_norm_statistics_are_those_of_the_whole_subset_when_it_is_sorted_by_class():
+    """Real splits are sorted by class; recomputed in class-sorted batches, the variance was that
+    within one class (a quick-profile model fell from 81.8 to 64.1 ACC)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    labels = torch.arange(640) // 64  # sorted by class, 64 images each
+    images = (labels.view(-1, 1, 1, 1) * 25 + torch.randint(0, 5, (640, 3, 32, 32))).to(torch.uint8)
+    recompute_bn(model, toy_split(1, 0).__class__(images, labels), batch_size=64)
+    with torch.no_grad():
+        x = model.conv(images.float() / 255)
+    assert torch.allclose(model.bn.running_var, x.var((0, 2, 3)), rtol=0.1)
+
+
 def test_mcr_returns_the_point_at_t_and_points_along_the_curve():
     torch.manual_seed(0)
     model = Tiny()

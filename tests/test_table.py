@@ -112,3 +112,21 @@ def test_clean_shares_axis_multiplies_cells_and_is_checked(toy_registry):
 def test_render_rejects_unknown_format():
     with pytest.raises(ValueError, match="valid: text, markdown, csv, json"):
         table.render(table.build([]), "html")
+
+
+def _result(defense, seed, asr, teacher="wrn-16-1", source="supplied"):
+    from nadbench.engine import Cell
+
+    cell = Cell("cifar10", "badnets", defense, "wrn-16-1", teacher if source else "wrn-16-1", seed, source)
+    return {"cell": __import__("dataclasses").asdict(cell), "before": {"asr": 1.0, "acc": 0.8},
+            "after": {"asr": asr, "acc": 0.78}, "status": "FINISHED"}
+
+
+def test_teacher_rows_only_when_the_teachers_vary():
+    one = table.build([_result("finetune", 0, 0.05, source=""), _result("nad", 0, 0.04)])
+    assert one.axes == [] and list(one.rows) == [("cifar10", "badnets")]
+    two = table.build([_result("finetune", 0, 0.05, source=""), _result("nad", 0, 0.04),
+                       _result("nad", 0, 0.02, teacher="wrn-16-2")])
+    assert two.axes == ["teacher"] and len(two.rows) == 2
+    assert all(row["finetune"]["asr"].mean == 5.0 for row in two.rows.values())  # repeated in each
+    assert [row["nad"]["asr"].mean for row in two.rows.values()] == [4.0, 2.0]

@@ -23,6 +23,7 @@ import torch
 
 from nadbench import ConfigError, Defense, hookimpl, param
 from nadbench.augment import to_float
+from nadbench.report import line_figure
 from nadbench.train import FinetuneParams, train
 
 
@@ -101,7 +102,10 @@ class FinePruning(Defense):
             ctx.log_metric("prune.acc", acc, k)
         ctx.log_metric("prune.channels", pruned)
         ctx.log_metric("prune.ratio", pruned / n_channels)
-        ctx.log_figure(_plot(curve, pruned, n_channels, cfg.acc_drop), "pruning.png")
+        ctx.log_figure(line_figure(
+            [k for k, _ in curve], {"held-out clean ACC": [100 * a for _, a in curve]},
+            "channels pruned (most dormant first)", "%", vline=(pruned, f"pruned: {pruned} of {n_channels}"),
+            hline=(100 * (1 - cfg.acc_drop) * curve[0][1], f"{cfg.acc_drop:.0%} relative drop")), "pruning.png")
 
         mask = torch.ones(n_channels, device=features.device)
         mask[ranking[:pruned]] = 0
@@ -117,20 +121,6 @@ class FinePruning(Defense):
             with torch.no_grad():
                 classifier.weight.mul_(mask)  # exact zeros, whatever the optimiser did
         return model.eval()
-
-
-def _plot(curve, pruned: int, n_channels: int, acc_drop: float):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([k for k, _ in curve], [100 * a for _, a in curve], marker=".")
-    ax.axhline(100 * (1 - acc_drop) * curve[0][1], color="grey", ls=":", label=f"{acc_drop:.0%} relative drop")
-    ax.axvline(pruned, color="red", ls="--", label=f"pruned: {pruned} of {n_channels}")
-    ax.set_xlabel("channels pruned (most dormant first)")
-    ax.set_ylabel("held-out clean ACC (%)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 @hookimpl

@@ -30,6 +30,7 @@ from torch.func import functional_call
 
 from nadbench import Defended, Defense, hookimpl, param
 from nadbench.augment import to_float
+from nadbench.report import line_figure
 from nadbench.train import FinetuneParams, Optim, accuracy, train
 
 
@@ -87,16 +88,20 @@ class BezierCurve(nn.Module):
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, clean, batch_size: int) -> nn.Module:
-    """Reset every batch-norm layer's running statistics and recompute them as exact averages over
-    ``clean`` (un-augmented), the weights unchanged. Returns the model in eval mode."""
+def recompute_bn(model: nn.Module, clean, batch_size: int, seed: int = 0) -> nn.Module:
+    """Reset every batch-norm layer's running statistics and recompute them as averages over
+    ``clean`` (un-augmented) in shuffled batches, the weights unchanged. Returns the model in eval
+    mode. Shuffled, because a split may be sorted by class, and batch variances within one class
+    average to far less than the data's: measured on a quick-profile BadNets model, recomputing in
+    class-sorted batches took ACC from 81.8 to 64.1."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
     model.train()
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed)).to(clean.images.device)
     for i in range(0, len(clean), batch_size):
-        model(to_float(clean.images[i:i + batch_size]))
+        model(to_float(clean.images[order[i:i + batch_size]]))
     for m in norms:
         m.momentum = 0.1
     return model.eval()
@@ -125,22 +130,11 @@ class MCR(Defense):
         for i, acc in enumerate(clean_acc.values()):
             ctx.log_metric("curve.clean_acc", acc, i)
         if clean_acc:
-            ctx.log_figure(_plot(clean_acc, cfg.t), "curve_clean_acc.png")
+            ctx.log_figure(line_figure(list(clean_acc), {"clean-subset ACC": [100 * a for a in clean_acc.values()]},
+                                       "t (0: backdoored, 1: finetuned)", "%", vline=(cfg.t, f"repaired: t = {cfg.t:g}")),
+                           "curve_clean_acc.png")
         repaired = extras[cfg.t] if cfg.t in extras else curve.point(cfg.t, clean, cfg.curve_batch_size)
         return Defended(repaired, extras, axis="t")
-
-
-def _plot(acc: dict[float, float], chosen: float):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(list(acc), [100 * a for a in acc.values()], marker=".")
-    ax.axvline(chosen, color="red", ls="--", label=f"repaired: t = {chosen:g}")
-    ax.set_xlabel("t (0: backdoored, 1: finetuned)")
-    ax.set_ylabel("clean-subset ACC (%)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 @hookimpl
