@@ -689,7 +689,9 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
             if prior is None:
                 todo.append(cell)
                 continue
-            results.append(t.reuse(prior, cell.label, parent))
+            # The cell as this grid names it: a key also matches a cell of a grid that left an axis
+            # at its default (clean share None: the profile's 0.05 is the same subset as 0.05).
+            results.append({**t.reuse(prior, cell.label, parent), "cell": dataclasses.asdict(cell)})
             bar.update()
         if runner.rerun == "all":
             runner.forget(todo)

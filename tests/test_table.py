@@ -130,3 +130,19 @@ def test_teacher_rows_only_when_the_teachers_vary():
     assert two.axes == ["teacher"] and len(two.rows) == 2
     assert all(row["finetune"]["asr"].mean == 5.0 for row in two.rows.values())  # repeated in each
     assert [row["nad"]["asr"].mean for row in two.rows.values()] == [4.0, 2.0]
+
+
+def test_a_resumed_cell_takes_the_share_its_grid_names(store, toy_registry, tmp_path):
+    """A cell recorded without --clean-shares (the profile's 0.05) is the same cell as 0.05 named
+    explicitly: reused, it appears under the share of the grid that reuses it."""
+    uri, _, tracker = store
+    reg = toy_registry()
+    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker,
+                    overrides={"finetune": {"epochs": "1"}})
+    plain = expand(reg, ["toy"], ["badnets"], ["finetune"], ["wrn-16-1"], None, [0])
+    first, _ = run_grid(runner, plain, name="no shares")
+    named, _ = run_grid(runner, expand(reg, ["toy"], ["badnets"], ["finetune"], ["wrn-16-1"], None, [0],
+                                       clean_shares=[0.05]), name="named share")
+    assert first[0]["cell"]["clean_share"] is None
+    assert named[0]["reused_from"] and named[0]["cell"]["clean_share"] == 0.05
