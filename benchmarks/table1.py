@@ -20,6 +20,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _reused_note(results: list[dict]) -> str:
+    reused = sum(1 for r in results if r.get("reused_from"))
+    return (f" {reused} of {len(results)} cells were recorded by earlier runs of the same cells (same keys) and "
+            "reused, so the wall time above is not theirs; `time_defense_s` in the JSON is each cell's own."
+            if reused else "")
+
+
 def render(results: dict) -> str:
     """The results file as Markdown: how it was made, then `bench table --paper`'s table."""
     from nadbench import table
@@ -28,7 +35,8 @@ def render(results: dict) -> str:
              f"Made by: `{results.get('made_by', 'bench run')}`  ",
              f"Grid command: `{results['command']}`  ", f"Device: {results['device']}; wall time of the grid "
              f"{results['wall_s'] / 60:.1f} min; machine: {platform.machine()}, {os.cpu_count()} cores", "",
-             "ACC is over the whole test set (or the profile's test subset).", "",
+             "ACC is over the whole test set (or the profile's test subset)."
+             + _reused_note(results["results"]), "",
              table.render(table.build(results["results"], paper=True), "markdown")]
     clean = {(r["cell"]["dataset"], r["cell"]["student"], r["cell"]["seed"]): r["clean_model"]["acc"]
              for r in results["results"] if r.get("clean_model")}

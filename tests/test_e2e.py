@@ -81,7 +81,7 @@ def test_runs_read_back_from_sqlite(grid):
     nad = next(r for r in children if r.data.params["defense.name"] == "nad")
     assert nad.data.params["defense.betas"] == "500.0,1000.0,1000.0"
     losses = client.get_metric_history(nad.info.run_id, "defense.loss")
-    assert len(losses) == 20 and len(client.get_metric_history(nad.info.run_id, "teacher.loss")) == 10
+    assert len(losses) == 10 and len(client.get_metric_history(nad.info.run_id, "teacher.loss")) == 10
 
 
 def test_defended_weights_load_without_pickle(grid):
