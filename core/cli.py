@@ -334,7 +334,7 @@ def _table(results: list[dict]) -> str:
                    "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
 @click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-              help="MLflow store (default: sqlite:///mlflow.db in the current folder).")
+              help="MLflow store [default: sqlite:///./nadbench.db].")
 @click.option("--experiment", default="nadbench", show_default=True)
 def table(run_id, fmt, paper, paired, output, tracking_uri, experiment):
     """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense, mean ± std
@@ -352,16 +352,21 @@ def table(run_id, fmt, paper, paired, output, tracking_uri, experiment):
         raise click.ClickException(str(exc)) from None
     if not results:
         raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
-    text = tablemod.render(tablemod.build(results, paper=paper), fmt)
+    built = tablemod.build(results, paper=paper)
+    text = tablemod.render(built, fmt)
     if paired:
-        a, _, b = paired.partition(",")
-        rows = tablemod.paired(results, a.strip(), b.strip())
+        a, _, b = (x.strip() for x in paired.partition(","))
+        rows = tablemod.paired(results, a, b)
         if not rows:
             raise click.UsageError(f"--paired {paired}: no row has both defenses; defenses here: "
                                    f"{', '.join(dict.fromkeys(r['cell']['defense'] for r in results))}")
-        text += f"\n{a} - {b}, paired by seed (points; ± twice the standard error):\n" + "\n".join(
-            f"  {'/'.join(map(str, row))}: ASR {d['asr']:+.2f} ± {d['asr_2se']:.2f}, ACC {d['acc']:+.2f} ± "
-            f"{d['acc_2se']:.2f} (n={d['n']})" for row, d in rows.items()) + "\n"
+        if fmt == "json":  # one JSON document
+            text = json.dumps({**tablemod.to_json(built), "paired": {"a": a, "b": b, "rows": [
+                {"row": list(row), **d} for row, d in rows.items()]}}, indent=2)
+        else:
+            text += f"\n{a} - {b}, paired by seed (points; ± twice the standard error):\n" + "\n".join(
+                f"  {'/'.join(map(str, row))}: ASR {d['asr']:+.2f} ± {d['asr_2se']:.2f}, ACC {d['acc']:+.2f} ± "
+                f"{d['acc_2se']:.2f} (n={d['n']})" for row, d in rows.items()) + "\n"
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)

@@ -71,6 +71,13 @@ def test_table_formats_paper_and_paired(store):
     assert rows[0][:4] == ["dataset", "attack", "clean share", "defense"] and len(rows) == 1 + 2 * 3
     paired = _cli(uri, "--paired", "fine-pruning,finetune")
     assert "fine-pruning - finetune, paired by seed" in paired and "(n=2)" in paired
+    data = json.loads(_cli(uri, "--paired", "fine-pruning,finetune", "--format", "json"))
+    diffs = [100 * (p["after"]["asr"] - f["after"]["asr"]) for p in results for f in results
+             if p["cell"]["defense"] == "fine-pruning" and f["cell"]["defense"] == "finetune"
+             and p["cell"]["seed"] == f["cell"]["seed"] and p["cell"]["clean_share"] == f["cell"]["clean_share"] == 0.25]
+    row = next(r for r in data["paired"]["rows"] if r["row"][-1] == 0.25)
+    assert row["n"] == 2 and row["asr"] == pytest.approx(statistics.fmean(diffs))
+    assert row["asr_2se"] == pytest.approx(2 * statistics.stdev(diffs) / 2 ** 0.5)
 
 
 def test_bench_run_leaves_the_table_on_its_parent_run(store):
