@@ -107,9 +107,7 @@ def build(results: list[dict], paper: bool = False) -> Table:
 
 
 def _axis(cell, name: str):
-    if name == "clean_share":
-        return cell.clean_share  # None: the profile's share, the same for every cell
-    return getattr(cell, name)
+    return getattr(cell, name)  # clean_share None: the profile's share, the same for every such cell
 
 
 def _header(t: Table) -> list[str]:

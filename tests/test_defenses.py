@@ -236,7 +236,7 @@ def test_a_defense_must_return_modules(toy_registry, tmp_path):
         runner.run_cell(Cell("toy", "badnets", "broken-extras", "wrn-16-1", "wrn-16-1", 0))
 
 
-def test_registered_spec_field_reaches_the_defense_context(toy_registry):
+def test_a_third_party_spec_declares_its_classifier(toy_registry):
     reg = toy_registry(models=[ModelSpec("tiny", lambda num_classes: Tiny(), classifier_layer="fc")])
     model = build(reg.model("tiny"), reg.dataset("toy"))
     assert classifier_name(model, reg.model("tiny")) == "net.fc"

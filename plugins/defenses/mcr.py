@@ -13,9 +13,10 @@ model and a finetuned copy of it, whose middle forgets the backdoor.
 Curve training follows the MCR authors' code (SGD, momentum 0.9, weight decay 1e-4, batch 128)
 except its length, learning rate and schedule: 20 epochs from lr 0.05 with a cosine decay, where
 the authors train 100 epochs at lr 0.01 (``--set mcr.curve_epochs=100 --set mcr.curve_lr=0.01``),
-so that a CPU grid stays affordable. Measured on the test suite's CIFAR-10 subset (800 clean
-images): at lr 0.01 the 20-epoch curve stayed within 2.3% of the straight line; at 0.05 it moved
-4.8% off it and ASR fell from 99% to 9% by t = 0.5 (tests/test_defenses_e2e.py).
+so that a CPU grid stays affordable. On the test suite's CIFAR-10 subset (800 clean images) at
+0.05 the curve moved 4.8% off the straight line and ASR fell from 99% to 9% by t = 0.5
+(tests/test_defenses_e2e.py prints both); an exploratory run at 0.01 (not committed) stayed
+within 2.3% of the line.
 ``curve_points`` points along t (endpoints included) come back as extra models: the engine
 evaluates their ACC and ASR, the method's own picture; clean accuracy along t on the clean subset
 is logged here as ``curve.clean_acc`` and as a plot.
@@ -93,9 +94,10 @@ def recompute_bn(model: nn.Module, clean, batch_size: int, crop: int = 0, flip: 
     """Reset every batch-norm layer's running statistics and recompute them as averages over
     ``clean`` in shuffled batches, augmented with ``crop`` / ``flip`` as the model was trained (as
     the MCR authors do, with their training loader); the weights unchanged. Returns the model in
-    eval mode. Measured at t = 0 on a quick-profile BadNets model (ACC 81.8 with its own
-    statistics): class-sorted batches (splits are sorted by class, so batch variances are those
-    within one class) 64.1; shuffled, un-augmented 73.0; shuffled with crop + flip 78.8."""
+    eval mode. In an exploratory check (not committed) at t = 0 on the quick-profile BadNets model
+    (ACC 81.8 with its own statistics): class-sorted batches (splits are sorted by class, so batch
+    variances are those within one class) gave 64.1; shuffled, un-augmented 73.0; shuffled with
+    crop + flip 78.8. tests/test_defenses.py checks the variance on class-sorted data."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
