@@ -31,6 +31,7 @@ PAPER = {
                "mcr": (8.76, 78.84), "nad": (3.18, 80.73)},
 }
 NONE = "none"
+COLUMNS = ("finetune", "fine-pruning", "mcr", "nad")  # the paper's column order; other defenses follow
 FORMATS = ("text", "markdown", "csv", "json")
 # Grid axes that split rows when they take more than one value in a grid (cell field, header).
 AXES = (("student", "student"), ("teacher", "teacher"), ("teacher_source", "teacher source"),
@@ -89,7 +90,8 @@ def build(results: list[dict], paper: bool = False) -> Table:
             if len({_axis(c, f) for c in (taught if f in TEACHER_AXES else [c for c, _ in cells])}) > 1]
     teacher_axes = [f for f, _ in axes if f in TEACHER_AXES]
     pairs = list(dict.fromkeys(tuple(_axis(c, f) for f in teacher_axes) for c in taught))
-    defenses = [NONE] + list(dict.fromkeys(c.defense for c, _ in cells))
+    seen = list(dict.fromkeys(c.defense for c, _ in cells))  # `--defenses all` comes in name order
+    defenses = [NONE] + sorted(seen, key=lambda d: (COLUMNS.index(d) if d in COLUMNS else len(COLUMNS), seen.index(d)))
     rows: dict[tuple, dict[str, dict[str, Stat]]] = {}
     for cell, r in cells:
         # A defense without a teacher belongs to every teacher row of the grid (its numbers repeat).
@@ -121,7 +123,7 @@ def _paper(t: Table, attack: str, defense: str) -> tuple[float, float] | None:
 def _body(t: Table, cell_text) -> list[list[str]]:
     lines = []
     for row, entry in t.rows.items():
-        values = [cell_text(entry[d], _paper(t, row[1], d)) if d in entry else "-" for d in t.defenses]
+        values = [cell_text(entry[d], _paper(t, row[1], d), t.seeds(row)) if d in entry else "-" for d in t.defenses]
         lines.append([*(str(v) for v in row), str(t.seeds(row)), *values])
     summary = t.summary()
     blank = [""] * (len(t.axes) + 1)
@@ -132,6 +134,12 @@ def _body(t: Table, cell_text) -> list[list[str]]:
     lines.append(["average", "", *blank, *avg])
     lines.append(["deviation", "", *blank, *dev])
     return lines
+
+
+def _values(s: dict[str, Stat], seeds: int) -> str:
+    """ASR / ACC of one cell, marked when fewer seeds finished than in its row (an interrupted grid)."""
+    n = len(s["asr"].values)
+    return f"{s['asr'].text()} / {s['acc'].text()}" + (f" (n={n})" if n < seeds else "")
 
 
 def _pair(values: dict, signed: bool = False) -> str:
@@ -148,9 +156,8 @@ def render(t: Table, fmt: str = "text") -> str:
     if fmt == "csv":
         return _csv(t)
     if fmt == "markdown":
-        def cell(s, paper):
-            text = f"{s['asr'].text()} / {s['acc'].text()}"
-            return text + (f" <br>*{paper[0]} / {paper[1]}*" if paper else "")
+        def cell(s, paper, seeds):
+            return _values(s, seeds) + (f" <br>*{paper[0]} / {paper[1]}*" if paper else "")
         lines = [_header(t)] + _body(t, cell)
         out = ["| " + " | ".join(lines[0]) + " |", "|" + " --- |" * len(lines[0])]
         out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
@@ -158,9 +165,8 @@ def render(t: Table, fmt: str = "text") -> str:
         note += "; the paper's Table 1 in italics." if t.paper else "."
         return note + " Deviation: the average's change against no defense.\n\n" + "\n".join(out) + "\n"
 
-    def cell(s, paper):
-        text = f"{s['asr'].text()} / {s['acc'].text()}"
-        return text + (f" (paper {paper[0]} / {paper[1]})" if paper else "")
+    def cell(s, paper, seeds):
+        return _values(s, seeds) + (f" (paper {paper[0]} / {paper[1]})" if paper else "")
     lines = [_header(t)] + _body(t, cell)
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))

@@ -129,6 +129,22 @@ def _result(defense, seed, asr, teacher="wrn-16-1", source="supplied"):
             "after": {"asr": asr, "acc": 0.78}, "status": "FINISHED"}
 
 
+def test_columns_follow_the_papers_order_whatever_the_grid_order():
+    # `--defenses all` lists the built-ins by name; Table 1 reads FT, FP, MCR, NAD; others after them.
+    cells = [_result(d, 0, 0.1, source="" if d != "nad" else "supplied")
+             for d in ("fine-pruning", "zz-mine", "finetune", "mcr", "nad")]
+    assert table.build(cells).defenses == ["none", "finetune", "fine-pruning", "mcr", "nad", "zz-mine"]
+
+
+def test_a_cell_with_fewer_seeds_than_its_row_says_so():
+    # An interrupted grid: NAD finished one seed of two; its mean is over that one, and reads so.
+    t = table.build([_result("finetune", 0, 0.1, source=""), _result("finetune", 1, 0.3, source=""),
+                     _result("nad", 0, 0.2)])
+    row = table.render(t, "markdown").splitlines()[4]
+    assert "20.00 ± 14.14 / 78.00 ± 0.00 |" in row and "20.00 / 78.00 (n=1)" in row
+    assert "(n=1)" in table.render(t, "text")
+
+
 def test_teacher_rows_only_when_the_teachers_vary():
     one = table.build([_result("finetune", 0, 0.05, source=""), _result("nad", 0, 0.04)])
     assert one.axes == [] and list(one.rows) == [("cifar10", "badnets")]
