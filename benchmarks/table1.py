@@ -5,7 +5,9 @@
 runs `bench run` with the given profile (extra arguments after `--` go to `bench run`), keeps
 its JSON results in benchmarks/results/table1-<profile>[-<tag>].json and renders
 benchmarks/results/table1-<profile>[-<tag>].md (`bench table --paper`'s table: mean ± std over seeds,
-the paper's numbers beside ours) with the command and the machine. `--render-only` re-renders an existing JSON file.
+the paper's numbers beside ours) with the command and the machine. `--render-only` re-renders an existing JSON file;
+`--include TAG` adds the cells of another results file of the same profile to the table (Refool runs on
+GTSRB, the other attacks on CIFAR-10: two grids, one Table 1).
 """
 from __future__ import annotations
 
@@ -27,25 +29,50 @@ def _reused_note(results: list[dict]) -> str:
             if reused else "")
 
 
-def render(results: dict) -> str:
-    """The results file as Markdown: how it was made, then `bench table --paper`'s table."""
+def render(parts: list[tuple[dict, set[str] | None]], composed_by: str = "") -> str:
+    """Results files as Markdown: how each was made, then `bench table --paper`'s table over their
+    cells (of each file, only the attacks named beside it, when named)."""
     from nadbench import table
 
-    lines = [f"# Table 1 reproduction, profile `{results['profile']}`", "",
-             f"Made by: `{results.get('made_by', 'bench run')}`  ",
-             f"Grid command: `{results['command']}`  ", f"Device: {results['device']}; wall time of the grid "
-             f"{results['wall_s'] / 60:.1f} min; machine: {platform.machine()}, {os.cpu_count()} cores", "",
-             "ACC is over the whole test set (or the profile's test subset)."
-             + _reused_note(results["results"]), "",
-             table.render(table.build(results["results"], paper=True), "markdown")]
+    lines = [f"# Table 1 reproduction, profile `{parts[0][0]['profile']}`", ""]
+    if composed_by:
+        lines += [f"Composed by: `{composed_by}`, from the grids below.", ""]
+    for res, attacks in parts:
+        only = f" (rows taken here: {', '.join(sorted(attacks))})" if attacks else ""
+        lines += [f"Made by: `{res.get('made_by', 'bench run')}`{only}  ",
+                  f"Grid command: `{res['command']}`  ", f"Device: {res['device']}; wall time of the grid "
+                  f"{res['wall_s'] / 60:.1f} min; machine: {res.get('machine', _machine())}"
+                  + ("; interrupted (cells not finished are absent)" if res.get("interrupted") else ""), ""]
+    cells = [r for res, attacks in parts for r in res["results"] if not attacks or r["cell"]["attack"] in attacks]
+    lines += ["ACC is over the whole test set (or the profile's test subset)." + _reused_note(cells), "",
+              table.render(table.build(cells, paper=True), "markdown")]
     clean = {(r["cell"]["dataset"], r["cell"]["student"], r["cell"]["seed"]): r["clean_model"]["acc"]
-             for r in results["results"] if r.get("clean_model")}
+             for r in cells if r.get("clean_model")}
     if clean:
         lines += ["", "Clean models (same profile, no poisoning), ACC in %: " + ", ".join(
             f"{d}/{s}/seed{seed}: {100 * acc:.2f}" for (d, s, seed), acc in sorted(clean.items()))]
-    if results.get("failures"):
-        lines += ["", "Failed cells:"] + [f"- {c}: {e}" for c, e in results["failures"]]
+    curves = [r for r in cells if (r.get("extras") or {}).get("points")]
+    if curves:  # a defense's extra models (MCR: points along its curve), as the engine evaluated them
+        axis = curves[0]["extras"]["axis"]
+        ts = [p[axis] for p in curves[0]["extras"]["points"]]
+        lines += ["", f"Extra models along `{axis}` (MCR's curve; ASR / ACC in %, seed {curves[0]['cell']['seed']}):", "",
+                  "| dataset | attack | defense | " + " | ".join(f"{axis} = {t:g}" for t in ts) + " |",
+                  "|" + " --- |" * (3 + len(ts))]
+        for r in curves:
+            c = r["cell"]
+            values = " | ".join(f"{100 * p['asr']:.1f} / {100 * p['acc']:.1f}" for p in r["extras"]["points"])
+            lines.append(f"| {c['dataset']} | {c['attack']} | {c['defense']} (seed {c['seed']}) | {values} |")
+    failures = [f for res, _ in parts for f in res.get("failures") or []]
+    if failures:
+        lines += ["", "Failed cells:"] + [f"- {c}: {e}" for c, e in failures]
     return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} cores{gpu}"
 
 
 def main() -> None:
@@ -53,25 +80,45 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tag", default="", help="suffix of the results file names")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--include", action="append", default=[], metavar="TAG[:ATTACK,...]",
+                        help="also tabulate table1-<profile>-TAG.json, or only its rows of these attacks "
+                             "(repeatable; with --render-only, --tag may name a table made of includes alone)")
     parser.add_argument("bench_args", nargs="*", help="passed to `bench run` (put them after --)")
     args = parser.parse_args()
-    out = HERE / "results" / f"table1-{args.profile}{'-' + args.tag if args.tag else ''}.json"
+    name = lambda tag: HERE / "results" / f"table1-{args.profile}{'-' + tag if tag else ''}.json"  # noqa: E731
+    out = name(args.tag)
     if not args.render_only:
         out.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(out)
         cmd = [sys.executable, "-m", "nadbench.cli", "run", "--profile", args.profile, "--output", rel,
                *args.bench_args]
-        code = subprocess.call(cmd)
+        proc = subprocess.Popen(cmd)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # bench run got it too: it writes what finished, then we render that
+            code = proc.wait()
         if not out.exists():
             sys.exit(code)
-    results = json.loads(out.read_text())
-    if not args.render_only:
-        results["made_by"] = "python benchmarks/table1.py " + " ".join(sys.argv[1:])
-        # Record the output path as seen from the repository root, wherever the grid ran.
-        results["command"] = results["command"].replace(rel, os.path.relpath(out, HERE.parent))
-        out.write_text(json.dumps(results, indent=2))
+    parts = []
+    for item in args.include:
+        tag, _, attacks = item.partition(":")
+        parts.append((json.loads(name(tag).read_text()), set(attacks.split(",")) if attacks else None))
+    composed = ""
+    if out.exists():
+        results = json.loads(out.read_text())
+        if not args.render_only:
+            results["made_by"] = "python benchmarks/table1.py " + " ".join(sys.argv[1:])
+            results["machine"] = _machine()
+            # Record the output path as seen from the repository root, wherever the grid ran.
+            results["command"] = results["command"].replace(rel, os.path.relpath(out, HERE.parent))
+            out.write_text(json.dumps(results, indent=2))
+        parts.insert(0, (results, None))
+    elif not parts:
+        sys.exit(f"{out} does not exist (run the grid, or compose a table with --include)")
+    else:
+        composed = "python benchmarks/table1.py " + " ".join(sys.argv[1:])
     md = out.with_suffix(".md")
-    md.write_text(render(results))
+    md.write_text(render(parts, composed))
     print(md.read_text())
 
 
