@@ -6,8 +6,9 @@ runs `bench run` with the given profile (extra arguments after `--` go to `bench
 its JSON results in benchmarks/results/table1-<profile>[-<tag>].json and renders
 benchmarks/results/table1-<profile>[-<tag>].md (`bench table --paper`'s table: mean ± std over seeds,
 the paper's numbers beside ours) with the command and the machine. `--render-only` re-renders an existing JSON file;
-`--include TAG` adds the cells of another results file of the same profile to the table (Refool runs on
-GTSRB, the other attacks on CIFAR-10: two grids, one Table 1).
+`--include TAG[:ATTACK,...]` adds the cells (or those rows) of another results file of the same profile to
+the table: Refool runs on GTSRB, the other attacks on CIFAR-10, so Table 1 comes from two grids;
+`--render-only --tag NAME` with includes alone composes a table from finished grids.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def render(parts: list[tuple[dict, set[str] | None]], composed_by: str = "") -> 
     if curves:  # a defense's extra models (MCR: points along its curve), as the engine evaluated them
         axis = curves[0]["extras"]["axis"]
         ts = [p[axis] for p in curves[0]["extras"]["points"]]
-        lines += ["", f"Extra models along `{axis}` (MCR's curve; ASR / ACC in %, seed {curves[0]['cell']['seed']}):", "",
+        lines += ["", f"Extra models the defenses returned, along `{axis}` (MCR: points on its curve), ASR / ACC in %:", "",
                   "| dataset | attack | defense | " + " | ".join(f"{axis} = {t:g}" for t in ts) + " |",
                   "|" + " --- |" * (3 + len(ts))]
         for r in curves:
