@@ -186,11 +186,15 @@ class Defended:
     """What ``Defense.defend`` may return instead of the bare repaired model: the repaired model and
     extra models along one axis (e.g. MCR's points along its curve, keyed by t), which the engine
     evaluates like the repaired one (ACC and, where it holds triggered data, ASR) and logs as a curve
-    over ``axis``: the picture of a method whose evaluation needs data the defense never sees."""
+    over ``axis``: the picture of a method whose evaluation needs data the defense never sees.
+
+    ``models``: named side models the engine evaluates the same way and logs as ``<name>.acc`` /
+    ``<name>.asr`` (NAD: its finetuned teacher, against which the student's outcome is read)."""
 
     model: "nn.Module"
     extras: dict[float, "nn.Module"] = field(default_factory=dict)
     axis: str = "t"
+    models: dict[str, "nn.Module"] = field(default_factory=dict)
 
 
 class Defense(_Configurable):

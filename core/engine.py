@@ -513,9 +513,11 @@ class Runner:
                 points = [{repaired.axis: x, **evaluate(m, test_set, p.triggered, target)}
                           for x, m in sorted(repaired.extras.items())]
                 result["extras"] = {"axis": repaired.axis, "points": points}
+            if repaired.models:  # named side models (NAD: its teacher), measured like the repaired one
+                result["models"] = {n: evaluate(m, test_set, p.triggered, target) for n, m in repaired.models.items()}
             if t:
                 t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
-                                   "time.defense_s": t_defense})
+                                   "time.defense_s": t_defense, **side_metrics(result.get("models"))})
                 if repaired.extras:
                     log_extras(t, run_id, result["extras"], cell.label)
                 fig = attention_figure(original, defended, ctx.student_layers,
@@ -606,12 +608,27 @@ def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseCon
     torch.manual_seed(ctx.seed)
     out = defense.defend(model, clean, ctx)
     defended = out if isinstance(out, Defended) else Defended(out)
-    modules = [defended.model, *defended.extras.values()]
+    modules = [defended.model, *defended.extras.values(), *defended.models.values()]
     if not all(isinstance(m, torch.nn.Module) for m in modules):
         raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: "
                           f"defend() must return the repaired nn.Module (or a Defended holding modules), "
                           f"it returned {out!r}")
+    taken = {*RESERVED_PREFIXES, defended.axis} if defended.extras else set(RESERVED_PREFIXES)
+    bad = [n for n in defended.models if not n.isidentifier() or n in taken]
+    if bad:
+        raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: side "
+                          f"model name(s) {', '.join(map(repr, bad))} must be identifiers other than "
+                          f"{', '.join(sorted(taken))} (the engine's own metric prefixes)")
     return defended, time.perf_counter() - start
+
+
+# Metric prefixes the engine logs itself; a defense's named side models take others.
+RESERVED_PREFIXES = ("before", "after", "clean", "time", "defense")
+
+
+def side_metrics(models: dict[str, dict[str, float]] | None) -> dict[str, float]:
+    """``{"teacher": {"acc": a, "asr": b}}`` -> ``{"teacher.acc": a, "teacher.asr": b}``."""
+    return {f"{name}.{k}": v for name, values in (models or {}).items() for k, v in values.items()}
 
 
 def log_table(tracker, run_id: str, results: list[dict], title: str) -> None:

@@ -20,7 +20,7 @@ from . import data as datamod
 from .api import DatasetSpec, DefenseContext, Split
 from .attention import layer_names
 from .config import flatten
-from .engine import Cell, Runner, apply_defense, figure_logger, log_extras
+from .engine import Cell, Runner, apply_defense, figure_logger, log_extras, side_metrics
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import build, classifier_name, save_weights
 from .registry import Registry
@@ -196,6 +196,8 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         if repaired.extras:  # e.g. MCR's points along t, measured like the repaired model
             report["extras"] = {"axis": repaired.axis, "points": [
                 {repaired.axis: x, **measure(m)} for x, m in sorted(repaired.extras.items())]}
+        if repaired.models:  # named side models (NAD: its teacher)
+            report["models"] = {n: measure(m) for n, m in repaired.models.items()}
         figure = None
         layers = layer_names(defended, spec.attention_layers)
         if layers:
@@ -208,7 +210,8 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
             report["attention"] = str(out.with_suffix(".attention.png"))
         out.with_suffix(".report.json").write_text(json.dumps(report, indent=2))
         if tracker:
-            tracker.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()}, "time.defense_s": seconds})
+            tracker.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()}, "time.defense_s": seconds,
+                                     **side_metrics(report.get("models"))})
             if repaired.extras:
                 log_extras(tracker, run_id, report["extras"], f"{defense_name} on {model_path.name}")
             tracker.text(run_id, json.dumps(report, indent=2), "report.json")

@@ -1,4 +1,4 @@
-"""Fine-pruning and MCR, piece by piece (toy data, seconds), and the defense contract's extra models:
+"""Fine-pruning and MCR, piece by piece (toy data, seconds), and the defense contract's extra and side models:
 every model declares its classifier; pruning order, masking and the held-out rule; the curve's
 endpoints and batch-norm recomputation; extra models evaluated and logged by the engine; no test
 data reaches a defense. (On real data: tests/test_defenses_e2e.py.)"""
@@ -236,6 +236,53 @@ def test_a_defense_must_return_modules(toy_registry, tmp_path):
         runner.run_cell(Cell("toy", "badnets", "broken-extras", "wrn-16-1", "wrn-16-1", 0))
 
 
+class WithSide(WithExtras):
+    name = "with-side"
+    description = "returns the model and a copy of it as the side model 'copy'"
+
+    def defend(self, model, clean, ctx):
+        return Defended(model, models={"copy": copy.deepcopy(model)})
+
+
+def test_the_engine_measures_and_logs_named_side_models(toy_registry, tmp_path):
+    from nadbench.tracking import Tracker
+
+    reg = toy_registry(defenses=[WithSide])
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "side")
+    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker)
+    result = runner.run_cell(Cell("toy", "badnets", "with-side", "wrn-16-1", "wrn-16-1", 0))
+    assert result["models"] == {"copy": result["before"]}  # the unchanged model, measured like the others
+    run = tracker.client.search_runs([tracker.experiment_id])[0]
+    assert run.data.metrics["copy.asr"] == result["before"]["asr"]
+
+
+@pytest.mark.parametrize("side", ["after", "not a name"])
+def test_side_models_may_not_take_the_engines_metric_names(toy_registry, tmp_path, side):
+    class Clash(WithExtras):
+        name = "clash"
+
+        def defend(self, model, clean, ctx):
+            return Defended(model, models={side: copy.deepcopy(model)})
+
+    reg = toy_registry(defenses=[Clash])
+    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    with pytest.raises(Exception, match="side model name"):
+        runner.run_cell(Cell("toy", "badnets", "clash", "wrn-16-1", "wrn-16-1", 0))
+
+
+def test_nads_teacher_is_measured_and_is_the_finetuning_baselines_model(toy_registry, tmp_path):
+    # Same settings and seed: NAD's teacher is exactly what the finetune defense returns, so NAD can
+    # beat finetuning only by going past its own teacher (benchmarks/results/persistence.md).
+    runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path,
+                    overrides={"finetune": {"epochs": "2"}, "nad": {"epochs": "1", "teacher_epochs": "2"}})
+    ft = runner.run_cell(Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0))
+    nad = runner.run_cell(Cell("toy", "badnets", "nad", "wrn-16-1", "wrn-16-1", 0))
+    assert nad["models"]["teacher"] == ft["after"]
+
+
 def test_a_third_party_spec_declares_its_classifier(toy_registry):
     reg = toy_registry(models=[ModelSpec("tiny", lambda num_classes: Tiny(), classifier_layer="fc")])
     model = build(reg.model("tiny"), reg.dataset("toy"))
@@ -257,6 +304,20 @@ def test_bench_defend_measures_the_extra_models_too(toy_registry, tmp_path):
     points = report["extras"]["points"]
     assert [p["s"] for p in points] == [0.0, 1.0] and {"acc", "asr"} <= set(points[0])
     assert points[0]["acc"] == report["before"]["acc"]
+
+
+def test_bench_defend_measures_named_side_models(toy_registry, tmp_path):
+    from nadbench.models import save_weights
+    from nadbench.repair import UserData, defend_file
+
+    reg = toy_registry(defenses=[WithSide])
+    save_weights(build(reg.model("wrn-16-1"), reg.dataset("toy")), tmp_path / "model.safetensors")
+    report = defend_file(reg, model_path=tmp_path / "model.safetensors", arch="wrn-16-1",
+                         clean=UserData(toy_split(64, 0), 10, "toy"), defense_name="with-side", overrides={},
+                         mean=(0.5,) * 3, std=(0.25,) * 3, test=None, triggered=UserData(toy_split(30, 1), 10, "trig"),
+                         target=0, teacher_path=None, teacher_arch=None, seed=0, device=torch.device("cpu"),
+                         out=tmp_path / "repaired.safetensors", progress=False)
+    assert report["models"] == {"copy": report["before"]}
 
 
 def test_a_grid_pruning_a_model_without_a_classifier_is_refused_before_training(toy_registry):

@@ -13,6 +13,10 @@ teacher architecture (``ctx.supplied_model``: the backdoored model itself when t
 match; in a grid, the engine's backdoored model of the teacher architecture; in ``bench defend``,
 the ``--teacher`` file); when there is none (teacher source "scratch"), a fresh network of that
 architecture, trained on the clean subset for ``teacher_epochs``.
+
+The teacher is returned beside the student (``Defended.models``), so the engine measures it too
+(``teacher.acc`` / ``teacher.asr``): with the ``finetune`` defense's settings and seed it *is* that
+defense's model, and NAD beats finetuning only where the student goes past its own teacher.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nadbench import ConfigError, Defense, hookimpl, param
+from nadbench import ConfigError, Defended, Defense, hookimpl, param
 from nadbench.attention import KINDS, check_spatial, nad_loss, tap
 from nadbench.train import FinetuneParams, train
 
@@ -72,8 +76,10 @@ class NAD(Defense):
                      for b, ft, fs in zip(cfg.betas, t_feats, s_feats))
             return F.cross_entropy(logits, y) + at
 
-        return train(model, clean, cfg.optim(), seed=ctx.seed + 1, loss_fn=loss_fn, desc="nad student",
-                     progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
+        student = train(model, clean, cfg.optim(), seed=ctx.seed + 1, loss_fn=loss_fn, desc="nad student",
+                        progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
+        # The teacher is measured too (teacher.acc / teacher.asr): NAD's outcome reads against it.
+        return Defended(student, models={"teacher": teacher})
 
 
 @hookimpl
