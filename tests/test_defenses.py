@@ -195,6 +195,11 @@ def test_mcr_returns_the_point_at_t_and_points_along_the_curve():
 
 
 # ------------------------------------------------------------------------------ extra models, engine
+def _toy_runner(reg, tmp_path, tracker=None, **kwargs):
+    return Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                  device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker, **kwargs)
+
+
 class WithExtras(Defense):
     name = "with-extras"
     Config = FinetuneConfig
@@ -209,8 +214,7 @@ def test_the_engine_evaluates_and_logs_a_defenses_extra_models(toy_registry, tmp
 
     reg = toy_registry(defenses=[WithExtras])
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "extras")
-    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
-                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker)
+    runner = _toy_runner(reg, tmp_path, tracker)
     result = runner.run_cell(Cell("toy", "badnets", "with-extras", "wrn-16-1", "wrn-16-1", 0))
     points = result["extras"]["points"]
     assert result["extras"]["axis"] == "s" and [p["s"] for p in points] == [0.0, 1.0]
@@ -230,8 +234,7 @@ def test_a_defense_must_return_modules(toy_registry, tmp_path):
             return Defended(model, {0.5: "not a model"})
 
     reg = toy_registry(defenses=[Broken])
-    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
-                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    runner = _toy_runner(reg, tmp_path)
     with pytest.raises(Exception, match="breaks the plugin contract"):
         runner.run_cell(Cell("toy", "badnets", "broken-extras", "wrn-16-1", "wrn-16-1", 0))
 
@@ -249,8 +252,7 @@ def test_the_engine_measures_and_logs_named_side_models(toy_registry, tmp_path):
 
     reg = toy_registry(defenses=[WithSide])
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "side")
-    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
-                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker)
+    runner = _toy_runner(reg, tmp_path, tracker)
     result = runner.run_cell(Cell("toy", "badnets", "with-side", "wrn-16-1", "wrn-16-1", 0))
     assert result["models"] == {"copy": result["before"]}  # the unchanged model, measured like the others
     run = tracker.client.search_runs([tracker.experiment_id])[0]
@@ -266,8 +268,7 @@ def test_side_models_may_not_take_the_engines_metric_names(toy_registry, tmp_pat
             return Defended(model, models={side: copy.deepcopy(model)})
 
     reg = toy_registry(defenses=[Clash])
-    runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
-                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    runner = _toy_runner(reg, tmp_path)
     with pytest.raises(Exception, match="side model name"):
         runner.run_cell(Cell("toy", "badnets", "clash", "wrn-16-1", "wrn-16-1", 0))
 
@@ -275,9 +276,8 @@ def test_side_models_may_not_take_the_engines_metric_names(toy_registry, tmp_pat
 def test_nads_teacher_is_measured_and_is_the_finetuning_baselines_model(toy_registry, tmp_path):
     # Same settings and seed: NAD's teacher is exactly what the finetune defense returns, so NAD can
     # beat finetuning only by going past its own teacher (benchmarks/results/persistence.md).
-    runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
-                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path,
-                    overrides={"finetune": {"epochs": "2"}, "nad": {"epochs": "1", "teacher_epochs": "2"}})
+    runner = _toy_runner(toy_registry(), tmp_path,
+                         overrides={"finetune": {"epochs": "2"}, "nad": {"epochs": "1", "teacher_epochs": "2"}})
     ft = runner.run_cell(Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0))
     nad = runner.run_cell(Cell("toy", "badnets", "nad", "wrn-16-1", "wrn-16-1", 0))
     assert nad["models"]["teacher"] == ft["after"]
