@@ -109,12 +109,12 @@ def render(data: dict, commands: list[str]) -> str:
              "ASR / ACC in %; ACC on the whole test set. \"Paper-like\": finetuning leaves >= 30 % ASR on "
              "Blend while NAD brings it under 10 %. Images seen = epochs x training images: 500,000 is the "
              "quick profile's cost, 17-20 minutes of backdoor training on the 2-core development CPU "
-             "(`time_backdoor_s` of seeds 1 and 2 in table1-quick-badnets-3seeds.json: 1211 s, 1032 s).", "",
-             "| point | backdoor training | images seen | attack | FT lr | backdoored | finetune | nad | paper-like |",
-             "| --- | --- | ---: | --- | ---: | --- | --- | --- | --- |"]
+             "(`time_backdoor_s` of seeds 1 and 2 in table1-quick-badnets-3seeds.json: 1211 s, 1032 s).", ""]
+    # NAD's teacher is a column only in results made since the engine measures it.
     teachers = any("teacher" in e for p in data.values() for lr in p.values() for e in lr.values())
-    if teachers:  # results made since NAD reports its teacher
-        lines[-2:] = [lines[-2].replace("| nad |", "| nad | nad's teacher |"), lines[-1] + " --- |"]
+    columns = {"before": "backdoored", "finetune": "finetune", "nad": "nad", **({"teacher": "nad's teacher"} if teachers else {})}
+    lines += ["| point | backdoor training | images seen | attack | FT lr | " + " | ".join(columns.values()) + " | paper-like |",
+              "| --- | --- | ---: | --- | ---: |" + " --- |" * (len(columns) + 1)]
     for name, (over, desc) in POINTS.items():
         for lr in LRS:
             for attack in ATTACKS:
@@ -122,9 +122,8 @@ def render(data: dict, commands: list[str]) -> str:
                 if not e:
                     continue
                 v = verdict(e) if attack == "blend" else None
-                lines.append(f"| {name} | {desc} | {images_seen(over):,} | {attack} | {lr} | {pair(e, 'before')} | "
-                             f"{pair(e, 'finetune')} | {pair(e, 'nad')} | " + (f"{pair(e, 'teacher')} | " if teachers else "")
-                             + f"{'' if v is None else 'yes' if v else 'no'} |")
+                lines.append(f"| {name} | {desc} | {images_seen(over):,} | {attack} | {lr} | "
+                             + " | ".join(pair(e, k) for k in columns) + f" | {'' if v is None else 'yes' if v else 'no'} |")
     missing = [f"{n} lr {lr}" for n in POINTS for lr in LRS if lr not in data.get(n, {})]
     if missing:
         lines += ["", "Not run (or not finished): " + ", ".join(missing) + "."]

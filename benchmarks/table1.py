@@ -86,7 +86,8 @@ def main() -> None:
                              "(repeatable; with --render-only, --tag may name a table made of includes alone)")
     parser.add_argument("bench_args", nargs="*", help="passed to `bench run` (put them after --)")
     args = parser.parse_args()
-    name = lambda tag: HERE / "results" / f"table1-{args.profile}{'-' + tag if tag else ''}.json"  # noqa: E731
+    def name(tag: str) -> Path:
+        return HERE / "results" / f"table1-{args.profile}{'-' + tag if tag else ''}.json"
     out = name(args.tag)
     if not args.render_only:
         out.parent.mkdir(parents=True, exist_ok=True)
