@@ -8,6 +8,8 @@ artifacts live in ``attention/``, ``samples/`` and ``model/`` (safetensors state
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -16,7 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 DEFAULT_DB = "nadbench.db"
 DEFAULT_EXPERIMENT = "nadbench"
@@ -89,6 +91,23 @@ def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an ``flock`` on ``<db>.lock`` beside an SQLite store, so that processes opening it at
+    once take turns: MLflow creates and migrates a new store's schema with no lock of its own, and
+    two migrations at once die ("duplicate column name", "table ... already exists"). A tracking
+    server serialises its own clients: no lock for any other URI."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri[len("sqlite:///"):] + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def artifact_root(uri: str) -> str:
     """Artifacts go beside an SQLite store (``<dir>/mlartifacts``); the working directory otherwise."""
     if uri.startswith("sqlite:///"):
@@ -111,13 +130,11 @@ class Tracker:
 
         try:
             mlflow.set_tracking_uri(self.uri)
-            self.client = MlflowClient(self.uri)
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                exp_id = self.client.create_experiment(
-                    experiment, artifact_location=f"{artifact_root(self.uri)}/{experiment}")
-            else:
-                exp_id = exp.experiment_id
+            # MlflowClient() builds the store, which creates / migrates a new SQLite schema; under
+            # the lock, so is the get-or-create of the experiment.
+            with store_lock(self.uri):
+                self.client = MlflowClient(self.uri)
+                exp_id = self._experiment(experiment)
         except Exception as exc:  # noqa: BLE001 — one line that names the store, not a long traceback
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise TrackingError(f"cannot use the tracking store {self.uri}: {type(exc).__name__}: "
@@ -126,6 +143,20 @@ class Tracker:
         self._open: set[str] = set()
         self._stop = threading.Event()
         threading.Thread(target=self._beat, name="nadbench-heartbeat", daemon=True).start()
+
+    def _experiment(self, name: str) -> str:
+        """The id of the experiment ``name``, created if there is none. Another process may create
+        it between the look-up and the creation (a tracking server holds no lock of ours): then
+        the creation fails and the look-up, repeated, finds theirs."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=f"{artifact_root(self.uri)}/{name}")
+            except Exception:  # noqa: BLE001 — MLflow's RESOURCE_ALREADY_EXISTS; anything else re-raises
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        return exp.experiment_id
 
     def reap(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[str]:
         """Mark KILLED the runs left RUNNING by a process that is gone: on this host, its pid no
