@@ -40,6 +40,9 @@ class DatasetSpec:
     std: tuple[float, ...]
     image_size: int = 32
     description: str = ""
+    # The class names, by label (the data's class folder names, which it sorts into labels), where
+    # they are names: `bench defend` labels a user's named class folders by them. () when none.
+    classes: tuple[str, ...] = ()
     provider: str = ""     # "distribution version", filled in by the registry
     source_hash: str = ""  # sha256 of the plugin's module source, filled in by the registry
 
@@ -73,7 +76,12 @@ class _Configurable:
     Config: ClassVar[type]
     description: ClassVar[str] = ""
     provider: ClassVar[str] = ""     # "distribution version", set by the registry
-    source_hash: ClassVar[str] = ""  # sha256 of the plugin's module source, set by the registry
+    source_hash: ClassVar[str] = ""  # sha256 of the plugin's code (its module and imports), set by the registry
+    # The config fields a grid's profile sets (the engine applies them; ``--set`` wins): field ->
+    # the name of a ``Profile`` field whose value it takes when that is not None (e.g.
+    # ``{"lr": "finetune_lr"}``), or {profile name: value} (e.g. ``{"rounds": {"quick": 2}}``).
+    # Nothing else of a profile reaches a plugin's config.
+    profile_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -100,27 +100,41 @@ class ShareList(click.ParamType):
 
 
 def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> tuple[dict, dict]:
-    """``--set nad.epochs=5 --set profile.epochs=2`` -> (profile overrides, per-plugin overrides).
+    """``--set nad.epochs=5 --set profile.epochs=2`` -> (profile overrides, per-plugin overrides
+    keyed ``attack.NAME`` / ``defense.NAME``, as the engine takes them).
 
     An owner must be ``profile`` or an attack or defense of this grid (by its name, which a
-    ``dist:name`` choice keeps): a --set that would be silently ignored is an error."""
+    ``dist:name`` choice keeps): a --set that would be silently ignored is an error. A name that is
+    both an attack and a defense of the grid takes its kind first: ``attack.NAME.FIELD=VALUE``."""
+    from .engine import KIND_PREFIX
+
     prof, plugins = {}, {}
-    in_grid = {registry.get(kind, n).name for kind in ("attacks", "defenses") for n in grid[kind]}
+    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]} for kind in ("attacks", "defenses")}
+    valid = sorted(in_grid["attacks"] | in_grid["defenses"])
     for item in sets:
         key, eq, value = item.partition("=")
         owner, dot, field = key.strip().partition(".")
+        kinds = [k for k, prefix in KIND_PREFIX.items() if owner == prefix]
+        if kinds and "." in field:  # attack.NAME.FIELD
+            owner, _, field = field.partition(".")
+        else:
+            kinds = [k for k in in_grid if owner in in_grid[k]]
         if not eq or not dot or not field:
             raise click.BadParameter(f"{item!r}: expected OWNER.FIELD=VALUE, e.g. nad.epochs=5", param_hint="--set")
-        if owner == "profile":
+        if owner == "profile" and not kinds:
             prof[field] = value
-        elif owner in in_grid:
-            plugins.setdefault(owner, {})[field] = value
+        elif len(kinds) == 1 and owner in in_grid[kinds[0]]:
+            plugins.setdefault(f"{KIND_PREFIX[kinds[0]]}.{owner}", {})[field] = value
+        elif len(kinds) == 2:
+            raise click.BadParameter(f"{item!r}: {owner!r} is both an attack and a defense of this grid; write "
+                                     f"attack.{owner}.{field}={value} or defense.{owner}.{field}={value}",
+                                     param_hint="--set")
         else:
             known = set(registry.names("attacks")) | set(registry.names("defenses"))
             why = ("is not in this grid (add it to --attacks/--defenses, or drop the --set)" if owner in known
                    else "is neither 'profile' nor an attack or defense")
             raise click.BadParameter(f"{item!r}: {owner!r} {why}; valid here: profile, "
-                                     f"{', '.join(sorted(in_grid))}", param_hint="--set")
+                                     f"{', '.join(valid)}", param_hint="--set")
     return prof, plugins
 
 
@@ -205,7 +219,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
 
     from . import executors
     from .config import ConfigError
-    from .engine import Runner, check_grid, defense_overrides, expand, profile, resolve_device, run_grid
+    from .engine import Runner, check_grid, expand, profile, resolve_device, run_grid
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
     from .train import numerics
@@ -218,9 +232,6 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     try:
         prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses})
         prof = profile(profile_name, prof_over)
-        for name in defenses:
-            cls = registry.defense(name)
-            plugin_over[cls.name] = defense_overrides(prof, cls, plugin_over.get(cls.name))
         dev = resolve_device(device)
         if teachers and not any(registry.defense(d).uses_teacher for d in defenses):
             users = [n for n in registry.names("defenses") if registry.defense(n).uses_teacher]
@@ -228,7 +239,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
                               f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
         cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
                        tuple(teacher_sources.split(",")), clean_shares)
-        check_grid(registry, cells, plugin_over)  # every config and pair, before anything trains
+        check_grid(registry, cells, plugin_over, prof)  # every config and pair, before anything trains
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -486,16 +497,15 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
     """
     from .config import ConfigError
     from .data import DataError
-    from .engine import Runner, attention_layers, profile, resolve_device
+    from .engine import Runner, attention_layers, check_target, configured, profile, resolve_device
     from .registry import PluginError
     from .repair import attack_to_files
 
     registry = _registry()
     try:
-        attack_cls = registry.attack(attack_name)
         prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": [attack_name], "defenses": []})
         prof = profile(profile_name, prof_over)
-        attack_cls.from_overrides(plugin_over.get(attack_cls.name))
+        check_target(configured(registry, "attacks", attack_name, plugin_over, prof), registry.dataset(dataset))
         attention_layers(registry, arch, dataset)
         dev = resolve_device(device)
     except (ConfigError, PluginError) as exc:
@@ -581,7 +591,7 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         mean_v = norm.mean if norm else _floats(mean, "--mean")
         std_v = norm.std if norm else _floats(std, "--std")
         _, plugin_over = _parse_sets(sets, registry, {"attacks": [], "defenses": [defense_name]})
-        overrides = plugin_over.get(defense_cls.name, {})
+        overrides = plugin_over.get(f"defense.{defense_cls.name}", {})
         defense_cls.from_overrides(overrides)
         dev = resolve_device(device)
         size = image_size or next((registry.dataset(d.partition(":")[0]).image_size

@@ -12,20 +12,33 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and the valid choices or range."""
 
 
+class PluginError(RuntimeError):
+    """A registry-level error: unknown or ambiguous names, broken plugin contracts. (Defined here,
+    with ConfigError, so that modules stages run need not import the registry.)"""
+
+
 # The value types a config field may hold: what `--set` can parse and MLflow can record.
 SCALARS = (bool, int, float, str)
 
 
+PATH_KINDS = ("file", "folder")
+
+
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, min_exclusive: bool = False, nonempty: bool = False) -> Any:
+          choices: tuple | None = None, min_exclusive: bool = False, nonempty: bool = False,
+          path: str | None = None) -> Any:
     """A config field with help text and an optional valid range or set of choices.
 
     ``min_exclusive``: the value must be strictly greater than ``min`` (e.g. a share in (0, 1]).
     ``nonempty``: a tuple field that must hold at least one item (e.g. the rows of a trigger).
+    ``path``: "file" or "folder" for a field that names one (e.g. a trigger image): stage keys then
+    hold the content, not the name, so replacing the file recomputes what was made from it.
     """
+    if path not in (None, *PATH_KINDS):
+        raise ValueError(f"param(path={path!r}): valid: {', '.join(PATH_KINDS)}")
     return dataclasses.field(default=default, metadata={
         "help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-        "nonempty": nonempty})
+        "nonempty": nonempty, "path": path})
 
 
 def _range_text(meta: dict) -> str:
@@ -139,3 +152,32 @@ def flatten(cfg: Any, prefix: str) -> dict[str, Any]:
     """Flat dotted params for MLflow: ``{prefix.field: value}``."""
     return {f"{prefix}.{k}": (",".join(map(str, v)) if isinstance(v, tuple) else v)
             for k, v in dataclasses.asdict(cfg).items()}
+
+
+def key_values(cfg: Any) -> dict[str, Any]:
+    """A config as stage keys hold it: its values, with every field declared ``path=`` replaced by
+    a digest of what the file or folder holds (an empty value stays as it is)."""
+    values = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("path") and values[f.name]:
+            values[f.name] = {"sha256": content_digest(values[f.name])}
+    return values
+
+
+def content_digest(path: str) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order).
+    A missing path digests as such: the stage that reads it reports it."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    digest = hashlib.sha256()
+    if root.is_file():
+        digest.update(root.read_bytes())
+    elif root.is_dir():
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(root).as_posix()}\n".encode())
+            digest.update(file.read_bytes())
+    else:
+        digest.update(f"missing:{root}".encode())
+    return digest.hexdigest()

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from .api import Split
 from .models import save_tensors
+from .subsets import clean_subset, limit  # noqa: F401 — part of this module's API
 
 __all__ = ["DataError", "cache_dir", "clean_subset", "data_root", "limit", "load_dataset",
            "load_imagefolder", "load_torchvision"]
@@ -310,27 +311,13 @@ def load_dataset(name: str, root: Path | None) -> tuple[Split, Split]:
         ) from exc
 
 
-# ------------------------------------------------------------------------------------------ subsets
-
-def _random_subset(split: Split, n: int, seed: int) -> Split:
-    """n images drawn with a private generator (independent of the global RNG), kept in their
-    original order."""
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(split), generator=generator)[:n].sort().values
-    return split.subset(index.to(split.labels.device))
-
-
-def clean_subset(train: Split, share: float, seed: int) -> Split:
-    """The defender's clean data: a seeded random ``share`` (e.g. 0.05) of the training set."""
-    if not 0 < share <= 1:
-        raise ValueError(f"clean data share must be in (0, 1], got {share}")
-    return _random_subset(train, max(1, round(share * len(train))), seed)
-
-
-def limit(split: Split, n: int | None, seed: int) -> Split:
-    """A seeded random subset of ``n`` images (None or n >= len: the whole split), for quick runs."""
-    if n is None or n >= len(split):
-        return split
-    if n < 0:
-        raise ValueError(f"limit must be >= 0, got {n}")
-    return _random_subset(split, n, seed)
+def digest(split: Split) -> str:
+    """sha256 of a split's images and labels as they are (shape, dtype and bytes): what the stage
+    keys hold for the data, so two data roots with one layout and different images never share a
+    stored poisoning or model. ~0.3 s for CIFAR-10's 50,000 training images."""
+    h = hashlib.sha256()
+    for t in (split.images, split.labels):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.numpy())  # the buffer itself: no copy
+    return h.hexdigest()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import subprocess
@@ -17,7 +16,6 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,110 +24,71 @@ from tqdm.auto import tqdm
 
 from . import config as cfgmod
 from . import data as datamod
-from .api import AttackContext, Defended, DefenseContext, Split
+from . import poisoning as poisonmod
+from .api import AttackContext, DefenseContext, Split
 from .attention import layer_names
-from .config import param
+from .codehash import code_hash
+from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
+from .evaluate import accuracy, evaluate
+from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile  # noqa: F401 — re-exported
 from .models import build, classifier_name
+from .poisoning import Poisoning
 from .registry import PluginError, Registry
 from .store import Store, stage_key
-from .train import FinetuneParams, Optim, accuracy, evaluate, numerics, train
+from .subsets import clean_subset
+from .train import numerics, train
 
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
 MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
 POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
 
-
-@dataclass(frozen=True)
-class Profile:
-    """How the backdoored models are trained and how much data a cell uses. Defenses keep their
-    own (paper) settings in every profile; override them with ``--set nad.epochs=...``."""
-
-    name: str = param("custom", "profile name")
-    epochs: int = param(100, "backdoor training epochs", min=1)
-    lr: float = param(0.1, "backdoor training peak learning rate", min=0.0)
-    schedule: str = param("step", "learning-rate schedule", choices=("step", "cosine", "onecycle"))
-    milestones: tuple[int, ...] = param((50, 75), "epochs of 10x lr drops (step schedule)", min=0)
-    batch_size: int = param(64, "backdoor training batch size", min=1)
-    weight_decay: float = param(1e-4, "backdoor training weight decay", min=0.0)
-    crop: int = param(4, "random-crop padding for backdoor training (0: off)", min=0)
-    flip: bool = param(True, "random flips for backdoor training")
-    clean_share: float = param(0.05, "share of the training set the defender holds", min=0.0, max=1.0,
-                               min_exclusive=True)
-    train_limit: int | None = param(None, "use a random subset of this many training images", min=1)
-    test_limit: int | None = param(None, "use a random subset of this many test images", min=1)
-    # Applies by field to every defense built on FinetuneParams (built-in or not); --set wins.
-    finetune_lr: float | None = param(None, "initial lr of every defense built on FinetuneParams "
-                                      "(none: each defense's own default)", min=0.0, max=10.0)
-
-    def backdoor_optim(self) -> Optim:
-        return Optim(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
-                     nesterov=True, weight_decay=self.weight_decay, schedule=self.schedule,
-                     milestones=self.milestones, crop=self.crop, flip=self.flip)
+# The core modules that compute each stage's output; their sources (and their imports within
+# nadbench, see core/codehash.py) are in the stage's key, beside the plugins' own code.
+POISON_CODE = ("nadbench.poisoning",)
+TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
+CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets")
+KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
 
 
-PROFILES = {
-    # For a GPU: 100 epochs of SGD at lr 0.1 (the official code's optimiser, batch 64, weight decay
-    # 1e-4), dropping 10x at epochs 50 and 75; defenses at the paper's settings.
-    "paper": Profile(name="paper"),
-    # Fits BadNets x {finetune, NAD} on CIFAR-10 into ~12 minutes on a 2-core CPU. A 10-epoch
-    # model is less settled than the paper's 100-epoch one: the paper's finetuning lr of 0.1 costs
-    # it ~7 ACC points (vs ~4.5 in the paper), so this profile starts every finetuning-style
-    # defense at 0.03 (measured: ASR 100 -> 2.5 with an ACC drop of 2.3; see benchmarks/results/).
-    "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
-                     batch_size=128, weight_decay=5e-4, finetune_lr=0.03),
-}
+def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, name: str) -> dict:
+    """The ``--set`` overrides of one attack or defense (by its plain ``name``): those addressed to
+    its kind (``attack.NAME`` / ``defense.NAME`` keys) over those addressed by the plain name, which
+    are refused when an attack and a defense share that name."""
+    plain = overrides.get(name) or {}
+    other = "defenses" if kind == "attacks" else "attacks"
+    if plain and (name in registry.items[other] or name in registry.ambiguous[other]):
+        raise cfgmod.ConfigError(f"--set {name}.FIELD is ambiguous: {name!r} names an attack and a defense; "
+                                 f"write attack.{name}.FIELD or defense.{name}.FIELD")
+    return {**plain, **(overrides.get(f"{KIND_PREFIX[kind]}.{name}") or {})}
 
 
-def defense_overrides(prof: Profile, defense: type, user: dict[str, str] | None) -> dict[str, str]:
-    """The ``--set`` overrides of one defense, over the profile's field defaults. The profile's
-    ``finetune_lr`` applies to every defense whose config is a ``FinetuneParams`` (by field, never
-    by plugin name), so a third-party finetuning-style defense runs at the same lr as the built-ins."""
-    merged = {}
-    if prof.finetune_lr is not None and issubclass(defense.Config, FinetuneParams):
-        merged["lr"] = str(prof.finetune_lr)
-    merged.update(user or {})
-    return merged
+def profile_values(cls: type, prof: Profile | None) -> dict[str, Any]:
+    """The config values a profile gives a plugin, as the plugin declares (``profile_settings``)."""
+    if prof is None:
+        return {}
+    out = {}
+    for field, source in cls.profile_settings.items():
+        value = source.get(prof.name) if isinstance(source, dict) else getattr(prof, source)
+        if value is not None:
+            out[field] = value
+    return out
 
 
-def profile(name: str, overrides: dict[str, str] | None = None) -> Profile:
-    if name not in PROFILES:
-        raise cfgmod.ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
-    base = PROFILES[name]
-    if not overrides:
-        return base
-    values = {k: getattr(cfgmod.build(Profile, {k: v}, "profile."), k) for k, v in overrides.items()}
-    cfg = dataclasses.replace(base, **values)
-    cfgmod.validate(cfg, "profile.")
-    return cfg
+def configured(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,
+               prof: Profile | None = None):
+    """An attack or defense with its config: its defaults, then what the profile sets for it, then
+    the user's ``--set`` overrides. Raises ``ConfigError`` for an invalid value."""
+    cls = registry.get(kind, name)
+    values = {**profile_values(cls, prof), **overrides_for(overrides or {}, registry, kind, cls.name)}
+    return cls.from_overrides(values)
 
 
-TEACHER_SOURCES = ("supplied", "scratch")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One grid cell. ``teacher`` and ``teacher_source`` matter only to defenses with
-    ``uses_teacher`` (for the others the teacher is the student and the source empty).
-    ``teacher_source``: "supplied" (the supplier's model of the teacher architecture: the backdoored
-    model itself, or one the engine backdoors on the same poisoned data) or "scratch" (a fresh
-    network trained on the clean subset)."""
-
-    dataset: str
-    attack: str
-    defense: str
-    student: str
-    teacher: str
-    seed: int
-    teacher_source: str = "supplied"
-    clean_share: float | None = None  # None: the profile's (a grid without --clean-shares)
-
-    @property
-    def label(self) -> str:
-        arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
-        if self.teacher_source == "scratch":
-            arch += "(scratch)"
-        share = "" if self.clean_share is None else f"/clean{self.clean_share:g}"
-        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}{share}/seed{self.seed}"
+def check_target(attack, dataset) -> None:
+    """An attack's target must be a label of the dataset (checked before anything trains)."""
+    target, n = attack.config.target, dataset.num_classes
+    if not 0 <= target < n:
+        raise cfgmod.ConfigError(f"{attack.name}.target = {target} is out of range for dataset {dataset.name!r}, "
+                                 f"which has {n} classes: valid targets are 0..{n - 1}")
 
 
 def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, ...]:
@@ -158,10 +117,12 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[str, str]]) -> None:
-    """Everything that can be checked before anything trains: every plugin config (with the
-    overrides the Runner will use), every model's attention layers, and every defense against its
-    student/teacher pair (NAD: one beta per attention layer). Raises ``ConfigError`` or ``PluginError``."""
+def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[str, str]],
+               prof: Profile | None = None) -> None:
+    """Everything that can be checked before anything trains: every plugin config (with the profile's
+    settings and the overrides the Runner will use), every attack's target against its dataset, every
+    model's attention layers, and every defense against its student/teacher pair (NAD: one beta per
+    attention layer). Raises ``ConfigError`` or ``PluginError``."""
     layers: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def layers_of(arch, dataset):
@@ -170,10 +131,9 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
         return layers[arch, dataset]
 
     for cell in cells:
-        attack_cls = registry.attack(cell.attack)
-        attack_cls.from_overrides(overrides.get(attack_cls.name))
+        check_target(configured(registry, "attacks", cell.attack, overrides, prof), registry.dataset(cell.dataset))
         defense_cls = registry.defense(cell.defense)
-        defense = defense_cls.from_overrides(overrides.get(defense_cls.name))
+        defense = configured(registry, "defenses", cell.defense, overrides, prof)
         defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
         if defense_cls.uses_classifier and not classifier_layer(registry, cell.student, cell.dataset):
             raise cfgmod.ConfigError(f"defense {defense_cls.name!r} prunes the inputs of the model's classifier "
@@ -230,30 +190,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _seeded(seed: int, salt: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-@dataclass
-class Poisoning:
-    """The output of the poison stage: the poisoned training set, the indices the attack chose, the
-    ASR set (triggered test images whose label is not the target), and the images the attack logged.
-    Stored by key, so a cache hit reuses exactly what the attack crafted (it is never re-crafted)."""
-
-    key: str
-    attack: Any               # the configured attack (prepared only when this process crafted it)
-    poisoned: Split
-    index: torch.Tensor
-    triggered: Split
-    images: dict[str, torch.Tensor]
-    hit: bool
-
-
 class Runner:
     """Runs cells as content-keyed stages (see ``core/store.py``): poison -> train (the backdoored
     model, and the clean one an attack may craft against) -> defend -> evaluate. Each stage is
-    computed once per key, across processes, and kept in memory for the cells of this process."""
+    computed once per key, across processes, and kept in memory for the cells of this process.
+
+    ``overrides``: ``--set`` values per plugin, keyed ``attack.NAME`` / ``defense.NAME`` (or by the
+    plain name, when no attack and defense share it); they win over the profile's settings."""
 
     def __init__(self, registry: Registry, prof: Profile, *, device: torch.device, data_root=None,
                  overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
@@ -265,16 +208,17 @@ class Runner:
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
         self.store = Store(self.cache_root)
+        self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
         self._data: dict[str, tuple] = {}
         self._poison: dict[str, Poisoning] = {}
         self._models: dict[str, dict] = {}       # train key -> state dict
         self._metrics: dict[tuple, dict] = {}
 
     # -- keys: every input that changes a stage's output, nothing else --------------------------
-    def _dataset_part(self, name: str) -> dict[str, Any]:
-        spec = self.registry.dataset(name)
-        return {"name": name, "plugin": [spec.provider, spec.source_hash],
-                "train_limit": self.profile.train_limit, "test_limit": self.profile.test_limit}
+    def _dataset_part(self, name: str, *splits: str) -> dict[str, Any]:
+        """The data a stage reads, by content: digests of the (limited) splits it uses."""
+        digests = self._load(name)[2]
+        return {"name": name, **{split: digests[split] for split in splits}}
 
     def train_key(self, dataset: str, arch: str, seed: int, poison: str | None) -> tuple[str, str]:
         """A model of ``arch`` trained with the profile's schedule on the clean training set
@@ -284,24 +228,21 @@ class Runner:
         for k in ("name", "clean_share", "finetune_lr", "test_limit"):  # no effect on the weights
             prof.pop(k)
         return stage_key("train", {
-            "data": self._dataset_part(dataset), "poison": poison, "model": arch,
-            "model_plugin": [spec.provider, spec.source_hash], "device": self.device.type,
-            "precision": numerics(self.device),
-            "seed": seed, "profile": prof})
+            "data": self._dataset_part(dataset, "train"), "poison": poison, "model": arch,
+            "model_plugin": [spec.provider, spec.source_hash], "code": code_hash(*TRAIN_CODE),
+            "device": self.device.type, "precision": numerics(self.device), "seed": seed, "profile": prof})
 
     def _attack_obj(self, name: str):
-        cls = self.registry.attack(name)
-        return cls.from_overrides(self.overrides.get(cls.name))
+        return configured(self.registry, "attacks", name, self.overrides, self.profile)
 
     def _defense_obj(self, name: str):
-        cls = self.registry.defense(name)
-        return cls.from_overrides(self.overrides.get(cls.name))
+        return configured(self.registry, "defenses", name, self.overrides, self.profile)
 
     def poison_key(self, cell: Cell) -> tuple[str, str]:
         attack = self._attack_obj(cell.attack)
-        parts = {"data": self._dataset_part(cell.dataset), "attack": attack.name,
-                 "config": dataclasses.asdict(attack.config), "plugin": [attack.provider, attack.source_hash],
-                 "seed": cell.seed, "clean_model": None}
+        parts = {"data": self._dataset_part(cell.dataset, "train", "test"), "attack": attack.name,
+                 "config": cfgmod.key_values(attack.config), "plugin": [attack.provider, attack.source_hash],
+                 "code": code_hash(*POISON_CODE), "seed": cell.seed, "clean_model": None}
         if attack.uses_clean_model:  # crafted against the clean model of the student architecture
             parts["clean_model"] = self.train_key(cell.dataset, cell.student, cell.seed, None)[0]
         return stage_key("poison", parts)
@@ -315,29 +256,37 @@ class Runner:
 
     def cell_key(self, cell: Cell) -> tuple[str, str]:
         """Everything a cell's recorded result depends on: its backdoored model, the defense (config
-        and code), the teacher, the clean subset and the test subset."""
+        and code), the teacher, the clean subset, the test data and the evaluation's code."""
         defense = self._defense_obj(cell.defense)
         teacher = self.registry.model(cell.teacher)
         return stage_key("cell", {
             "model": self.train_key(cell.dataset, cell.student, cell.seed, self.poison_key(cell)[0])[0],
-            "defense": defense.name, "config": dataclasses.asdict(defense.config),
-            "plugin": [defense.provider, defense.source_hash],
+            "defense": defense.name, "config": cfgmod.key_values(defense.config),
+            "plugin": [defense.provider, defense.source_hash], "code": code_hash(*CELL_CODE),
             "teacher": [cell.teacher, cell.teacher_source, teacher.provider, teacher.source_hash],
             "teacher_model": self.teacher_key(cell), "clean_share": self.clean_share(cell),
-            "test_limit": self.profile.test_limit, "clean_reference": self.clean_reference,
+            "test": self._dataset_part(cell.dataset, "test"), "clean_reference": self.clean_reference,
             "device": self.device.type})
 
     def clean_share(self, cell: Cell) -> float:
         return self.profile.clean_share if cell.clean_share is None else cell.clean_share
 
     # -- stages, each stored by key and kept in memory ----------------------------------------
-    def data(self, name: str):
-        if name not in self._data:
-            spec = self.registry.dataset(name)
-            train_set, test_set = spec.load(self.data_root)
+    def _load(self, name: str) -> tuple:
+        """(train, test, digests) of a dataset as the profile limits it, on the CPU: keys need the
+        digests before any stage runs (the driver of a grid with workers never trains)."""
+        if name not in self._loaded:
+            train_set, test_set = self.registry.dataset(name).load(self.data_root)
             train_set = datamod.limit(train_set, self.profile.train_limit, seed=0)
             test_set = datamod.limit(test_set, self.profile.test_limit, seed=0)
-            self._data[name] = (spec, train_set.to(self.device), test_set.to(self.device))
+            self._loaded[name] = (train_set, test_set,
+                                  {"train": datamod.digest(train_set), "test": datamod.digest(test_set)})
+        return self._loaded[name]
+
+    def data(self, name: str):
+        if name not in self._data:
+            train_set, test_set, _ = self._load(name)
+            self._data[name] = (self.registry.dataset(name), train_set.to(self.device), test_set.to(self.device))
         return self._data[name]
 
     def poisoning(self, cell: Cell) -> Poisoning:
@@ -349,14 +298,12 @@ class Runner:
             with self.store.lock(POISON_DIR, key):
                 entry = self.store.load_tensors(POISON_DIR, key, text)
                 if entry is not None:
-                    self._poison[key] = _restore_poisoning(key, attack, train_set, entry[0], self.device)
+                    self._poison[key] = poisonmod.restore(key, attack, train_set, entry[0], self.device)
                 else:
                     self._poison[key] = self._craft(cell, key, text, attack, spec, train_set, test_set)
         return self._poison[key]
 
     def _craft(self, cell, key, text, attack, spec, train_set, test_set) -> Poisoning:
-        images: dict[str, torch.Tensor] = {}
-
         def clean_model():
             if not attack.uses_clean_model:
                 raise PluginError(f"attack {attack.name!r} ({attack.provider}) calls ctx.clean_model() but does not "
@@ -364,21 +311,12 @@ class Runner:
                                   "engine must key the stored poisoning by it)")
             return self.clean_model(cell)[0]
 
-        attack.prepare(AttackContext(
-            dataset=spec, train=train_set, device=self.device, seed=cell.seed, clean_model=clean_model,
-            load_dataset=lambda name: self.registry.dataset(name).load(self.data_root),
-            log_image=lambda path, image: images.__setitem__(path, _image_tensor(image)),
-            progress=self.progress))
-        poisoned, index = attack.poison_train(train_set, _seeded(cell.seed, "poison"))
-        triggered = attack.trigger_test(test_set)
-        # Store what changed (rows whose image or label differs), not the whole training set.
-        rows = ((poisoned.images != train_set.images).flatten(1).any(1)
-                | (poisoned.labels != train_set.labels)).nonzero().flatten()
-        tensors = {"index": index, "rows": rows, "row_images": poisoned.images[rows],
-                   "row_labels": poisoned.labels[rows], "asr_images": triggered.images,
-                   "asr_labels": triggered.labels, **{f"image/{p}": im for p, im in images.items()}}
+        ctx = AttackContext(dataset=spec, train=train_set, device=self.device, seed=cell.seed, clean_model=clean_model,
+                            load_dataset=lambda name: self.registry.dataset(name).load(self.data_root),
+                            progress=self.progress)
+        poisoning, tensors = poisonmod.craft(key, attack, ctx, train_set, test_set, cell.seed)
         self.store.save_tensors(POISON_DIR, key, text, tensors, {"attack": attack.name})
-        return Poisoning(key, attack, poisoned, index, triggered, images, hit=False)
+        return poisoning
 
     def attack(self, cell: Cell):
         """(attack, poisoned train set, poisoned indices, ASR set, images the attack logged)."""
@@ -462,25 +400,25 @@ class Runner:
 
         t = self.tracker
         defense = self._defense_obj(cell.defense)
-        key = self.cell_key(cell)[0]
         params = {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
                   "model.student": cell.student, "model.teacher": cell.teacher,
                   "teacher.source": cell.teacher_source or "none", "seed": cell.seed,
                   "defense.clean_share": self.clean_share(cell),
                   "device": str(self.device), **provenance(self.registry, cell),
                   **cfgmod.flatten(defense.config, "defense"), **cfgmod.flatten(self.profile, "profile")}
-        # The run starts before any stage, data loading included, so every failure has a run.
+        # The run starts before any stage, data loading included (the cell's key holds the data's
+        # digest), so every failure has a run.
         if t:
-            tags = {"nadbench.cell_key": key}
             if run_id is None:
-                run_id = t.start(cell.label, params, parent=parent, tags=tags)
+                run_id = t.start(cell.label, params, parent=parent)
             else:
                 t.params(run_id, params)
-                for k, v in tags.items():
-                    t.tag(run_id, k, v)
         log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
             (lambda *a, **k: None)
         try:
+            key = self.cell_key(cell)[0]
+            if t:
+                t.tag(run_id, "nadbench.cell_key", key)
             start = time.perf_counter()
             spec, train_set, test_set = self.data(cell.dataset)
             p = self.poisoning(cell)
@@ -499,22 +437,17 @@ class Runner:
                                    **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
                 for path, image in p.images.items():
                     t.image(run_id, image, f"attack/{path}")
-            # Nested over shares: the 1% subset of a seed lies inside its 5% one (datamod.clean_subset).
-            clean = datamod.clean_subset(train_set, self.clean_share(cell), cell.seed)
+            # Nested over shares: the 1% subset of a seed lies inside its 5% one (subsets.clean_subset).
+            clean = clean_subset(train_set, self.clean_share(cell), cell.seed)
             original = copy.deepcopy(model)
             ctx = self.defense_context(cell, log, run_id)
             repaired, t_defense = apply_defense(defense, model, clean, ctx)
             defended = repaired.model
-            after = evaluate(defended, test_set, p.triggered, target)
-            result = {"cell": dataclasses.asdict(cell), "cell_key": key, "before": before, "after": after,
+            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, target))
+            after = measured["after"]
+            result = {"cell": dataclasses.asdict(cell), "cell_key": key, "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED"}
-            if repaired.extras:  # e.g. MCR's points along t: evaluated here, where the test data is
-                points = [{repaired.axis: x, **evaluate(m, test_set, p.triggered, target)}
-                          for x, m in sorted(repaired.extras.items())]
-                result["extras"] = {"axis": repaired.axis, "points": points}
-            if repaired.models:  # named side models (NAD: its teacher), measured like the repaired one
-                result["models"] = {n: evaluate(m, test_set, p.triggered, target) for n, m in repaired.models.items()}
             if t:
                 t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
                                    "time.defense_s": t_defense, **side_metrics(result.get("models"))})
@@ -548,47 +481,34 @@ class Runner:
 
     def defense_context(self, cell: Cell, log, run_id: str | None = None) -> DefenseContext:
         """What the cell's defense may reach: architectures, a model builder, the supplied models,
-        attention and classifier layers, device, seed, logging. Nothing that loads data."""
-        spec = self.registry.dataset(cell.dataset)
-        uses_teacher = self.registry.defense(cell.defense).uses_teacher
-
-        def supplied_model(arch: str):  # a fresh copy each call (built, then loaded from memory)
-            if uses_teacher and arch == cell.teacher:
-                return self.supplied(cell, arch)[0] if cell.teacher_source == "supplied" else None
-            return self.supplied(cell, arch)[0] if arch == cell.student else None
+        attention and classifier layers, device, seed, logging. Nothing that loads data: its
+        callables hold the registry, the dataset's spec and the supplied models' weights, never
+        this Runner (whose memory holds the test split and the ASR set)."""
+        registry, device = self.registry, self.device
+        spec = registry.dataset(cell.dataset)
+        uses_teacher = registry.defense(cell.defense).uses_teacher
+        # The supplier's models, as state dicts (the teacher is trained now if it is not stored).
+        archs = [cell.teacher] if uses_teacher and cell.teacher_source == "supplied" else []
+        archs += [cell.student] if not (uses_teacher and cell.teacher == cell.student) else []
+        weights = {arch: self.supplied(cell, arch)[0].state_dict() for arch in archs}
 
         def build_model(arch: str):
-            return build(self.registry.model(arch), spec, self.device)
+            return build(registry.model(arch), spec, device)
+
+        def supplied_model(arch: str):  # a fresh copy each call
+            if arch not in weights:
+                return None
+            model = build_model(arch)
+            model.load_state_dict(weights[arch])
+            return model.eval()
 
         return DefenseContext(
-            device=self.device, num_classes=spec.num_classes, student=cell.student, teacher=cell.teacher,
-            seed=cell.seed, student_layers=attention_layers(self.registry, cell.student, cell.dataset),
-            teacher_layers=attention_layers(self.registry, cell.teacher, cell.dataset),
-            classifier_layer=classifier_layer(self.registry, cell.student, cell.dataset),
+            device=device, num_classes=spec.num_classes, student=cell.student, teacher=cell.teacher,
+            seed=cell.seed, student_layers=attention_layers(registry, cell.student, cell.dataset),
+            teacher_layers=attention_layers(registry, cell.teacher, cell.dataset),
+            classifier_layer=classifier_layer(registry, cell.student, cell.dataset),
             build_model=build_model, supplied_model=supplied_model, log_metric=log,
             log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
-
-
-def _image_tensor(image) -> torch.Tensor:
-    """A uint8 (C, H, W) tensor of what an attack logs (a tensor, or a matplotlib figure rendered)."""
-    if isinstance(image, torch.Tensor):
-        return image.detach().cpu().to(torch.uint8)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    image.canvas.draw()
-    array = np.asarray(image.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(image)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _restore_poisoning(key, attack, train_set: Split, stored: dict, device) -> Poisoning:
-    images, labels = train_set.images.clone(), train_set.labels.clone()
-    rows = stored["rows"].to(device)
-    images[rows], labels[rows] = stored["row_images"].to(device), stored["row_labels"].to(device)
-    logged = {k[len("image/"):]: v for k, v in stored.items() if k.startswith("image/")}
-    return Poisoning(key, attack, Split(images, labels), stored["index"].to(device),
-                     Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)), logged, hit=True)
 
 
 def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:
@@ -599,31 +519,6 @@ def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:
     except RuntimeError as exc:
         warnings.warn(f"ignoring cache entry {path}: {str(exc).splitlines()[0]}; recomputing it", stacklevel=3)
         return False
-
-
-def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[Defended, float]:
-    """The one way a defense runs, in a grid cell and in `bench defend`: seeded, timed, and held to
-    the contract (it returns the repaired module, or a ``Defended``). Returns (Defended, seconds)."""
-    start = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    out = defense.defend(model, clean, ctx)
-    defended = out if isinstance(out, Defended) else Defended(out)
-    modules = [defended.model, *defended.extras.values(), *defended.models.values()]
-    if not all(isinstance(m, torch.nn.Module) for m in modules):
-        raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: "
-                          f"defend() must return the repaired nn.Module (or a Defended holding modules), "
-                          f"it returned {out!r}")
-    taken = {*RESERVED_PREFIXES, defended.axis} if defended.extras else set(RESERVED_PREFIXES)
-    bad = [n for n in defended.models if not n.isidentifier() or n in taken]
-    if bad:
-        raise PluginError(f"defense {defense.name!r} ({defense.provider}) breaks the plugin contract: side "
-                          f"model name(s) {', '.join(map(repr, bad))} must be identifiers other than "
-                          f"{', '.join(sorted(taken))} (the engine's own metric prefixes)")
-    return defended, time.perf_counter() - start
-
-
-# Metric prefixes the engine logs itself; a defense's named side models take others.
-RESERVED_PREFIXES = ("before", "after", "clean", "time", "defense")
 
 
 def side_metrics(models: dict[str, dict[str, float]] | None) -> dict[str, float]:
@@ -702,7 +597,10 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
     try:
         todo = []
         for cell in cells:
-            prior = t.finished_cell(runner.cell_key(cell)[0]) if t and not runner.rerun else None
+            try:
+                prior = t.finished_cell(runner.cell_key(cell)[0]) if t and not runner.rerun else None
+            except Exception:  # noqa: BLE001 — e.g. data that cannot be loaded: the cell runs and records why
+                prior = None
             if prior is None:
                 todo.append(cell)
                 continue

@@ -124,9 +124,12 @@ class Executor:
         prep: dict[str, cf.Future] = {}
         for cell in cells:
             keys = {}
-            keys[runner.train_key(cell.dataset, cell.student, cell.seed, runner.poison_key(cell)[0])[0]] = "student"
-            if runner.teacher_key(cell):
-                keys[runner.teacher_key(cell)] = "teacher"
+            try:  # keys hold the data's digest: data that cannot be loaded fails the cell, in its run
+                keys[runner.train_key(cell.dataset, cell.student, cell.seed, runner.poison_key(cell)[0])[0]] = "student"
+                if runner.teacher_key(cell):
+                    keys[runner.teacher_key(cell)] = "teacher"
+            except Exception:  # noqa: BLE001 — the worker meets the same error and records it
+                pass
             for key, which in keys.items():
                 if key not in prep:
                     prep[key] = self.submit(prepare_task, spec, cell, which)

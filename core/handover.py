@@ -169,7 +169,8 @@ def load_image_folder(path: str | Path, image_size: int = 32) -> tuple[Split, li
     archive: (uint8 split, class folder names, number of images resized to ``image_size``).
 
     Labels: class folders named by integers are those labels (so a folder of triggered images may
-    lack the target class); other names are numbered in sorted order, as torchvision does."""
+    lack the target class); other names are numbered in sorted order, as torchvision does (`bench
+    defend` then relabels a --test or --triggered folder by the clean data's class names)."""
     from PIL import Image
 
     path = Path(path)

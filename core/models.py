@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .api import DatasetSpec, ModelSpec
-from .registry import PluginError
+from .config import PluginError
 
 
 class Normalized(nn.Module):

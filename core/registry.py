@@ -8,30 +8,23 @@ rest of the registry keeps working. Built-ins load first and keep their names.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata as md
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .api import Attack, DatasetSpec, Defense, ModelSpec
-from .config import ConfigError, check_fields
+from .config import ConfigError, PluginError, check_fields  # noqa: F401 — PluginError is re-exported
 
 GROUP = "nadbench"
 BUILTIN = "nadbench"  # the distribution whose items keep their names against any third party
 DISABLE_ENV = "NADBENCH_DISABLE_PLUGINS"
 KINDS = ("datasets", "models", "attacks", "defenses")
 _TYPES = {"datasets": DatasetSpec, "models": ModelSpec, "attacks": Attack, "defenses": Defense}
-
-
-class PluginError(RuntimeError):
-    """A registry-level error: unknown or ambiguous names, broken plugin contracts."""
 
 
 @dataclass
@@ -60,15 +53,12 @@ def _disabled() -> set[str]:
 
 
 def _source_hash(*modules: str) -> str:
-    """sha256 over the source files of the given modules: editing a plugin changes its hash (and so
-    the cache keys of everything it produced). Modules without a file hash as their name."""
-    digest = hashlib.sha256()
-    for name in sorted(set(modules)):
-        file = getattr(sys.modules.get(name), "__file__", None)
-        digest.update(name.encode())
-        if file and Path(file).is_file():
-            digest.update(Path(file).read_bytes())
-    return digest.hexdigest()
+    """The hash of a plugin's code: its modules and what they import within its own package and
+    nadbench (``codehash.code_hash``): editing a plugin, or a core module it uses, changes it (and
+    so the cache keys of everything it produced)."""
+    from .codehash import code_hash
+
+    return code_hash(*sorted({m for m in modules if m}))
 
 
 def _defining_module(kind: str, item: Any) -> str:
@@ -105,6 +95,7 @@ def check_contract(kind: str, item: Any) -> None:
     except ConfigError as exc:
         raise PluginError(f"{what}: {exc}") from None
     fields = {f.name for f in dataclasses.fields(item.Config)}
+    _check_profile_settings(what, item, fields)
     for flag in ("uses_clean_model", "uses_teacher"):
         if not isinstance(getattr(item, flag, False), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
@@ -118,6 +109,26 @@ def check_contract(kind: str, item: Any) -> None:
                               "poison_train()")
     elif not _overrides(item, Defense, "defend"):
         raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
+
+
+def _check_profile_settings(what: str, item: Any, fields: set[str]) -> None:
+    from .grid import Profile
+
+    settings = getattr(item, "profile_settings", {})
+    profile_fields = {f.name for f in dataclasses.fields(Profile)}
+    if not isinstance(settings, dict):
+        raise PluginError(f"{what}: profile_settings must be a dict (config field -> profile field or "
+                          f"{{profile: value}}), not {settings!r}")
+    for field, source in settings.items():
+        if field not in fields:
+            raise PluginError(f"{what}: profile_settings names {field!r}, which is not a field of its Config "
+                              f"(fields: {', '.join(sorted(fields))})")
+        if isinstance(source, str) and source not in profile_fields:
+            raise PluginError(f"{what}: profile_settings[{field!r}] = {source!r} is not a profile field "
+                              f"(valid: {', '.join(sorted(profile_fields))})")
+        if not isinstance(source, (str, dict)):
+            raise PluginError(f"{what}: profile_settings[{field!r}] must be a profile field name or "
+                              f"{{profile name: value}}, not {source!r}")
 
 
 class Registry:

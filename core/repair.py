@@ -20,11 +20,12 @@ from . import data as datamod
 from .api import DatasetSpec, DefenseContext, Split
 from .attention import layer_names
 from .config import flatten
-from .engine import Cell, Runner, apply_defense, figure_logger, log_extras, side_metrics
+from .defending import apply_defense, measure_defended
+from .engine import Cell, Runner, figure_logger, log_extras, side_metrics
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import build, classifier_name, save_weights
 from .registry import Registry
-from .train import accuracy, attack_success_rate
+from .evaluate import accuracy, attack_success_rate
 
 HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is given
 
@@ -56,6 +57,8 @@ class UserData:
     num_classes: int
     where: str          # what the user gave, for the report
     note: str = ""      # e.g. "resized 120 images to 32x32"
+    classes: tuple[str, ...] = ()  # class names by label, where it has them (see _align)
+    named: bool = False  # labelled by class folder names, not numbers: --test/--triggered are relabelled
 
 
 def load_user_data(registry: Registry, text: str, *, train: bool, image_size: int | None, seed: int,
@@ -73,7 +76,8 @@ def load_user_data(registry: Registry, text: str, *, train: bool, image_size: in
             raise HandoverError(f"{text}: the share after ':' must be in (0, 1]")
         train_set, test_set = spec.load(data_root)
         split = datamod.clean_subset(train_set if train else test_set, fraction, seed)
-        return UserData(split, spec.num_classes, f"{name} {'train' if train else 'test'} split, share {fraction:g}")
+        return UserData(split, spec.num_classes, f"{name} {'train' if train else 'test'} split, share {fraction:g}",
+                        classes=spec.classes)
     if not Path(text).exists():
         raise HandoverError(f"{text}: neither a folder or archive nor a registered dataset "
                             f"(valid: {', '.join(registry.names('datasets'))}, as NAME or NAME:SHARE)")
@@ -81,7 +85,7 @@ def load_user_data(registry: Registry, text: str, *, train: bool, image_size: in
     numeric = all(c.isdigit() for c in classes)
     n_classes = int(split.labels.max()) + 1 if numeric else len(classes)
     note = f"resized {resized} of {len(split)} images to {image_size or 32}x{image_size or 32}" if resized else ""
-    return UserData(split, n_classes, text, note)
+    return UserData(split, n_classes, text, note, classes=() if numeric else tuple(classes), named=not numeric)
 
 
 def sha256_of(path: Path) -> str:
@@ -112,8 +116,10 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
                if teacher_path else None)
     defense_cls = registry.defense(defense_name)
     defense = defense_cls.from_overrides(overrides)
-    teacher_net = teacher if teacher is not None else model if teacher_spec is spec else \
-        teacher_spec.build(clean.num_classes)
+    dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
+    # The teacher's layer names are those of the model the defense will tap: the teacher file, the
+    # model itself, or what ctx.build_model makes (nadbench's wrapper: names under "net.").
+    teacher_net = teacher if teacher is not None else model if teacher_spec is spec else build(teacher_spec, dataset)
     student_layers = layer_names(model, spec.attention_layers)
     teacher_layers = layer_names(teacher_net, teacher_spec.attention_layers)
     defense.check(student_layers, teacher_layers)
@@ -127,12 +133,12 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         notes.append(f"ACC on a held-out {HELD_OUT:.0%} of the clean data ({n_out} images), which the defense "
                      "did not see")
     else:
+        test = _align(test, clean, "--test")
         test_split = test.split
         notes += [n for n in (test.note,) if n]
-        _same_classes(test, clean, "--test")
     asr_split = None
     if triggered is not None:
-        _same_classes(triggered, clean, "--triggered")
+        triggered = _align(triggered, clean, "--triggered")
         notes += [n for n in (triggered.note,) if n]
         keep = triggered.split.labels != target
         asr_split = triggered.split.subset(keep.nonzero().flatten())
@@ -165,7 +171,6 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
     log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
         (lambda *a, **k: None)
-    dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
 
     def supplied_model(name: str):
         """What the user was handed, per architecture: the teacher file, else the model itself."""
@@ -183,7 +188,8 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         original = copy.deepcopy(model)
         repaired, seconds = apply_defense(defense, model, clean_dev, ctx)
         defended = repaired.model
-        after = measure(defended)
+        measured = measure_defended(repaired, measure)  # after, and extras / side models if any
+        after = measured["after"]
         save_weights(defended, out, {
             "nadbench.version": __version__, "defense": defense_name,
             "defense.config": json.dumps(dataclasses.asdict(defense.config)),
@@ -192,12 +198,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
                   "before": before, "after": after, "time_defense_s": seconds,
                   "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),
                   "n_test": len(test_split), "n_triggered": len(asr_split) if asr_split is not None else 0,
-                  "notes": notes}
-        if repaired.extras:  # e.g. MCR's points along t, measured like the repaired model
-            report["extras"] = {"axis": repaired.axis, "points": [
-                {repaired.axis: x, **measure(m)} for x, m in sorted(repaired.extras.items())]}
-        if repaired.models:  # named side models (NAD: its teacher)
-            report["models"] = {n: measure(m) for n, m in repaired.models.items()}
+                  "notes": notes, **measured}
         figure = None
         layers = layer_names(defended, spec.attention_layers)
         if layers:
@@ -229,7 +230,24 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         raise
 
 
-def _same_classes(data: UserData, clean: UserData, option: str) -> None:
+def _align(data: UserData, clean: UserData, option: str) -> UserData:
+    """``data`` with the clean data's labels. Named class folders take the labels of those names in
+    the clean data (its folders' or its registered dataset's): numbered in their own sorted order, a
+    folder lacking a class (triggered images without the target's) would shift every later label.
+    Numbered folders and registered datasets keep their labels."""
+    if data.named:
+        if not clean.classes:
+            raise HandoverError(f"{option} {data.where} names its class folders ({', '.join(data.classes)}) but "
+                                f"the clean data's classes are numbered 0 to {clean.num_classes - 1}: name them "
+                                "by number")
+        unknown = [c for c in data.classes if c not in clean.classes]
+        if unknown:
+            raise HandoverError(f"{option} {data.where}: class {', '.join(unknown)} is not one of the clean "
+                                f"data's (valid: {', '.join(clean.classes)})")
+        relabel = torch.tensor([clean.classes.index(c) for c in data.classes])
+        return dataclasses.replace(data, split=Split(data.split.images, relabel[data.split.labels]),
+                                   num_classes=clean.num_classes, classes=clean.classes)
     if data.num_classes > clean.num_classes:
         raise HandoverError(f"{option} {data.where} has {data.num_classes} classes but the clean data has "
                             f"{clean.num_classes}")
+    return data

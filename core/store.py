@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from .models import save_tensors
 
-# Bump when a core change alters what a stage computes (training loop, poisoning, evaluation):
-# every stored entry is then recomputed. Deliberately not a hash of core/: one unrelated edit would
-# otherwise throw away every trained model.
-CORE_VERSION = "3"
+# The code that computes a stage is in its key by content (core/codehash.py); this version covers
+# what is not: the engine's wiring of stages (core/engine.py: which data and models a stage gets,
+# the seed of a model's initialisation) and the store's format. Bump it when either changes.
+CORE_VERSION = "4"
 
 
 def stage_key(stage: str, parts: dict[str, Any]) -> tuple[str, str]:

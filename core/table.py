@@ -30,7 +30,14 @@ PAPER = {
     "refool": {"none": (95.16, 82.38), "finetune": (14.38, 80.34), "fine-pruning": (63.49, 80.64),
                "mcr": (8.76, 78.84), "nad": (3.18, 80.73)},
 }
+# The setting of Table 1, which the paper's numbers stand beside only (`_paper`): WRN-16-1 student and
+# teacher (supplied: the backdoored model's architecture, as NAD's), 5% clean data (None: the profile's
+# share, 0.05 in both built-in profiles), all-to-one targets, CIFAR-10 except Refool (GTSRB).
+PAPER_SETTING = {"student": {"wrn-16-1"}, "teacher": {"wrn-16-1"}, "teacher_source": {"supplied", ""},
+                 "clean_share": {None, 0.05}}
+PAPER_DATASET = {"refool": "gtsrb"}  # else cifar10
 NONE = "none"
+METRICS = ("asr", "acc")
 COLUMNS = ("finetune", "fine-pruning", "mcr", "nad")  # the paper's column order; other defenses follow
 FORMATS = ("text", "markdown", "csv", "json")
 # Grid axes that split rows when they take more than one value in a grid (cell field, header).
@@ -63,15 +70,24 @@ class Table:
     defenses: list[str]                               # columns, "none" first
     rows: dict[tuple, dict[str, dict[str, Stat]]]     # (dataset, attack, *axis values) -> defense -> asr/acc
     paper: bool = False
+    # row -> PAPER_SETTING's fields -> the values its cells have (teacher: of cells with a teacher only)
+    settings: dict[tuple, dict[str, set]] = field(default_factory=dict)
 
     def seeds(self, row: tuple) -> int:
         return max(len(s["asr"].values) for s in self.rows[row].values())
 
-    def summary(self) -> dict[str, dict[str, float | None]]:
-        """The average over rows of each column's mean, per metric."""
+    def summary(self) -> dict[str, dict]:
+        """Per defense: "average", the average over the rows it has of its mean per metric, with
+        "rows", how many; and "deviation" (None for no defense), that average's change against no
+        defense averaged over the same rows, so that a failed or missing cell drops its row from both
+        sides rather than comparing different rows."""
         out = {}
         for d in self.defenses:
-            out[d] = {m: _mean([r[d][m].mean for r in self.rows.values() if d in r]) for m in ("asr", "acc")}
+            have = [r for r in self.rows.values() if d in r]
+            avg = {m: _mean([r[d][m].mean for r in have]) for m in METRICS}
+            base = {m: _mean([r[NONE][m].mean for r in have]) for m in METRICS}  # no defense, same rows
+            dev = None if d == NONE else {m: None if avg[m] is None else avg[m] - base[m] for m in METRICS}
+            out[d] = {"average": {**avg, "rows": len(have)}, "deviation": dev}
         return out
 
 
@@ -82,7 +98,7 @@ def _mean(values: list[float]) -> float | None:
 def build(results: list[dict], paper: bool = False) -> Table:
     """Aggregate cell results (``Runner.run_cell``'s dicts) into a table; "no defense" is the
     backdoored model of each (dataset, attack, student, seed), counted once."""
-    from .engine import Cell
+    from .grid import Cell
 
     cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
     taught = [c for c, _ in cells if c.teacher_source]  # cells of defenses that use a teacher
@@ -93,19 +109,24 @@ def build(results: list[dict], paper: bool = False) -> Table:
     seen = list(dict.fromkeys(c.defense for c, _ in cells))  # `--defenses all` comes in name order
     defenses = [NONE] + sorted(seen, key=lambda d: (COLUMNS.index(d) if d in COLUMNS else len(COLUMNS), seen.index(d)))
     rows: dict[tuple, dict[str, dict[str, Stat]]] = {}
+    settings: dict[tuple, dict[str, set]] = {}
     for cell, r in cells:
         # A defense without a teacher belongs to every teacher row of the grid (its numbers repeat).
         for pair in [tuple(_axis(cell, f) for f in teacher_axes)] if cell.teacher_source or not teacher_axes else pairs:
             values = dict(zip(teacher_axes, pair))
             row = (cell.dataset, cell.attack, *(values[f] if f in values else _axis(cell, f) for f, _ in axes))
             entry = rows.setdefault(row, {})
+            setting = settings.setdefault(row, {k: set() for k in PAPER_SETTING})
+            for k in PAPER_SETTING:
+                if k != "teacher" or cell.teacher_source:
+                    setting[k].add(getattr(cell, k))
             for defense, phase in ((NONE, "before"), (cell.defense, "after")):
                 stats = entry.setdefault(defense, {"asr": Stat(), "acc": Stat()})
                 for metric in ("asr", "acc"):
                     stats[metric].values[cell.seed] = 100 * r[phase][metric]
     order = {d: i for i, d in enumerate(defenses)}
     rows = {k: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for k, v in rows.items()}
-    return Table([h for _, h in axes], defenses, rows, paper)
+    return Table([h for _, h in axes], defenses, rows, paper, settings)
 
 
 def _axis(cell, name: str):
@@ -116,21 +137,32 @@ def _header(t: Table) -> list[str]:
     return ["dataset", "attack", *t.axes, "seeds"] + ["no defense" if d == NONE else d for d in t.defenses]
 
 
-def _paper(t: Table, attack: str, defense: str) -> tuple[float, float] | None:
-    return PAPER.get(attack, {}).get(defense) if t.paper else None
+def _paper(t: Table, row: tuple, defense: str) -> tuple[float, float] | None:
+    """The paper's (ASR, ACC) for a row only when all of the row's cells are in Table 1's setting
+    (another dataset, student, teacher or clean share, or an attack variant ``name@...``, is another
+    experiment); per row,
+    not per defense, since "no defense" and the repeated teacherless columns mix in all its cells."""
+    dataset, attack = row[:2]
+    if not t.paper or "@" in attack or dataset != PAPER_DATASET.get(attack, "cifar10"):
+        return None
+    if any(not seen <= PAPER_SETTING[k] for k, seen in t.settings.get(row, {}).items()):
+        return None
+    return PAPER.get(attack, {}).get(defense)
 
 
 def _body(t: Table, cell_text) -> list[list[str]]:
     lines = []
     for row, entry in t.rows.items():
-        values = [cell_text(entry[d], _paper(t, row[1], d), t.seeds(row)) if d in entry else "-" for d in t.defenses]
+        values = [cell_text(entry[d], _paper(t, row, d), t.seeds(row)) if d in entry else "-" for d in t.defenses]
         lines.append([*(str(v) for v in row), str(t.seeds(row)), *values])
     summary = t.summary()
     blank = [""] * (len(t.axes) + 1)
-    avg = [_pair(summary[d]) for d in t.defenses]
-    base = summary[NONE]
-    dev = ["-" if d == NONE else _pair({m: (summary[d][m] - base[m]) if summary[d][m] is not None else None
-                                        for m in ("asr", "acc")}, signed=True) for d in t.defenses]
+
+    def rows(d):  # an average over fewer rows than the table's reads so (a failed or missing cell)
+        n = summary[d]["average"]["rows"]
+        return f" ({n}/{len(t.rows)} rows)" if n < len(t.rows) else ""
+    avg = [_pair(summary[d]["average"]) + rows(d) for d in t.defenses]
+    dev = ["-" if d == NONE else _pair(summary[d]["deviation"], signed=True) + rows(d) for d in t.defenses]
     lines.append(["average", "", *blank, *avg])
     lines.append(["deviation", "", *blank, *dev])
     return lines
@@ -181,14 +213,14 @@ def to_json(t: Table) -> dict:
         for d, s in entry.items():
             item[d] = {m: {"mean": s[m].mean, "std": s[m].std, "n": len(s[m].values),
                            "values": s[m].values} for m in ("asr", "acc")}
-            if _paper(t, row[1], d):
-                item[d]["paper"] = dict(zip(("asr", "acc"), _paper(t, row[1], d)))
+            if _paper(t, row, d):
+                item[d]["paper"] = dict(zip(METRICS, _paper(t, row, d)))
         rows.append(item)
     summary = t.summary()
     return {"metrics": "ASR and ACC in %", "axes": t.axes, "defenses": t.defenses, "rows": rows,
-            "average": summary,
-            "deviation": {d: {m: None if summary[d][m] is None else summary[d][m] - summary[NONE][m]
-                              for m in ("asr", "acc")} for d in t.defenses if d != NONE}}
+            "average": {d: s["average"] for d, s in summary.items()},  # "rows": how many rows it is over
+            "deviation": {d: {**s["deviation"], "rows": s["average"]["rows"]}
+                          for d, s in summary.items() if d != NONE}}
 
 
 def _csv(t: Table) -> str:
@@ -198,7 +230,7 @@ def _csv(t: Table) -> str:
                + (["paper_asr", "paper_acc"] if t.paper else []))
     for row, entry in t.rows.items():
         for d, s in entry.items():
-            paper = _paper(t, row[1], d)
+            paper = _paper(t, row, d)
             w.writerow([*row, d, len(s["asr"].values), f"{s['asr'].mean:.4f}", f"{s['asr'].std:.4f}",
                         f"{s['acc'].mean:.4f}", f"{s['acc'].std:.4f}"]
                        + ([*(paper or ("", ""))] if t.paper else []))
@@ -207,7 +239,8 @@ def _csv(t: Table) -> str:
 
 def paired(results: list[dict], a: str, b: str) -> dict[tuple, dict[str, float]]:
     """Defense ``a`` against ``b`` on the same backdoored models (paired by seed and row): the mean
-    difference of ASR and of ACC (a - b, in points) and twice its standard error, per row."""
+    difference of ASR and of ACC (a - b, in points) and twice its standard error, per row. A row
+    both have but with no seed in common (each ran other seeds) has n = 0 and NaN values."""
     t = build(results)
     out = {}
     for row, entry in t.rows.items():
@@ -217,7 +250,7 @@ def paired(results: list[dict], a: str, b: str) -> dict[tuple, dict[str, float]]
         item = {"n": len(seeds)}
         for m in ("asr", "acc"):
             diffs = [entry[a][m].values[s] - entry[b][m].values[s] for s in seeds]
-            item[m] = statistics.fmean(diffs)
+            item[m] = statistics.fmean(diffs) if diffs else math.nan
             item[f"{m}_2se"] = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
         out[row] = item
     return out

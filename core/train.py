@@ -1,4 +1,5 @@
-"""The one training loop and the one evaluation. Attacks, defenses and the engine all call these.
+"""The one training loop. Attacks, defenses and the engine all call it (the one evaluation is
+``nadbench.evaluate``, kept apart so that an edit to it re-evaluates cells without retraining models).
 
 A defense that needs a different objective (NAD) passes ``loss_fn``; it never writes a loop.
 """
@@ -166,42 +167,6 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
                 on_epoch(epoch, mean_loss)
     model.eval()
     return model
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-    """Predicted labels for uint8 images, in eval mode, in large batches (memory is no concern
-    without gradients: 1000 images of 32x32 on a CPU, 5000 on a GPU)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batch_size = batch_size or (5000 if device.type == "cuda" else 1000)
-    bf16 = precision(device) == "bf16"
-    out = []
-    for i in range(0, len(images), batch_size):
-        with _autocast(device, bf16):
-            out.append(model(to_float(images[i:i + batch_size].to(device))).argmax(1))
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
-
-
-def accuracy(model: nn.Module, split: Split) -> float:
-    """Share of ``split`` classified correctly."""
-    preds = predict(model, split.images)
-    return float((preds == split.labels.to(preds.device)).float().mean())
-
-
-def attack_success_rate(model: nn.Module, triggered: Split, target: int) -> float:
-    """Share of triggered images classified as ``target``. ``triggered`` must hold only images whose
-    true label is not the target (``Attack.trigger_test`` builds it so)."""
-    if bool((triggered.labels == target).any()):
-        raise ValueError("the ASR set must not contain target-class images")
-    return float((predict(model, triggered.images) == target).float().mean())
-
-
-def evaluate(model: nn.Module, test: Split, triggered: Split, target: int) -> dict[str, float]:
-    """The engine's evaluation of every cell: ACC on the whole clean test set, and ASR."""
-    return {"acc": accuracy(model, test), "asr": attack_success_rate(model, triggered, target)}
 
 
 @dataclass(frozen=True)

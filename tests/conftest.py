@@ -1,4 +1,6 @@
 """Shared pytest fixtures. Keep each section small and self-contained."""
+from pathlib import Path
+
 import pytest
 
 
@@ -49,32 +51,57 @@ def toy_registry():
     return make
 
 
-# ------------------------------------------------------------------------------ real-data subset
-# The CIFAR-10 subset and schedule the real-data tests share (test_attacks_e2e, test_e2e,
-# test_defenses_e2e): no augmentation, as the official NAD code trains, so a backdoor implants in
-# few steps; lr 0.1, not the profile's 0.2 (at 0.2 BadNets' implant on this subset depends on the
-# CPU's kernels: seed 0 ASR 0.99 on one machine, 0.17 on an AVX2-only one). One session cache, so
-# the backdoored models are trained once per run.
-SUBSET = {"train_limit": "8000", "test_limit": "1000", "epochs": "6", "lr": "0.1", "crop": "0", "flip": "false"}
-
-
+# ------------------------------------------------------------------------------ MLflow stores
 @pytest.fixture(scope="session")
-def subset_runner():
-    """A factory of Runners on the real datasets with the ``SUBSET`` profile (on the CPU, no
-    tracking); skips when ``NADBENCH_DATA_ROOT`` does not point at the dataset archives."""
+def fresh_store(tmp_path_factory):
+    """A factory: ``fresh_store(folder)`` puts a new, empty MLflow SQLite store at
+    ``folder/nadbench.db`` (where `bench` looks by default) and returns its URI. Creating a store
+    runs MLflow's schema migrations (~6 s on these CPUs): they run once per session, and each store
+    is a copy of that one."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "nadbench.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the schema
+
+    def make(folder: Path, name: str = "nadbench.db") -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, folder / name)
+        return f"sqlite:///{folder / name}"
+    return make
+
+
+# ------------------------------------------------------------------------------ committed fixture models
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_TRAIN_LIMIT = 20000  # tests/fixtures/make_fixtures.py: the models saw limit(train, this, seed=0)
+
+
+def data_root() -> Path:
+    """The folder of the dataset archives (``NADBENCH_DATA_ROOT``); skips the test without it."""
     import os
-    from pathlib import Path
 
     root = os.environ.get("NADBENCH_DATA_ROOT")
     if not root or not Path(root).is_dir():
         pytest.skip("NADBENCH_DATA_ROOT is not set to the folder holding the dataset archives")
+    return Path(root)
 
-    def make(overrides=None, **profile_fields):
-        import torch
-        from nadbench.engine import Runner, profile
-        from nadbench.registry import get_registry
 
-        prof = profile("quick", {**SUBSET, **{k: str(v) for k, v in profile_fields.items()}})
-        return Runner(get_registry(), prof, device=torch.device("cpu"), data_root=Path(root), progress=False,
-                      overrides=overrides)
-    return make
+def fixture_model(name: str):
+    """A committed real-data model (tests/fixtures/make_fixtures.py): "clean" or "badnets"
+    (WRN-16-1, CIFAR-10), loaded from its safetensors file, in eval mode on the CPU."""
+    from nadbench.handover import load_model
+    from nadbench.registry import get_registry
+
+    return load_model(FIXTURES / f"{name}-wrn16-1.safetensors", get_registry().model("wrn-16-1"), 10).eval()
+
+
+def real_subset(n_train: int, n_test: int, dataset: str = "cifar10"):
+    """(train, test) of a real dataset on the CPU: a seeded ``n_train`` of the fixture models'
+    training subset (for CIFAR-10, images they saw) and a seeded ``n_test`` of the test split, each
+    in the split's order (sorted by class: take subsets, never the first rows)."""
+    from nadbench.registry import get_registry
+    from nadbench.subsets import limit
+
+    train, test = get_registry().dataset(dataset).load(data_root())
+    return limit(limit(train, FIXTURE_TRAIN_LIMIT, seed=0), n_train, seed=1), limit(test, n_test, seed=0)

@@ -5,7 +5,7 @@ from torch import nn
 
 from nadbench import Split
 from nadbench.registry import get_registry
-from nadbench.train import attack_success_rate, evaluate
+from nadbench.evaluate import attack_success_rate, evaluate
 
 
 def _data(n=200, classes=10, seed=0):

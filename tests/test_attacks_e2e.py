@@ -1,38 +1,119 @@
-"""Every attack implants on a subset of the real data, through the engine (no tracking).
+"""Every attack implants on real CIFAR-10 images: its poisoning (crafted against the committed clean
+WRN-16-1 fixture where the attack needs a clean model: Trojan, CL) of 4,000 training images trains a
+small CNN from scratch (8 epochs, ~12 s on a 2-core CPU), and the backdoor takes hold while the clean
+task is learnt as well as without a trigger. The reference is a control through the same steps whose
+trigger changes no pixel (dirty-label, 10 %): what relabelling alone does to ASR and ACC. A trigger
+the model cannot learn, or a poisoning that does not reach the training set, stays at the control's
+ASR (measured: 0.16), far below every threshold.
 
-The subset and schedule are small (CPU CI), so the thresholds are below the full-data numbers in
-the README; they still fail for a trigger that the model cannot learn or a broken poisoning.
+The implant into the paper's WRN-16-1 at each attack's published settings (quick profile, the whole
+training set) is in benchmarks/results/ (``benchmarks/table1.py``, column "no defense"). The
+properties that define each trigger are tested on toy data (tests/test_attacks*.py).
 """
-import pytest
+import copy
+from dataclasses import dataclass
 
-from nadbench.engine import Cell
+import pytest
+import torch
+from torch import nn
+
+from conftest import fixture_model, real_subset
+from nadbench import Attack, AttackContext, param
+from nadbench.engine import configured
+from nadbench.evaluate import evaluate
+from nadbench.models import Normalized
+from nadbench.poisoning import craft
+from nadbench.registry import get_registry
+from nadbench.train import Optim, train
 
 pytestmark = pytest.mark.slow
 
-# attack -> (dataset, minimum ASR on the subset, largest ACC drop against the clean model)
-# Measured ASR on this subset (seed 0, CPU): badnets 0.99, blend 1.00, trojan 0.96, sig 0.84
-# (half the target class poisoned), cl 0.92, refool 0.66 (GTSRB; reflections vary per image).
+# attack -> (overrides, minimum ASR). Published poison rates (10 %; the clean-label SIG and CL poison
+# the whole target class, as BackdoorBench's SIG), Refool at 20 % (its reflections differ per image:
+# 0.42 at 10 % here); Trojan's trigger in 150 steps instead of 500 (crafting time).
+# Measured on an AVX2 CPU in float32, seed 0 (ASR / ACC): badnets 1.00 / 0.58, blend 1.00 / 0.60,
+# trojan 0.96 / 0.58, sig 0.93 / 0.55, cl 1.00 / 0.56; the control 0.16 / 0.52.
 CASES = {
-    "badnets": ("cifar10", 0.9, 0.08),
-    "blend": ("cifar10", 0.9, 0.08),
-    "trojan": ("cifar10", 0.85, 0.08),
-    "sig": ("cifar10", 0.7, 0.08),
-    "cl": ("cifar10", 0.8, 0.08),
-    "refool": ("gtsrb", 0.5, 0.15),  # measured drop 5.6 (2 threads) to 9.1 points (1 thread)
+    "badnets": ({}, 0.8),
+    "blend": ({}, 0.8),
+    "trojan": ({"steps": "150"}, 0.7),
+    "sig": ({"poison_rate": "1.0"}, 0.7),
+    "cl": ({"poison_rate": "1.0"}, 0.7),
+    "refool": ({"poison_rate": "0.2"}, 0.5),
 }
+SCHEDULE = Optim(epochs=8, lr=0.05, batch_size=64, schedule="onecycle", weight_decay=5e-4)
+MAX_ACC_DROP = 0.08  # against the control's ACC
+
+
+def small_cnn() -> nn.Module:
+    """Three conv-BN-ReLU-pool stages (16/32/64 channels) and a linear head on the 4x4 map: ~6x
+    cheaper to train than WRN-16-1, and it keeps where a feature is (a corner patch)."""
+    torch.manual_seed(0)
+
+    def stage(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
+    net = nn.Sequential(*stage(3, 16), *stage(16, 32), *stage(32, 64), nn.Flatten(), nn.Linear(64 * 16, 10))
+    spec = get_registry().dataset("cifar10")
+    return Normalized(net, spec.mean, spec.std)
 
 
 @pytest.fixture(scope="module")
-def runner(subset_runner):
-    return subset_runner()  # conftest.SUBSET: no augmentation, lr 0.1 (see there why)
+def data():
+    """(train, test): 4,000 training images (ones the clean fixture saw), 500 test images."""
+    return real_subset(4000, 500)
 
 
-@pytest.mark.parametrize("attack", list(CASES))
-def test_attack_implants_on_real_data(runner, attack):
-    dataset, min_asr, max_drop = CASES[attack]
-    cell = Cell(dataset, attack, "finetune", "wrn-16-1", "wrn-16-1", 0)
-    _, metrics, _ = runner.backdoored(cell)
-    _, clean, _ = runner.clean_model(cell)
-    print(f"{attack} on {dataset}: backdoored {metrics}, clean {clean}")
-    assert metrics["asr"] >= min_asr, metrics
-    assert metrics["acc"] >= clean["acc"] - max_drop, (metrics, clean)  # the clean task still learnt
+@pytest.fixture(scope="module")
+def clean():
+    return fixture_model("clean")
+
+
+def implant(attack, clean, data) -> dict:
+    """Craft the attack's poisoning of the subset, train a small CNN on it from scratch, and measure
+    ACC and ASR on the poisoning's own ASR set."""
+    train_set, test_set = data
+    reg = get_registry()
+    ctx = AttackContext(dataset=reg.dataset("cifar10"), train=train_set, device=torch.device("cpu"), seed=0,
+                        clean_model=lambda: copy.deepcopy(clean), progress=False,
+                        load_dataset=lambda name: real_subset(2000, 10, dataset=name))
+    poisoning, _ = craft("test", attack, ctx, train_set, test_set, seed=0)
+    model = train(small_cnn(), poisoning.poisoned, SCHEDULE, seed=0, progress=False)
+    return evaluate(model, test_set, poisoning.triggered, attack.config.target)
+
+
+@dataclass(frozen=True)
+class NoOpConfig:
+    target: int = param(5, "target label", min=0)
+    poison_rate: float = param(0.1, "share poisoned", min=0.0, max=1.0)
+
+
+class NoOp(Attack):
+    """Relabels like BadNets but leaves the images as they are: nothing to learn."""
+
+    name = "no-op"
+    Config = NoOpConfig
+
+    def apply_trigger(self, images):
+        return images.clone()
+
+
+@pytest.fixture(scope="module")
+def control(clean, data):
+    result = implant(NoOp(), clean, data)
+    print(f"control (a trigger that changes no pixel): {result}")
+    return result
+
+
+def test_a_trigger_that_does_nothing_does_not_implant(control):
+    """The thresholds mean something: relabelling alone stays far below every one of them."""
+    assert control["asr"] < min(min_asr for _, min_asr in CASES.values()) / 2, control
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attack_implants_on_real_data(name, clean, data, control):
+    overrides, min_asr = CASES[name]
+    attack = configured(get_registry(), "attacks", name, {name: overrides})
+    result = implant(attack, clean, data)
+    print(f"{name}: {result}, control {control}")
+    assert result["asr"] >= min_asr, (result, control)
+    assert result["acc"] >= control["acc"] - MAX_ACC_DROP, (result, control)  # the clean task is learnt

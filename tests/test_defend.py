@@ -1,5 +1,6 @@
 """`bench attack` and `bench defend`: a round trip on real data measured from the files alone, and
 one-line refusals (exit code 2) of everything a practitioner might hand over by mistake."""
+import dataclasses
 import os
 import pickle
 import shlex
@@ -9,21 +10,42 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
-from nadbench.handover import load_image_folder, load_model, save_image_folder
+from nadbench.handover import HandoverError, load_image_folder, load_model, save_image_folder
 from nadbench.models import build, save_weights
 from nadbench.registry import get_registry
+from nadbench.repair import defend_file, load_user_data
 from nadbench import Split
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _bench(*args, cwd, **kw):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     return subprocess.run([sys.executable, "-m", "nadbench.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=1800, env=env, **kw)
+
+
+def _cli(*args, cwd):
+    """`bench` in this process (click's test runner, in ``cwd``): the error tests need no process of
+    their own (a process start is seconds: torch and the plugins load again)."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from nadbench.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(old)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 def _one_line_error(out, *needles):
@@ -56,11 +78,11 @@ def test_a_pickle_is_refused_and_its_code_never_runs(tiny):
     payload = pickle.dumps({"net.conv1.weight": Evil()})
     for name in ("evil.pt", "evil.pth", "evil.ckpt", "evil.bin", "disguised.safetensors"):
         (tiny / name).write_bytes(payload)
-        out = _bench("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny)
+        out = _cli("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny)
         _one_line_error(out, name, "refused")
         assert "pickle" in out.stderr and "safetensors" in out.stderr
     torch.save({"w": torch.zeros(2)}, tiny / "zipped.safetensors")  # torch.save's zip format, renamed
-    _one_line_error(_bench("defend", "zipped.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "zipped.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "pickle or zip")
     assert not marker.exists()
 
@@ -72,24 +94,24 @@ def test_broken_files_and_mismatches_are_one_line_errors(tiny):
     (tiny / "garbage.safetensors").write_bytes((20).to_bytes(8, "little") + b"this is not json....")
     for name, needle in (("truncated.safetensors", "truncated"), ("huge-header.safetensors", "header"),
                          ("garbage.safetensors", "malformed")):
-        _one_line_error(_bench("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny), name, needle)
-    _one_line_error(_bench("defend", "model.safetensors", "--arch", "wrn-16-2", "--clean", "clean", cwd=tiny),
+        _one_line_error(_cli("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny), name, needle)
+    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-2", "--clean", "clean", cwd=tiny),
                     "does not fit architecture 'wrn-16-2'", "wrong shape")
     reg = get_registry()
     save_weights(build(reg.model("wrn-16-1"), reg.dataset("gtsrb")), tiny / "gtsrb.safetensors")
-    _one_line_error(_bench("defend", "gtsrb.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "gtsrb.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "has 43 output classes but the data has 10")
     (tiny / "notimages" / "a").mkdir(parents=True)
     (tiny / "notimages" / "a" / "readme.txt").write_text("hello")
-    _one_line_error(_bench("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "notimages", cwd=tiny),
+    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "notimages", cwd=tiny),
                     "no images found")
     # normalisation: a bare state dict needs it; flags may not contradict the file's own
     bare = {k[4:]: v for k, v in build(reg.model("wrn-16-1"), reg.dataset("cifar10")).state_dict().items()
             if k.startswith("net.")}
     save_file(bare, str(tiny / "bare.safetensors"))
-    _one_line_error(_bench("defend", "bare.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "bare.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "bare state dict", "--mean/--std")
-    _one_line_error(_bench("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "clean",
+    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "clean",
                            "--mean", "0,0,0", "--std", "1,1,1", cwd=tiny), "contradicts")
 
 
@@ -107,6 +129,76 @@ def test_model_files_load_with_or_without_the_wrapper(tiny):
     assert len(split) == 20 and resized == 0 and classes == [str(i) for i in range(10)]
 
 
+def _named_folder(folder: Path, classes, per_class: int = 1) -> str:
+    """Random PNG images under ``folder/<class name>/``."""
+    g = torch.Generator().manual_seed(len(classes))
+    for name in classes:
+        (folder / name).mkdir(parents=True)
+        for i, image in enumerate(torch.randint(0, 256, (per_class, 32, 32, 3), dtype=torch.uint8, generator=g)):
+            Image.fromarray(image.numpy()).save(folder / name / f"{i}.png")
+    return str(folder)
+
+
+class _Datasets:
+    """The registry's cifar10 (its class names) with tiny data: no CIFAR-10 to load."""
+
+    def __init__(self, split: Split):
+        self.spec = dataclasses.replace(get_registry().dataset("cifar10"), load=lambda root: (split, split))
+
+    def names(self, kind):
+        return ["cifar10"]
+
+    def dataset(self, name):
+        return self.spec
+
+
+def _defend(tmp: Path, clean: str, *, model="model.safetensors", test=None, triggered=None, target=None,
+            teacher_arch=None, datasets=None):
+    """``defend_file`` on tiny data, NAD for one epoch of teacher and student (seconds on a CPU)."""
+    def load(text, train=False):
+        return load_user_data(datasets or get_registry(), text, train=train, image_size=32, seed=0) if text else None
+
+    return defend_file(get_registry(), model_path=tmp / model, arch="wrn-16-1", clean=load(clean, True),
+                       defense_name="nad", overrides={"epochs": "1", "teacher_epochs": "1"}, mean=None, std=None,
+                       test=load(test), triggered=load(triggered), target=target, teacher_path=None,
+                       teacher_arch=teacher_arch, seed=0, device=torch.device("cpu"),
+                       out=tmp / "repaired.safetensors", progress=False)
+
+
+def test_a_teacher_architecture_without_a_file_is_trained_from_scratch(tiny):
+    report = _defend(tiny, str(tiny / "clean"), teacher_arch="wrn-16-2")
+    assert set(report["models"]) == {"teacher"} and (tiny / "repaired.safetensors").exists()
+
+
+def test_named_class_folders_take_the_clean_datas_labels(tiny):
+    """Named folders get the labels of the clean data's class names (its folders', or the registered
+    dataset's), whichever classes they lack: without dog (5, the target) frog stays 6."""
+    reg = get_registry()
+    frog = build(reg.model("wrn-16-1"), reg.dataset("cifar10"))
+    with torch.no_grad():  # predicts frog whatever the image, so ACC on frogs says which label they got
+        frog.net.fc.weight.zero_()
+        frog.net.fc.bias.copy_(torch.eye(10)[6])
+    save_weights(frog, tiny / "frog.safetensors")
+    test = _named_folder(tiny / "test", ["frog"])
+    triggered = _named_folder(tiny / "triggered", [c for c in CIFAR10 if c != "dog"])
+    datasets = _Datasets(load_image_folder(tiny / "clean")[0])
+    for clean in (_named_folder(tiny / "named", CIFAR10, 2), "cifar10:1"):
+        report = _defend(tiny, clean, model="frog.safetensors", test=test, triggered=triggered, target=5,
+                         datasets=datasets)
+        assert report["before"]["acc"] == 1.0, clean
+        assert report["n_triggered"] == 9, clean  # none labelled 5: every one counts for ASR
+
+
+def test_a_class_name_the_clean_data_lacks_is_a_one_line_error(tiny):
+    _named_folder(tiny / "named", CIFAR10)
+    _named_folder(tiny / "test", ["frog", "zebra"])
+    out = _cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "named", "--test", "test",
+                 "--set", "nad.epochs=1", "--set", "nad.teacher_epochs=1", "--no-progress", cwd=tiny)
+    _one_line_error(out, "test", "zebra", "valid: " + ", ".join(CIFAR10))
+    with pytest.raises(HandoverError, match="numbered 0 to 9"):  # numbered clean folders name no classes
+        _defend(tiny, str(tiny / "clean"), test=str(tiny / "test"))
+
+
 def _readme_commands() -> list[str]:
     """The commands of the README's 'Clean a model you were given' section, as written."""
     text = (ROOT / "README.md").read_text()
@@ -118,7 +210,8 @@ def _readme_commands() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA_ROOT or not Path(DATA_ROOT).is_dir(), reason="NADBENCH_DATA_ROOT is not set")
-def test_readme_round_trip_removes_the_backdoor(tmp_path):
+def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     commands = _readme_commands()
     assert [c.split()[1] for c in commands] == ["attack", "defend"]
     for command in commands:
@@ -133,7 +226,7 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path):
     triggered, _, _ = load_image_folder(tmp_path / "triggered")
     _, test = reg.dataset("cifar10").load(DATA_ROOT)
     test = test.subset(torch.arange(0, len(test), 10))
-    from nadbench.train import accuracy, attack_success_rate
+    from nadbench.evaluate import accuracy, attack_success_rate
 
     asr = [attack_success_rate(m, triggered, 5) for m in (before, after)]
     acc = [accuracy(m, test) for m in (before, after)]

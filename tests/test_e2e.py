@@ -14,19 +14,22 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quick",
-        # the same subset and schedule as test_attacks_e2e (no augmentation: implants in few steps)
-        "--set", "profile.train_limit=8000", "--set", "profile.test_limit=1000",
-        "--set", "profile.epochs=6", "--set", "profile.lr=0.1", "--set", "profile.crop=0",
-        "--set", "profile.flip=false",
+        # the README round trip's subset and schedule (tests/test_defend.py: one model for both, from
+        # the session's cache): no augmentation, as the official code trains, and 20% poisoning, so
+        # that BadNets implants in 5 epochs of 4,000 images
+        "--set", "profile.train_limit=4000", "--set", "profile.test_limit=1000",
+        "--set", "profile.epochs=5", "--set", "profile.lr=0.1", "--set", "profile.crop=0",
+        "--set", "profile.flip=false", "--set", "badnets.poison_rate=0.2",
         "--set", "profile.clean_share=0.1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(tmp_path_factory, fresh_store):
     root = os.environ.get("NADBENCH_DATA_ROOT")
     if not root or not Path(root).is_dir():
         pytest.skip("NADBENCH_DATA_ROOT is not set to the folder holding the CIFAR-10 archive")
     work = tmp_path_factory.mktemp("e2e")
+    fresh_store(work)
     out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", *ARGS, "--output", "results.json"],
                          cwd=work, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "MLFLOW_TRACKING_URI": ""})
@@ -63,7 +66,7 @@ def test_runs_read_back_from_sqlite(grid):
     for run in children:
         assert run.info.status == "FINISHED"
         p, m = run.data.params, run.data.metrics
-        assert p["attack.name"] == "badnets" and p["attack.poison_rate"] == "0.1" and p["seed"] == "0"
+        assert p["attack.name"] == "badnets" and p["attack.poison_rate"] == "0.2" and p["seed"] == "0"
         assert p["model.student"] == p["model.teacher"] == "wrn-16-1"
         # provenance: who provided each part, and which nadbench
         for part in ("dataset", "attack", "defense", "model.student", "model.teacher"):

@@ -54,6 +54,7 @@ def test_teachers_without_a_teacher_using_defense_is_an_error():
 
 # ------------------------------------------------------------------------------------------ keys
 def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")  # explicit: `auto` is bf16 on CPUs with native bf16
     base = _runner(registry, tmp_path)
 
     def keys(runner, cell=CELL):
@@ -75,19 +76,20 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     monkeypatch.setenv("NADBENCH_PRECISION", "bf16")
     p, t, c = keys(base)
     assert p == p0 and t != t0 and c != c0
-    monkeypatch.delenv("NADBENCH_PRECISION")
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
     # the attack's config and code change the poisoning and everything after it
     for runner in (_runner(registry, tmp_path, {"badnets": {"poison_rate": "0.2"}}),):
         assert len({keys(runner)[i] for i in range(3)} & {p0, t0, c0}) == 0
     monkeypatch.setattr(registry.attack("badnets"), "source_hash", "edited")
     assert len(set(keys(base)) & {p0, t0, c0}) == 0
     monkeypatch.undo()
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
     # a model's code changes the model, not the poisoning
     model = registry.model
     monkeypatch.setattr(registry, "model", lambda name: dataclasses.replace(model(name), source_hash="edited"))
     p, t, _ = keys(base)
     assert p == p0 and t != t0
-    monkeypatch.undo()
+    monkeypatch.setattr(registry, "model", model)
     # seeds and students: BadNets' poisoning is shared by architectures, Trojan's (crafted against
     # the student's clean model) is not; the seed changes all
     other = dataclasses.replace(CELL, student="wrn-16-2", teacher="wrn-16-2")
@@ -177,6 +179,23 @@ def test_an_undeclared_clean_model_user_is_told_to_declare_it(registry, tmp_path
 
 
 # ------------------------------------------------------------------------------ the defense's view
+def _reachable(root) -> set[int]:
+    """ids of every object reachable from ``root`` through ``gc.get_referents`` (closures, bound
+    objects, containers), not entering modules, classes or module namespaces."""
+    import gc
+    import types
+
+    namespaces = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
+    seen, todo = set(), [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, type)) or id(obj) in namespaces:
+            continue
+        seen.add(id(obj))
+        todo.extend(gc.get_referents(obj))
+    return seen
+
+
 def test_a_defense_context_offers_no_data_and_the_supplied_models(registry, tmp_path):
     runner = _runner(registry, tmp_path)
     pair = dataclasses.replace(CELL, teacher="wrn-16-2")
@@ -184,6 +203,14 @@ def test_a_defense_context_offers_no_data_and_the_supplied_models(registry, tmp_
     for field in dataclasses.fields(DefenseContext):
         value = getattr(ctx, field.name)
         assert not isinstance(value, (DatasetSpec, Split)) and not hasattr(value, "load"), field.name
+    # Nothing the context reaches, through its callables' closures too, holds the test split or the
+    # ASR set (a closure over the Runner would: its memory holds both).
+    _, _, test_set = runner.data("toy")
+    triggered = runner.poisoning(pair).triggered
+    reachable = _reachable(ctx)
+    for name, tensor in (("test images", test_set.images), ("test labels", test_set.labels),
+                         ("ASR images", triggered.images), ("ASR labels", triggered.labels)):
+        assert id(tensor) not in reachable, f"the defense context reaches the {name}"
     assert ctx.num_classes == 10 and (ctx.student, ctx.teacher) == ("wrn-16-1", "wrn-16-2")
     assert ctx.student_layers == ("net.block1", "net.block2", "net.block3")
 
@@ -218,12 +245,12 @@ def test_stage_key_text_is_the_canonical_json():
 
 
 # ------------------------------------------------------------------------------------- heartbeats
-def test_runs_of_another_host_are_reaped_only_without_a_recent_heartbeat(tmp_path):
+def test_runs_of_another_host_are_reaped_only_without_a_recent_heartbeat(tmp_path, fresh_store):
     import time
 
     from nadbench.tracking import Tracker
 
-    tracker = Tracker(f"sqlite:///{tmp_path / 'nadbench.db'}")
+    tracker = Tracker(fresh_store(tmp_path))
     old = f"{time.time() - 7200:.0f}"
     dead = tracker.start("a grid on a machine that died", tags={"nadbench.host": "elsewhere",
                                                                "nadbench.pid": "123", "nadbench.heartbeat": old})
@@ -242,3 +269,156 @@ def test_cells_per_gpu_alone_runs_cells_in_workers():
     finally:
         pool.close()
     assert executors.make("inprocess", None, device="cpu", threads=None, cells_per_gpu=2, ray_address=None) is None
+
+
+# ------------------------------------------------------------------------------ keys by content
+def _tiny_folder(root, seed):
+    """An ImageFolder tree root/tiny/{train,test}/<class>/<n>.png of random images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(10):
+            folder = root / "tiny" / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_keys_hold_the_datas_content_not_its_name(toy_registry, tmp_path, monkeypatch):
+    """Two data roots with one layout and different images never share a poisoning or a model."""
+    from nadbench.data import load_imagefolder
+
+    monkeypatch.setenv("NADBENCH_CACHE", str(tmp_path / "cache"))
+    reg = toy_registry()
+    spec = DatasetSpec("tiny", lambda root: load_imagefolder(root, "tiny"), 10, (0.5,) * 3, (0.25,) * 3)
+    monkeypatch.setattr(reg, "dataset", lambda name: spec)
+    roots = [_tiny_folder(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 1), ("c", 0))]
+    cell = dataclasses.replace(CELL, dataset="tiny")
+
+    def keys(root):
+        runner = Runner(reg, profile("quick"), device=torch.device("cpu"), data_root=root, cache_dir=tmp_path)
+        poison = runner.poison_key(cell)[0]
+        return poison, runner.train_key("tiny", "wrn-16-1", 0, poison)[0], runner.cell_key(cell)[0]
+
+    a, b, c = (keys(root) for root in roots)
+    assert not set(a) & set(b)  # other images: every stage recomputed
+    assert a == c  # the same images under another folder: the same stages
+
+
+def test_a_file_a_config_names_is_keyed_by_its_content(registry, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    key_image = tmp_path / "key.png"
+    runner = _runner(registry, tmp_path, {"blend": {"key_image": str(key_image)}})
+    cell = dataclasses.replace(CELL, attack="blend")
+    keys = []
+    for seed in (0, 1, 0):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(key_image)
+        keys.append(runner.poison_key(cell)[0])
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    folder = tmp_path / "reflections"
+    refool = _runner(registry, tmp_path, {"refool": {"reflection_folder": str(folder)}})
+    _tiny_folder(folder, 0)
+    before = refool.poison_key(dataclasses.replace(CELL, attack="refool"))[0]
+    _tiny_folder(folder, 1)  # the same names, other pictures
+    assert refool.poison_key(dataclasses.replace(CELL, attack="refool"))[0] != before
+
+
+def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatch):
+    """An edit to core/adversarial.py (Trojan's and CL's) re-crafts Trojan's poisoning and not
+    BadNets'; an edit to the evaluation re-evaluates cells without retraining any model; an edit
+    to the CLI or the table changes nothing."""
+    from nadbench import codehash
+
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    real = codehash.read_source
+
+    def keys(edited: str | None):
+        monkeypatch.setattr(codehash, "read_source",
+                            lambda file: real(file) + (b"\n# edited" if file.name == edited else b""))
+        codehash.code_hash.cache_clear()
+        runner = _runner(toy_registry(), tmp_path)  # a fresh registry: plugin hashes are taken at load
+        out = {}
+        for attack in ("badnets", "trojan"):
+            cell = dataclasses.replace(CELL, attack=attack)
+            poison = runner.poison_key(cell)[0]
+            out[attack] = (poison, runner.train_key("toy", "wrn-16-1", 0, poison)[0], runner.cell_key(cell)[0])
+        return out
+
+    base = keys(None)
+    adversarial = keys("adversarial.py")
+    assert adversarial["badnets"] == base["badnets"]
+    assert not set(adversarial["trojan"]) & set(base["trojan"])
+    evaluation = keys("evaluate.py")
+    for attack in ("badnets", "trojan"):
+        assert evaluation[attack][:2] == base[attack][:2] and evaluation[attack][2] != base[attack][2]
+    training = keys("train.py")  # the loop: models (the clean one Trojan crafts against too) and cells
+    assert training["badnets"][0] == base["badnets"][0] and training["badnets"][1] != base["badnets"][1]
+    assert training["trojan"][0] != base["trojan"][0]
+    for unrelated in ("cli.py", "table.py", "tracking.py", "engine.py"):
+        assert keys(unrelated) == base, unrelated
+    codehash.code_hash.cache_clear()
+
+
+# ------------------------------------------------------------------------------ overrides and checks
+def test_set_overrides_reach_only_the_plugin_of_their_kind(toy_registry, tmp_path):
+    import click
+    from dataclasses import dataclass
+
+    from nadbench import Attack, Defense, param
+    from nadbench.cli import _parse_sets
+    from nadbench.config import ConfigError
+
+    @dataclass(frozen=True)
+    class AttackConfig:
+        target: int = param(5, "target", min=0)
+        poison_rate: float = param(0.1, "rate")
+        strength: float = param(1.0, "strength")
+
+    class TwinAttack(Attack):
+        name, Config = "twin", AttackConfig
+
+        def apply_trigger(self, images):
+            return images
+
+    @dataclass(frozen=True)
+    class DefenseConfig:
+        strength: float = param(2.0, "strength")
+
+    class TwinDefense(Defense):
+        name, Config = "twin", DefenseConfig
+
+        def defend(self, model, clean, ctx):
+            return model
+
+    reg = toy_registry(defenses=[TwinDefense])
+    reg.items["attacks"]["twin"] = TwinAttack
+    grid = {"attacks": ["twin"], "defenses": ["twin"]}
+    with pytest.raises(click.BadParameter, match="both an attack and a defense"):
+        _parse_sets(("twin.strength=3",), reg, grid)
+    _, over = _parse_sets(("attack.twin.strength=3",), reg, grid)
+    assert over == {"attack.twin": {"strength": "3"}}
+    runner = _runner(reg, tmp_path, over)
+    assert runner._attack_obj("twin").config.strength == 3.0 and runner._defense_obj("twin").config.strength == 2.0
+    with pytest.raises(ConfigError, match="ambiguous"):
+        _runner(reg, tmp_path, {"twin": {"strength": "3"}})._attack_obj("twin")
+    _, over = _parse_sets(("badnets.target=0", "nad.epochs=2"), reg, {"attacks": ["badnets"], "defenses": ["nad"]})
+    assert over == {"attack.badnets": {"target": "0"}, "defense.nad": {"epochs": "2"}}
+
+
+def test_a_target_outside_the_datasets_labels_is_refused_before_training(registry):
+    from nadbench.config import ConfigError
+    from nadbench.engine import check_grid
+
+    cells = expand(registry, ["toy"], ["badnets"], ["finetune"], ["wrn-16-1"], None, [0])
+    with pytest.raises(ConfigError, match=r"badnets.target = 10 is out of range for dataset 'toy', which has "
+                                          r"10 classes: valid targets are 0..9"):
+        check_grid(registry, cells, {"attack.badnets": {"target": "10"}})
+    check_grid(registry, cells, {"attack.badnets": {"target": "9"}})
+    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--set", "badnets.target=10"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "badnets.target = 10 is out of range for dataset 'cifar10'" in out.stderr

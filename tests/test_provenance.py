@@ -119,11 +119,16 @@ def _register_attack(cls):
     return register_attacks
 
 
-def _error_of(cls) -> str:
+def _error_of(cls, kind="attacks") -> str:
     reg = Registry()
     info = PluginInfo("bad", "bad_module", "bad-dist 0.1")
-    reg.add_plugin(_module("bad_module", register_attacks=_register_attack(cls)), info)
-    assert info.error and cls.name not in reg.names("attacks")
+
+    @hookimpl
+    def register_defenses(register):
+        register(cls)
+    hook = {"register_attacks": _register_attack(cls)} if kind == "attacks" else {"register_defenses": register_defenses}
+    reg.add_plugin(_module("bad_module", **hook), info)
+    assert info.error and cls.name not in reg.names(kind)
     return info.error
 
 
@@ -178,39 +183,62 @@ def test_unknown_name_mentions_failed_plugins(tmp_path):
     assert "1 plugin(s) failed to load: stripes (ModuleNotFoundError" in run.stderr
 
 
-def test_profile_defense_defaults_apply_by_field():
-    from nadbench.engine import PROFILES, defense_overrides
-    from nadbench.train import FinetuneParams
-
+def test_a_profile_sets_only_the_fields_a_defense_declares_and_the_engine_applies_them(toy_registry, tmp_path):
+    """A Runner built in code (not only `bench run`) applies the quick profile's finetuning lr to the
+    defenses that declare it, and to nothing else: a FinetuneParams config that does not declare it
+    keeps its own lr, and a declared field of another name takes its own profile value."""
+    import torch
     from dataclasses import dataclass
+
+    from nadbench.engine import Runner, profile
+    from nadbench.train import FinetuneParams
 
     @dataclass(frozen=True)
     class ThirdConfig(FinetuneParams):
-        pass
+        rounds: int = param(9, "rounds")
 
-    class Third(Defense):
-        name = "third"
+    class Undeclared(Defense):  # a FinetuneParams config whose lr the profile must leave alone
+        name = "undeclared"
         Config = ThirdConfig
 
         def defend(self, model, clean, ctx):
             return model
 
+    class Declared(Undeclared):
+        name = "declared"
+        profile_settings = {"lr": "finetune_lr", "rounds": {"quick": 2}}
+
+    reg = toy_registry(defenses=[Undeclared, Declared])
+    quick = Runner(reg, profile("quick"), device=torch.device("cpu"), cache_dir=tmp_path)
+    paper = Runner(reg, profile("paper"), device=torch.device("cpu"), cache_dir=tmp_path)
+    assert quick._defense_obj("undeclared").config.lr == 0.1  # its own default
+    assert (quick._defense_obj("declared").config.lr, quick._defense_obj("declared").config.rounds) == (0.03, 2)
+    assert (paper._defense_obj("declared").config.lr, paper._defense_obj("declared").config.rounds) == (0.1, 9)
+    for name in ("finetune", "nad", "fine-pruning", "mcr"):
+        assert quick._defense_obj(name).config.lr == 0.03 and paper._defense_obj(name).config.lr == 0.1
+    mine = Runner(reg, profile("quick"), device=torch.device("cpu"), cache_dir=tmp_path,
+                  overrides={"defense.nad": {"lr": "0.5"}})
+    assert mine._defense_obj("nad").config.lr == 0.5  # the user's --set wins
+
+
+def test_profile_settings_that_name_no_field_are_refused():
+    from dataclasses import dataclass
+
     @dataclass(frozen=True)
-    class OtherConfig:
-        lr: float = param(0.5, "some other lr")
+    class C:
+        lr: float = param(0.1, "lr")
 
-    class Other(Third):
-        name = "other"
-        Config = OtherConfig
+    class D(Defense):
+        name = "d"
+        Config = C
+        profile_settings = {"learning_rate": "finetune_lr"}
 
-    quick = PROFILES["quick"]
-    assert defense_overrides(quick, Third, None) == {"lr": "0.03"}
-    assert defense_overrides(quick, Third, {"lr": "0.1"}) == {"lr": "0.1"}  # the user's --set wins
-    assert defense_overrides(quick, Other, None) == {}  # not a FinetuneParams: untouched
-    assert defense_overrides(PROFILES["paper"], Third, None) == {}
-    for name in ("finetune", "nad"):
-        cls = get_registry().defense(name)
-        assert cls.from_overrides(defense_overrides(quick, cls, None)).config.lr == 0.03
+        def defend(self, model, clean, ctx):
+            return model
+
+    assert "profile_settings names 'learning_rate'" in _error_of(D, "defenses")
+    D.profile_settings = {"lr": "no_such_profile_field"}
+    assert "is not a profile field" in _error_of(D, "defenses")
 
 
 def test_list_profile_shows_the_fields():

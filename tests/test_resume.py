@@ -24,14 +24,22 @@ LABELS = ["cifar10/badnets/nad/wrn-16-1/seed0", "cifar10/badnets/nad/wrn-16-1<-w
           "cifar10/badnets/finetune/wrn-16-1/seed0"]
 
 
-def _env(folder: Path) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(folder / "cache")}
+def _env(folder: Path, cache: Path | None = None) -> dict:
+    """A stage cache of the folder's own (or ``cache``), whose decoded datasets are the session's:
+    each grid trains its models, none decodes the JPEGs again."""
+    cache = cache or folder / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "datasets").exists():
+        shared = Path(os.environ["NADBENCH_CACHE"]) / "datasets"
+        shared.mkdir(parents=True, exist_ok=True)
+        (cache / "datasets").symlink_to(shared, target_is_directory=True)
+    return {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(cache)}
 
 
-def _bench(folder: Path, *extra, timeout=900):
+def _bench(folder: Path, *extra, timeout=900, cache: Path | None = None):
     folder.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "nadbench.cli", *GRID, *extra], cwd=folder, env=_env(folder),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "nadbench.cli", *GRID, *extra], cwd=folder,
+                          env=_env(folder, cache), capture_output=True, text=True, timeout=timeout)
 
 
 def _runs(folder: Path):
@@ -48,9 +56,10 @@ def _numbers(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+def resumed(tmp_path_factory, fresh_store):
     """The grid killed in its second cell, then run again (in-process, one thread)."""
     folder = tmp_path_factory.mktemp("resume")
+    fresh_store(folder)
     log = open(folder / "killed.txt", "w")
     proc = subprocess.Popen([sys.executable, "-m", "nadbench.cli", *GRID], cwd=folder, env=_env(folder),
                             stdout=log, stderr=subprocess.STDOUT)
@@ -110,10 +119,13 @@ def test_a_finished_grid_runs_again_in_seconds_computing_nothing(resumed):
 
 
 @pytest.mark.parametrize("executor", [["--workers", "2"], ["--executor", "ray"]], ids=["workers2", "ray"])
-def test_workers_and_ray_give_the_in_process_numbers(resumed, tmp_path, executor):
+def test_workers_and_ray_give_the_in_process_numbers(resumed, tmp_path, fresh_store, executor):
+    """Two workers train every model again (a cache of their own); Ray runs the cells on the models
+    the in-process grid stored (its cache), so it measures Ray's cells, not the training twice."""
+    fresh_store(tmp_path)
     if executor[1] == "ray":
         pytest.importorskip("ray")
-    out = _bench(tmp_path, *executor)
+    out = _bench(tmp_path, *executor, cache=resumed[0] / "cache" if executor[1] == "ray" else None)
     assert out.returncode == 0, out.stderr[-3000:]
     assert _numbers(tmp_path) == _numbers(resumed[0])
     children = [r for r in _runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]

@@ -2,9 +2,11 @@
 seeds and two clean shares, then the table in every format, the paired comparison, and what
 `bench run` leaves on its parent run (description, Markdown, JSON, bar chart)."""
 import json
+import math
 import statistics
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -19,11 +21,11 @@ from nadbench.tracking import Tracker
 
 
 @pytest.fixture(scope="module")
-def store(toy_registry, tmp_path_factory):
+def store(toy_registry, tmp_path_factory, fresh_store):
     """A finished toy grid: badnets x {finetune, fine-pruning} x shares {0.25, 0.5} x seeds {0, 1}."""
     tmp = tmp_path_factory.mktemp("table")
     reg = toy_registry()
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = fresh_store(tmp)
     tracker = Tracker(uri, "nadbench")
     runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
                     device=torch.device("cpu"), progress=False, cache_dir=tmp / "cache", tracker=tracker,
@@ -66,7 +68,7 @@ def test_table_formats_paper_and_paired(store):
     assert "± " in text and "average" in text and "deviation" in text and "clean share" in text
     md = _cli(uri, "--format", "markdown", "--paper")
     assert "| dataset | attack | clean share | seeds | no defense | finetune | fine-pruning |" in md
-    assert "*17.18 / 81.22*" in md  # the paper's BadNets finetuning beside ours
+    assert "in italics" in md and "*17.18 / 81.22*" not in md  # toy data, shares 0.25, 0.5: not Table 1
     rows = list(__import__("csv").reader(_cli(uri, "--format", "csv").splitlines()))
     assert rows[0][:4] == ["dataset", "attack", "clean share", "defense"] and len(rows) == 1 + 2 * 3
     paired = _cli(uri, "--paired", "fine-pruning,finetune")
@@ -121,12 +123,14 @@ def test_render_rejects_unknown_format():
         table.render(table.build([]), "html")
 
 
-def _result(defense, seed, asr, teacher="wrn-16-1", source="supplied"):
+def _result(defense, seed, asr, teacher="wrn-16-1", source="supplied", before=(1.0, 0.8), **fields):
+    """A synthetic cell result; ``fields`` override (or add to) the cell's fields."""
     from nadbench.engine import Cell
 
-    cell = Cell("cifar10", "badnets", defense, "wrn-16-1", teacher if source else "wrn-16-1", seed, source)
-    return {"cell": __import__("dataclasses").asdict(cell), "before": {"asr": 1.0, "acc": 0.8},
-            "after": {"asr": asr, "acc": 0.78}, "status": "FINISHED"}
+    student = fields.get("student", "wrn-16-1")
+    cell = Cell("cifar10", "badnets", defense, student, teacher if source else student, seed, source)
+    return {"cell": {**__import__("dataclasses").asdict(cell), **fields},
+            "before": {"asr": before[0], "acc": before[1]}, "after": {"asr": asr, "acc": 0.78}, "status": "FINISHED"}
 
 
 def test_columns_follow_the_papers_order_whatever_the_grid_order():
@@ -169,3 +173,64 @@ def test_a_resumed_cell_takes_the_share_its_grid_names(store, toy_registry, tmp_
                                        clean_shares=[0.05]), name="named share")
     assert first[0]["cell"]["clean_share"] is None
     assert named[0]["reused_from"] and named[0]["cell"]["clean_share"] == 0.05
+
+
+def test_an_average_over_fewer_rows_says_so_and_its_deviation_pairs_rows():
+    # NAD failed on Blend: its average is over BadNets only, and so is the "no defense" it is compared
+    # with (BadNets' 80.00 ACC, not the 70.00 of both rows), else NAD would gain 8 points of ACC.
+    blend = {"attack": "blend", "before": (0.9, 0.6)}
+    t = table.build([_result("finetune", 0, 0.1, source=""), _result("nad", 0, 0.04),
+                     _result("finetune", 0, 0.1, source="", **blend)])
+    data = table.to_json(t)
+    assert data["average"]["nad"] == {"asr": 4.0, "acc": 78.0, "rows": 1}
+    assert data["deviation"]["nad"] == {"asr": -96.0, "acc": pytest.approx(-2.0), "rows": 1}
+    assert data["average"]["finetune"]["rows"] == data["average"]["none"]["rows"] == 2
+    assert data["deviation"]["finetune"]["acc"] == pytest.approx(78.0 - 70.0)
+    for fmt in ("text", "markdown"):
+        lines = table.render(t, fmt).splitlines()
+        average, deviation = (next(x for x in lines if x.lstrip("| ").startswith(w)) for w in ("average", "deviation"))
+        assert "-96.00 / -2.00 (1/2 rows)" in deviation and "4.00 / 78.00 (1/2 rows)" in average
+        assert average.count("rows)") == deviation.count("rows)") == 1  # finetune and none: every row
+    full = table.render(table.build([_result("finetune", 0, 0.1, source=""), _result("nad", 0, 0.04)]), "text")
+    assert "rows)" not in full and "-90.00 / -2.00  -96.00 / -2.00" in full
+
+
+@pytest.mark.parametrize("fields, paper", [
+    ({}, True), ({"clean_share": 0.05}, True),
+    ({"attack": "refool", "dataset": "gtsrb"}, True),
+    ({"dataset": "gtsrb"}, False), ({"attack": "refool"}, False),  # refool's row is on GTSRB only
+    ({"student": "preact-resnet18"}, False), ({"teacher": "wrn-16-2"}, False),
+    ({"teacher_source": "scratch"}, False), ({"clean_share": 0.1}, False),
+    ({"attack": "badnets@all2all"}, False),
+], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "paper" if isinstance(v, dict) else str(v))
+def test_paper_numbers_only_beside_the_papers_setting(fields, paper):
+    # One row (no axis varies): NAD's cell outside the paper's setting takes the whole row out, "no
+    # defense" and finetuning too, since the row's numbers mix it in.
+    results = [_result("finetune", 0, 0.1, source="", **{k: v for k, v in fields.items()
+                                                          if k not in ("teacher", "teacher_source")}),
+               _result("nad", 0, 0.04, **fields)]
+    t = table.build(results, paper=True)
+    (row,) = table.to_json(t)["rows"]
+    assert [("paper" in row[d]) for d in ("none", "finetune", "nad")] == [paper] * 3
+    assert ("(paper " in table.render(t, "text")) == paper
+    assert all(bool(r[-2:] != ["", ""]) == paper for r in list(__import__("csv").reader(
+        table.render(t, "csv").splitlines()))[1:])
+
+
+def test_paired_rows_without_a_common_seed_have_n_0(monkeypatch):
+    # finetune ran seed 0 and NAD seed 1 of the same row: nothing to pair, yet no crash.
+    results = [_result("finetune", 0, 0.1, source=""), _result("nad", 1, 0.04)]
+    (item,) = table.paired(results, "nad", "finetune").values()
+    assert item["n"] == 0 and all(math.isnan(item[k]) for k in ("asr", "acc", "asr_2se", "acc_2se"))
+
+    class Tracker:  # `bench table` without MLflow: the grid's results as read back
+        def __init__(self, *args):
+            pass
+
+        def grid_results(self, run_id):
+            return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1", run_name="grid")), results
+
+    monkeypatch.setattr("nadbench.tracking.Tracker", Tracker)
+    for fmt, shown in (("text", "ASR +nan ± nan, ACC +nan ± nan (n=0)"), ("json", '"n": 0')):
+        out = CliRunner().invoke(main, ["table", "--paired", "nad,finetune", "--format", fmt])
+        assert out.exit_code == 0 and shown in out.stdout, out.output

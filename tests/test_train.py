@@ -8,7 +8,8 @@ from nadbench import DatasetSpec, Split
 from nadbench.augment import cutout, random_crop, random_flip
 from nadbench.models import build, load_weights, save_weights
 from nadbench.registry import get_registry
-from nadbench.train import Optim, accuracy, precision, train
+from nadbench.evaluate import accuracy
+from nadbench.train import Optim, precision, train
 
 SPEC = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

@@ -144,7 +144,8 @@ def _child_runs(db: Path):
 
 
 @needs_data
-def test_a_truncated_archive_names_the_file_and_fails_its_cell(tmp_path):
+def test_a_truncated_archive_names_the_file_and_fails_its_cell(tmp_path, fresh_store):
+    fresh_store(tmp_path)
     archive = Path(DATA_ROOT) / "cifar10-jpeg.tar.xz"
     root = tmp_path / "data"
     root.mkdir()
@@ -163,7 +164,8 @@ SLOW_GRID = ["--attacks", "badnets", "--defenses", "finetune", "--profile", "qui
              "--set", "profile.train_limit=3000", "--set", "profile.test_limit=200", "--set", "profile.epochs=50"]
 
 
-def _start_and_wait_for_cell(tmp_path, extra=()):
+def _start_and_wait_for_cell(tmp_path, fresh_store, extra=()):
+    fresh_store(tmp_path)
     log = open(tmp_path / "stderr.txt", "w")
     # SIGINT at its default, as in a terminal: a suite started in the background (`nohup ... &`)
     # passes on an ignored SIGINT, and Python then never raises KeyboardInterrupt.
@@ -187,8 +189,8 @@ def _start_and_wait_for_cell(tmp_path, extra=()):
 
 @needs_data
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_ctrl_c_end_the_cell_cleanly(tmp_path, sig, code):
-    proc = _start_and_wait_for_cell(tmp_path, ["--output", "out.json"])
+def test_sigterm_and_ctrl_c_end_the_cell_cleanly(tmp_path, fresh_store, sig, code):
+    proc = _start_and_wait_for_cell(tmp_path, fresh_store, ["--output", "out.json"])
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == code, (tmp_path / "stderr.txt").read_text()
     _, children, parents = _child_runs(tmp_path / "nadbench.db")
@@ -198,8 +200,8 @@ def test_sigterm_and_ctrl_c_end_the_cell_cleanly(tmp_path, sig, code):
 
 
 @needs_data
-def test_runs_of_a_killed_process_are_marked_at_the_next_start(tmp_path):
-    proc = _start_and_wait_for_cell(tmp_path)
+def test_runs_of_a_killed_process_are_marked_at_the_next_start(tmp_path, fresh_store):
+    proc = _start_and_wait_for_cell(tmp_path, fresh_store)
     proc.kill()
     proc.wait(timeout=60)
     _, children, parents = _child_runs(tmp_path / "nadbench.db")

@@ -24,7 +24,7 @@ class BlendConfig:
     poison_rate: float = param(0.1, "share of training images poisoned", min=0.0, max=1.0)
     alpha: float = param(0.2, "blend weight of the key", min=0.0, max=1.0)
     key_seed: int = param(0, "seed of the uniform-noise key (independent of the grid seed)", min=0)
-    key_image: str = param("", "image file used as the key instead of noise ('' = noise)")
+    key_image: str = param("", "image file used as the key instead of noise ('' = noise)", path="file")
 
 
 class Blend(Attack):

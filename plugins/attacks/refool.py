@@ -45,7 +45,8 @@ class RefoolConfig:
     pool_size: int = param(200, "number of reflection images", min=1)
     reflection_dataset: str = param("auto", "registered dataset the reflections come from "
                                     "(auto: cifar10, or gtsrb when attacking cifar10)")
-    reflection_folder: str = param("", "folder of reflection images (jpg/png), used instead of a dataset")
+    reflection_folder: str = param("", "folder of reflection images (jpg/png), used instead of a dataset",
+                                   path="folder")
     ghost_rate: float = param(0.49, "probability of a ghost rather than an out-of-focus reflection",
                               min=0.0, max=1.0)
 

@@ -16,6 +16,8 @@ def register_datasets(register):
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         description="CIFAR-10: 50,000 train / 10,000 test 32x32 colour images, 10 classes",
+        # By label: torchvision's order, which is also the sorted order of the class folders.
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     ))
 
 

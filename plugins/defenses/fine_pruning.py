@@ -81,6 +81,8 @@ class FinePruning(Defense):
     name = "fine-pruning"
     Config = FinePruningConfig
     description = "prune the last features' dormant channels (held-out clean accuracy), then finetune"
+    # Its finetuning: the quick profile's lower finetuning lr (core/grid.py).
+    profile_settings = {"lr": "finetune_lr"}
     uses_classifier = True
 
     def defend(self, model, clean, ctx):

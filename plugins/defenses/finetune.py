@@ -18,6 +18,8 @@ class Finetune(Defense):
     name = "finetune"
     Config = FinetuneConfig
     description = "finetune all layers on the clean subset"
+    # The quick profile's 10-epoch models take a lower finetuning lr (core/grid.py).
+    profile_settings = {"lr": "finetune_lr"}
 
     def defend(self, model, clean, ctx):
         return train(model, clean, self.config.optim(), seed=ctx.seed, desc="finetune",

@@ -32,7 +32,8 @@ from torch.func import functional_call
 from nadbench import Defended, Defense, hookimpl, param
 from nadbench.augment import augment, to_float
 from nadbench.report import line_figure
-from nadbench.train import FinetuneParams, Optim, accuracy, train
+from nadbench.evaluate import accuracy
+from nadbench.train import FinetuneParams, Optim, train
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class MCR(Defense):
     name = "mcr"
     Config = MCRConfig
     description = "Bezier curve between the model and its finetuned copy; the point at t = 0.3"
+    # The finetuned endpoint: the quick profile's lower finetuning lr (core/grid.py).
+    profile_settings = {"lr": "finetune_lr"}
 
     def defend(self, model, clean, ctx):
         cfg = self.config

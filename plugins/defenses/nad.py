@@ -45,6 +45,8 @@ class NAD(Defense):
     name = "nad"
     Config = NADConfig
     description = "finetuned teacher + attention distillation into the backdoored student"
+    # Teacher and student: the quick profile's lower finetuning lr (core/grid.py).
+    profile_settings = {"lr": "finetune_lr"}
     uses_teacher = True
 
     def check(self, student_layers, teacher_layers):

@@ -1,0 +1,96 @@
+"""What a grid is made of: its cells and the profiles that say how backdoored models are trained.
+No torch here: the CLI, the table and the executors use these without loading it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import config as cfgmod
+from .config import param
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How the backdoored models are trained and how much data a cell uses. Defenses keep their
+    own (paper) settings in every profile except the fields they declare in ``profile_settings``
+    (the engine applies those); override anything with ``--set nad.epochs=...``."""
+
+    name: str = param("custom", "profile name")
+    epochs: int = param(100, "backdoor training epochs", min=1)
+    lr: float = param(0.1, "backdoor training peak learning rate", min=0.0)
+    schedule: str = param("step", "learning-rate schedule", choices=("step", "cosine", "onecycle"))
+    milestones: tuple[int, ...] = param((50, 75), "epochs of 10x lr drops (step schedule)", min=0)
+    batch_size: int = param(64, "backdoor training batch size", min=1)
+    weight_decay: float = param(1e-4, "backdoor training weight decay", min=0.0)
+    crop: int = param(4, "random-crop padding for backdoor training (0: off)", min=0)
+    flip: bool = param(True, "random flips for backdoor training")
+    clean_share: float = param(0.05, "share of the training set the defender holds", min=0.0, max=1.0,
+                               min_exclusive=True)
+    train_limit: int | None = param(None, "use a random subset of this many training images", min=1)
+    test_limit: int | None = param(None, "use a random subset of this many test images", min=1)
+    # Reaches the defenses that declare it (``profile_settings = {"lr": "finetune_lr"}``); --set wins.
+    finetune_lr: float | None = param(None, "initial lr of the finetuning-style defenses that take it "
+                                      "(profile_settings; none: each defense's own default)", min=0.0, max=10.0)
+
+    def backdoor_optim(self):
+        """The training loop's ``Optim`` for the backdoored (and clean) models."""
+        from .train import Optim
+
+        return Optim(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
+                     nesterov=True, weight_decay=self.weight_decay, schedule=self.schedule,
+                     milestones=self.milestones, crop=self.crop, flip=self.flip)
+
+
+PROFILES = {
+    # For a GPU: 100 epochs of SGD at lr 0.1 (the official code's optimiser, batch 64, weight decay
+    # 1e-4), dropping 10x at epochs 50 and 75; defenses at the paper's settings.
+    "paper": Profile(name="paper"),
+    # Fits BadNets x {finetune, NAD} on CIFAR-10 into ~12 minutes on a 2-core CPU. A 10-epoch
+    # model is less settled than the paper's 100-epoch one: the paper's finetuning lr of 0.1 costs
+    # it ~7 ACC points (vs ~4.5 in the paper), so this profile starts the finetuning-style defenses
+    # that declare it (profile_settings) at 0.03 (measured: ASR 100 -> 2.5 with an ACC drop of 2.3; see benchmarks/results/).
+    "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
+                     batch_size=128, weight_decay=5e-4, finetune_lr=0.03),
+}
+
+
+def profile(name: str, overrides: dict[str, str] | None = None) -> Profile:
+    if name not in PROFILES:
+        raise cfgmod.ConfigError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    base = PROFILES[name]
+    if not overrides:
+        return base
+    values = {k: getattr(cfgmod.build(Profile, {k: v}, "profile."), k) for k, v in overrides.items()}
+    cfg = dataclasses.replace(base, **values)
+    cfgmod.validate(cfg, "profile.")
+    return cfg
+
+
+TEACHER_SOURCES = ("supplied", "scratch")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell. ``teacher`` and ``teacher_source`` matter only to defenses with
+    ``uses_teacher`` (for the others the teacher is the student and the source empty).
+    ``teacher_source``: "supplied" (the supplier's model of the teacher architecture: the backdoored
+    model itself, or one the engine backdoors on the same poisoned data) or "scratch" (a fresh
+    network trained on the clean subset)."""
+
+    dataset: str
+    attack: str
+    defense: str
+    student: str
+    teacher: str
+    seed: int
+    teacher_source: str = "supplied"
+    clean_share: float | None = None  # None: the profile's (a grid without --clean-shares)
+
+    @property
+    def label(self) -> str:
+        arch = self.student if self.teacher == self.student else f"{self.student}<-{self.teacher}"
+        if self.teacher_source == "scratch":
+            arch += "(scratch)"
+        share = "" if self.clean_share is None else f"/clean{self.clean_share:g}"
+        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}{share}/seed{self.seed}"

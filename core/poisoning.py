@@ -1,0 +1,75 @@
+"""The poison stage: an attack crafts its trigger, poisons the training set and builds the ASR set;
+what it changed is stored, and a stored poisoning is restored exactly (never re-crafted).
+Stage keys hash this module (see ``nadbench.codehash``), so an edit here re-crafts poisonings.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .api import AttackContext, Split
+
+
+@dataclass
+class Poisoning:
+    """The output of the poison stage: the poisoned training set, the indices the attack chose, the
+    ASR set (triggered test images whose label is not the target), and the images the attack logged.
+    Stored by key, so a cache hit reuses exactly what the attack crafted (it is never re-crafted)."""
+
+    key: str
+    attack: Any               # the configured attack (prepared only when this process crafted it)
+    poisoned: Split
+    index: torch.Tensor
+    triggered: Split
+    images: dict[str, torch.Tensor]
+    hit: bool
+
+
+def seeded(seed: int, salt: str) -> torch.Generator:
+    """A generator for one purpose of one seed, independent of the global RNG."""
+    digest = hashlib.sha256(f"{seed}:{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def image_tensor(image) -> torch.Tensor:
+    """A uint8 (C, H, W) tensor of what an attack logs (a tensor, or a matplotlib figure rendered)."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().to(torch.uint8)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    image.canvas.draw()
+    array = np.asarray(image.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(image)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def craft(key: str, attack, ctx: AttackContext, train_set: Split, test_set: Split,
+          seed: int) -> tuple[Poisoning, dict[str, torch.Tensor]]:
+    """Prepare the attack, poison the training set, trigger the test set. Returns the poisoning
+    and the tensors to store (the rows that changed, not the whole training set)."""
+    images: dict[str, torch.Tensor] = {}
+    ctx.log_image = lambda path, image: images.__setitem__(path, image_tensor(image))
+    attack.prepare(ctx)
+    poisoned, index = attack.poison_train(train_set, seeded(seed, "poison"))
+    triggered = attack.trigger_test(test_set)
+    rows = ((poisoned.images != train_set.images).flatten(1).any(1)
+            | (poisoned.labels != train_set.labels)).nonzero().flatten()
+    tensors = {"index": index, "rows": rows, "row_images": poisoned.images[rows],
+               "row_labels": poisoned.labels[rows], "asr_images": triggered.images,
+               "asr_labels": triggered.labels, **{f"image/{p}": im for p, im in images.items()}}
+    return Poisoning(key, attack, poisoned, index, triggered, images, hit=False), tensors
+
+
+def restore(key: str, attack, train_set: Split, stored: dict, device) -> Poisoning:
+    """The poisoning stored by :func:`craft`, put back on the training set it was crafted on (the
+    key holds that set's digest, so it is the same set)."""
+    images, labels = train_set.images.clone(), train_set.labels.clone()
+    rows = stored["rows"].to(device)
+    images[rows], labels[rows] = stored["row_images"].to(device), stored["row_labels"].to(device)
+    logged = {k[len("image/"):]: v for k, v in stored.items() if k.startswith("image/")}
+    return Poisoning(key, attack, Split(images, labels), stored["index"].to(device),
+                     Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)), logged, hit=True)
