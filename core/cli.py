@@ -391,6 +391,7 @@ def list_(kind):
     """List the registered datasets, models, attacks and defenses (providers, config fields), and
     the fields of the profiles."""
     from .config import describe
+    from .grid import PROFILES, profile_values
 
     if kind == "profile":
         _list_profiles()
@@ -407,9 +408,12 @@ def list_(kind):
             if k == "datasets":
                 click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
             if k in ("attacks", "defenses"):
+                by_profile = {n: profile_values(item, p) for n, p in PROFILES.items()}
                 for field, default, help_ in describe(item.Config):
                     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-                    click.echo(f"      {item.name}.{field}={shown}  {help_}")
+                    set_by = ", ".join(f"{n}: {v[field]}" for n, v in by_profile.items() if field in v)
+                    click.echo(f"      {item.name}.{field}={shown}  {help_}"
+                               + (f" [profile {set_by}]" if set_by else ""))
     for line in registry.problems():
         click.secho(f"warning: {line}", fg="yellow", err=True)
 

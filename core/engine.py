@@ -30,7 +30,7 @@ from .attention import layer_names
 from .codehash import code_hash
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
 from .evaluate import accuracy, evaluate
-from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile  # noqa: F401 — re-exported
+from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
 from .models import build, classifier_name
 from .poisoning import Poisoning
 from .registry import PluginError, Registry
@@ -60,18 +60,6 @@ def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, nam
         raise cfgmod.ConfigError(f"--set {name}.FIELD is ambiguous: {name!r} names an attack and a defense; "
                                  f"write attack.{name}.FIELD or defense.{name}.FIELD")
     return {**plain, **(overrides.get(f"{KIND_PREFIX[kind]}.{name}") or {})}
-
-
-def profile_values(cls: type, prof: Profile | None) -> dict[str, Any]:
-    """The config values a profile gives a plugin, as the plugin declares (``profile_settings``)."""
-    if prof is None:
-        return {}
-    out = {}
-    for field, source in cls.profile_settings.items():
-        value = source.get(prof.name) if isinstance(source, dict) else getattr(prof, source)
-        if value is not None:
-            out[field] = value
-    return out
 
 
 def configured(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,

@@ -67,6 +67,18 @@ def profile(name: str, overrides: dict[str, str] | None = None) -> Profile:
     return cfg
 
 
+def profile_values(cls: type, prof: Profile | None) -> dict:
+    """The config values a profile gives a plugin, as the plugin declares (``profile_settings``)."""
+    if prof is None:
+        return {}
+    out = {}
+    for field, source in cls.profile_settings.items():
+        value = source.get(prof.name) if isinstance(source, dict) else getattr(prof, source)
+        if value is not None:
+            out[field] = value
+    return out
+
+
 TEACHER_SOURCES = ("supplied", "scratch")
 
 

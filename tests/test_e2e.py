@@ -47,8 +47,11 @@ def test_results_file_and_table(grid):
     assert results[1]["before"] == before and results[1]["backdoor_cache_hit"]  # trained once
     assert before["asr"] >= 0.9, before  # the backdoor implants on real images
     nad = results[1]["after"]
+    # Measured (ASR / ACC %): backdoored 100 / 43.4, NAD 9.2 / 35.6 in float32 on an AVX2 CPU; 100 / 43.9,
+    # NAD 10.8 / 35.5 in bf16 (emulated there). 400 clean images cost a model this weak ~8 ACC points;
+    # a defense that does nothing keeps ASR 100, one that wrecks the model falls to ~10 ACC: both fail.
     assert nad["asr"] <= before["asr"] - 0.5, (before, nad)  # NAD removes most of it
-    assert nad["acc"] >= before["acc"] - 0.1, (before, nad)
+    assert nad["acc"] >= before["acc"] - 0.15, (before, nad)
 
 
 def test_runs_read_back_from_sqlite(grid):

@@ -219,6 +219,11 @@ def test_a_profile_sets_only_the_fields_a_defense_declares_and_the_engine_applie
     mine = Runner(reg, profile("quick"), device=torch.device("cpu"), cache_dir=tmp_path,
                   overrides={"defense.nad": {"lr": "0.5"}})
     assert mine._defense_obj("nad").config.lr == 0.5  # the user's --set wins
+    from click.testing import CliRunner
+
+    from nadbench.cli import main
+    listed = CliRunner().invoke(main, ["list", "defenses"]).stdout
+    assert "finetune.lr=0.1  initial learning rate (in [0.0, 10.0]) [profile quick: 0.03]" in listed
 
 
 def test_profile_settings_that_name_no_field_are_refused():
