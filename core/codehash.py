@@ -128,8 +128,3 @@ def code_hash(*modules: str) -> str:
     for lib in sorted(libraries):
         digest.update(f"{lib}=={versions.get(lib, '?')}\n".encode())
     return digest.hexdigest()
-
-
-def modules_of(*modules: str) -> list[str]:
-    """The module names :func:`code_hash` covers (for tests and `bench cache info`)."""
-    return [name for name, _ in closure(*modules)[0]]
