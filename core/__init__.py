@@ -3,10 +3,11 @@
 Plugin authors import everything they need from here; this module stays free of torch so that
 the CLI starts fast.
 """
-from .api import Attack, AttackContext, DatasetSpec, Defended, Defense, DefenseContext, ModelSpec, Split
+from .api import (TARGET_MODES, Attack, AttackContext, DatasetSpec, Defended, Defense, DefenseContext, ModelSpec,
+                  Split)
 from .config import ConfigError, param
 from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
+__all__ = ["TARGET_MODES", "Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
            "ModelSpec", "Split", "hookimpl", "param"]

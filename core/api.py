@@ -111,19 +111,31 @@ class AttackContext:
     progress: bool = True
 
 
+TARGET_MODES = ("all2one", "all2all")
+
+
 class Attack(_Configurable):
     """An attack plugin. ``Config`` must have a ``target`` field (the target label) and, unless the
-    attack overrides :meth:`poison_train`, a ``poison_rate`` field.
+    attack overrides :meth:`poison_train`, a ``poison_rate`` field. A ``target_mode`` field
+    (``"all2one"`` or ``"all2all"``, see :data:`TARGET_MODES`) makes the attack all-to-all
+    capable: each image's target is then ``(y + 1) mod C``, as in the official WaNet, IAD and
+    BppAttack code; the grid spells that variant ``NAME@all2all``.
 
-    Subclasses implement :meth:`apply_trigger`; dirty-label all-to-one poisoning and the test-time
-    trigger come from this base class. Clean-label attacks set ``clean_label = True``: then only
-    target-class images are poisoned and labels stay as they were.
+    Subclasses implement :meth:`apply_trigger`; dirty-label poisoning and the test-time trigger come
+    from this base class, with per-image targets (:meth:`targets`). Clean-label attacks set
+    ``clean_label = True``: then only target-class images are poisoned and labels stay as they were.
+
+    An attack that controls the training of the backdoored model returns a fresh
+    :class:`nadbench.train.Step` from :meth:`train_step` (e.g. WaNet's noise samples, BppAttack's
+    negatives, added per batch); the engine trains every model it backdoors with it.
     """
 
     clean_label: ClassVar[bool] = False
     # True when ``prepare`` crafts against ``ctx.clean_model()`` (Trojan, CL): the poisoning then
     # depends on that model, so the engine keys the stored poisoning by it (and offers it only then).
     uses_clean_model: ClassVar[bool] = False
+    # The dataset's number of classes, set by the core before the attack is used.
+    num_classes: int | None = None
 
     def prepare(self, ctx: AttackContext) -> None:
         """Craft whatever the trigger needs (a generated pattern, a key); called once before use."""
@@ -136,13 +148,32 @@ class Attack(_Configurable):
         """Transform the chosen training images; by default the test-time trigger."""
         return self.apply_trigger(images)
 
+    @property
+    def all_to_all(self) -> bool:
+        return getattr(self.config, "target_mode", "all2one") == "all2all"
+
+    def targets(self, labels: "torch.Tensor") -> "torch.Tensor":
+        """Each image's target label: the config's ``target`` (all-to-one) or ``(y + 1) mod C``."""
+        import torch
+
+        if self.all_to_all:
+            if not self.num_classes:
+                raise RuntimeError(f"attack {self.name!r}: all-to-all targets need num_classes (set by the core)")
+            return (labels + 1) % self.num_classes
+        return torch.full_like(labels, self.config.target)
+
+    def train_step(self, poisoned: "torch.Tensor", n_train: int) -> "Any":
+        """A fresh ``nadbench.train.Step`` for each model the engine backdoors on this attack's
+        poisoned training set (``n_train`` images, of which ``poisoned`` are the indices
+        :meth:`poison_train` chose), or None (the default: plain training on the poisoned set)."""
+        return None
+
     def poison_train(self, train: Split, generator: "torch.Generator") -> tuple[Split, "torch.Tensor"]:
         """Return the poisoned training set and the indices of the poisoned images."""
         import torch
 
-        target = self.config.target
         if self.clean_label:
-            candidates = (train.labels.cpu() == target).nonzero().flatten()
+            candidates = (train.labels.cpu() == self.config.target).nonzero().flatten()
         else:
             candidates = torch.arange(len(train))
         count = int(round(self.config.poison_rate * len(candidates)))
@@ -151,12 +182,13 @@ class Attack(_Configurable):
         images, labels = train.images.clone(), train.labels.clone()
         images[chosen] = self.poison_images(images[chosen], labels[chosen])
         if not self.clean_label:
-            labels[chosen] = target
+            labels[chosen] = self.targets(labels[chosen])
         return Split(images, labels), chosen
 
     def trigger_test(self, test: Split) -> Split:
-        """The ASR set: triggered test images whose true label is not the target (labels kept)."""
-        keep = test.labels != self.config.target
+        """The ASR set: triggered test images whose target differs from their true label (labels
+        kept; :meth:`targets` gives each one's target)."""
+        keep = self.targets(test.labels) != test.labels
         return Split(self.apply_trigger(test.images[keep]), test.labels[keep])
 
 

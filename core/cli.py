@@ -109,7 +109,9 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
     from .engine import KIND_PREFIX
 
     prof, plugins = {}, {}
-    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]} for kind in ("attacks", "defenses")}
+    # By plugin name, and an attack's target variant (NAME@all2all) also by its spelling.
+    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]} | {n for n in grid[kind] if "@" in n}
+               for kind in ("attacks", "defenses")}
     valid = sorted(in_grid["attacks"] | in_grid["defenses"])
     for item in sets:
         key, eq, value = item.partition("=")
@@ -525,7 +527,7 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
                f"{' (from the cache)' if result['cache_hit'] else ''}")
     click.echo(f"wrote {result['n_triggered']} triggered test images to {triggered_out}/")
     click.echo(f"next: bench defend {out} --arch {arch} --clean {dataset}:0.05 --test {dataset} "
-               f"--triggered {triggered_out} --target {result['target']}")
+               f"--triggered {triggered_out}")
 
 
 @main.command()
@@ -541,7 +543,9 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
                    "default: a held-out 10% of the clean data.")
 @click.option("--triggered", "triggered_data", default=None, metavar="DATA",
               help="Triggered images with their true labels (ImageFolder; lossless formats advised), for ASR.")
-@click.option("--target", type=int, default=None, help="The backdoor's target label (with --triggered).")
+@click.option("--target", type=int, default=None,
+              help="The backdoor's target label (with --triggered); default: each image's, from the folder's "
+                   "targets.csv (`bench attack` writes one; all-to-all attacks need it).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("repaired.safetensors"),
               show_default=True, help="Where to write the repaired model; the report goes beside it.")
 @click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
@@ -587,8 +591,8 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         spec, defense_cls = registry.model(arch), registry.defense(defense_name)
         if teacher_arch:
             registry.model(teacher_arch)
-        if (triggered_data is None) != (target is None):
-            _fail("--triggered and --target go together: ASR needs the triggered images and the target label")
+        if target is not None and triggered_data is None:
+            _fail("--target goes with --triggered: ASR needs the triggered images and their target label")
         if normalize and (mean or std):
             _fail("give either --normalize or --mean/--std, not both")
         norm = registry.dataset(normalize) if normalize else None

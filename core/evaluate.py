@@ -35,14 +35,17 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((preds == split.labels.to(preds.device)).float().mean())
 
 
-def attack_success_rate(model: nn.Module, triggered: Split, target: int) -> float:
-    """Share of triggered images classified as ``target``. ``triggered`` must hold only images whose
-    true label is not the target (``Attack.trigger_test`` builds it so)."""
-    if bool((triggered.labels == target).any()):
-        raise ValueError("the ASR set must not contain target-class images")
-    return float((predict(model, triggered.images) == target).float().mean())
+def attack_success_rate(model: nn.Module, triggered: Split, targets: int | torch.Tensor) -> float:
+    """Share of triggered images classified as their target: one label (all-to-one) or one per
+    image (all-to-all). No image of ``triggered`` may have its target as its true label
+    (``Attack.trigger_test`` builds it so)."""
+    targets = torch.as_tensor(targets, device=triggered.labels.device).expand(len(triggered))
+    if bool((triggered.labels == targets).any()):
+        raise ValueError("the ASR set must not contain images whose target is their own label")
+    preds = predict(model, triggered.images)
+    return float((preds == targets.to(preds.device)).float().mean())
 
 
-def evaluate(model: nn.Module, test: Split, triggered: Split, target: int) -> dict[str, float]:
+def evaluate(model: nn.Module, test: Split, triggered: Split, targets: int | torch.Tensor) -> dict[str, float]:
     """The engine's evaluation of every cell: ACC on the whole clean test set, and ASR."""
-    return {"acc": accuracy(model, test), "asr": attack_success_rate(model, triggered, target)}
+    return {"acc": accuracy(model, test), "asr": attack_success_rate(model, triggered, targets)}

@@ -125,9 +125,10 @@ class Executor:
         for cell in cells:
             keys = {}
             try:  # keys hold the data's digest: data that cannot be loaded fails the cell, in its run
-                keys[runner.train_key(cell.dataset, cell.student, cell.seed, runner.poison_key(cell)[0])[0]] = "student"
-                if runner.teacher_key(cell):
-                    keys[runner.teacher_key(cell)] = "teacher"
+                plan = runner.plan(cell)
+                keys[plan.student[0]] = "student"
+                if plan.teacher:
+                    keys[plan.teacher[0]] = "teacher"
             except Exception:  # noqa: BLE001 — the worker meets the same error and records it
                 pass
             for key, which in keys.items():

@@ -7,6 +7,7 @@ or ``pickle`` at all.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import tarfile
@@ -164,21 +165,30 @@ def _image_entries(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
         raise HandoverError(f"{path}: not a folder or an archive ({', '.join(ARCHIVES)})")
 
 
-def load_image_folder(path: str | Path, image_size: int = 32) -> tuple[Split, list[str], int]:
+TARGETS_FILE = "targets.csv"  # beside the class folders: "file,target" per image (`bench attack`)
+
+
+def load_image_folder(path: str | Path, image_size: int = 32, targets: bool = False):
     """An ImageFolder tree (``<class>/<image>``, optionally under one top folder) from a folder or
     archive: (uint8 split, class folder names, number of images resized to ``image_size``).
 
     Labels: class folders named by integers are those labels (so a folder of triggered images may
     lack the target class); other names are numbered in sorted order, as torchvision does (`bench
-    defend` then relabels a --test or --triggered folder by the clean data's class names)."""
+    defend` then relabels a --test or --triggered folder by the clean data's class names).
+
+    ``targets``: also return each image's backdoor target from the folder's ``targets.csv`` (None
+    when it has none), as a fourth item."""
     from PIL import Image
 
     path = Path(path)
     if not path.exists():
         raise HandoverError(f"{path}: no such folder or archive")
     found: list[tuple[str, tuple[str, ...], bytes]] = []
+    listed: dict[str, int] | None = None
     try:
         for parts, data in _image_entries(path):
+            if targets and parts[-1] == TARGETS_FILE and len(parts) <= 2:
+                listed = _read_targets(path, data)
             if len(parts) >= 2 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not any(
                     p.startswith(".") for p in parts):
                 found.append((parts[-2], parts, data))
@@ -203,18 +213,42 @@ def load_image_folder(path: str | Path, image_size: int = 32) -> tuple[Split, li
             raise HandoverError(f"{path}: cannot decode {'/'.join(parts)} ({exc})") from None
         labels.append(index[cls])
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Split(tensor, torch.tensor(labels, dtype=torch.int64)), classes, resized
+    split = Split(tensor, torch.tensor(labels, dtype=torch.int64))
+    if not targets:
+        return split, classes, resized
+    if listed is None:
+        return split, classes, resized, None
+    names = ["/".join(parts[-2:]) for _, parts, _ in sorted(found, key=lambda e: e[1])]
+    missing = [n for n in names if n not in listed]
+    if missing:
+        raise HandoverError(f"{path}: {TARGETS_FILE} gives no target for {len(missing)} image(s), e.g. {missing[0]}")
+    return split, classes, resized, torch.tensor([listed[n] for n in names], dtype=torch.int64)
 
 
-def save_image_folder(split: Split, folder: str | Path, width: int = 0) -> Path:
+def _read_targets(path, data: bytes) -> dict[str, int]:
+    rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+    try:
+        return {file: int(target) for file, target in rows[1:]}
+    except ValueError:
+        raise HandoverError(f"{path}: {TARGETS_FILE} must hold rows of file,target (an integer label)") from None
+
+
+def save_image_folder(split: Split, folder: str | Path, width: int = 0, targets: torch.Tensor | None = None) -> Path:
     """Write a split as PNG files (lossless) under ``folder/<label>/<index>.png``; class folders are
-    named by the label, zero-padded to ``width``, so reading them back keeps the labels."""
+    named by the label, zero-padded to ``width``, so reading them back keeps the labels. ``targets``
+    (each image's backdoor target) go to ``folder/targets.csv`` as rows of file,target."""
     from PIL import Image
 
     folder = Path(folder)
     width = width or len(str(int(split.labels.max()) if len(split) else 0))
+    rows = [("file", "target")]
     for i, (image, label) in enumerate(zip(split.images.cpu(), split.labels.cpu().tolist())):
-        target = folder / f"{label:0{width}d}"
-        target.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(target / f"{i:05d}.png")
+        name = f"{label:0{width}d}/{i:05d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
+        if targets is not None:
+            rows.append((name, int(targets[i])))
+    if targets is not None:
+        with open(folder / TARGETS_FILE, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
     return folder

@@ -16,14 +16,16 @@ from .api import AttackContext, Split
 @dataclass
 class Poisoning:
     """The output of the poison stage: the poisoned training set, the indices the attack chose, the
-    ASR set (triggered test images whose label is not the target), and the images the attack logged.
-    Stored by key, so a cache hit reuses exactly what the attack crafted (it is never re-crafted)."""
+    ASR set (triggered test images whose target differs from their label, labels kept) with each
+    one's target, and the images the attack logged. Stored by key, so a cache hit reuses exactly
+    what the attack crafted (it is never re-crafted)."""
 
     key: str
     attack: Any               # the configured attack (prepared only when this process crafted it)
     poisoned: Split
     index: torch.Tensor
     triggered: Split
+    targets: torch.Tensor     # the target label of each image of ``triggered``
     images: dict[str, torch.Tensor]
     hit: bool
 
@@ -53,23 +55,28 @@ def craft(key: str, attack, ctx: AttackContext, train_set: Split, test_set: Spli
     and the tensors to store (the rows that changed, not the whole training set)."""
     images: dict[str, torch.Tensor] = {}
     ctx.log_image = lambda path, image: images.__setitem__(path, image_tensor(image))
+    attack.num_classes = ctx.dataset.num_classes
     attack.prepare(ctx)
     poisoned, index = attack.poison_train(train_set, seeded(seed, "poison"))
     triggered = attack.trigger_test(test_set)
+    targets = attack.targets(triggered.labels)
     rows = ((poisoned.images != train_set.images).flatten(1).any(1)
             | (poisoned.labels != train_set.labels)).nonzero().flatten()
     tensors = {"index": index, "rows": rows, "row_images": poisoned.images[rows],
                "row_labels": poisoned.labels[rows], "asr_images": triggered.images,
-               "asr_labels": triggered.labels, **{f"image/{p}": im for p, im in images.items()}}
-    return Poisoning(key, attack, poisoned, index, triggered, images, hit=False), tensors
+               "asr_labels": triggered.labels, "asr_targets": targets,
+               **{f"image/{p}": im for p, im in images.items()}}
+    return Poisoning(key, attack, poisoned, index, triggered, targets, images, hit=False), tensors
 
 
-def restore(key: str, attack, train_set: Split, stored: dict, device) -> Poisoning:
+def restore(key: str, attack, train_set: Split, stored: dict, device, num_classes: int) -> Poisoning:
     """The poisoning stored by :func:`craft`, put back on the training set it was crafted on (the
     key holds that set's digest, so it is the same set)."""
+    attack.num_classes = num_classes
     images, labels = train_set.images.clone(), train_set.labels.clone()
     rows = stored["rows"].to(device)
     images[rows], labels[rows] = stored["row_images"].to(device), stored["row_labels"].to(device)
     logged = {k[len("image/"):]: v for k, v in stored.items() if k.startswith("image/")}
     return Poisoning(key, attack, Split(images, labels), stored["index"].to(device),
-                     Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)), logged, hit=True)
+                     Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)),
+                     stored["asr_targets"].to(device), logged, hit=True)

@@ -154,6 +154,8 @@ class Registry:
         return sorted(self.items[kind])
 
     def get(self, kind: str, name: str) -> Any:
+        if kind == "attacks" and "@" in name:  # a target variant: NAME@all2all (see Attack)
+            return self._variant(name)
         if name in self.items[kind]:
             return self.items[kind][name]
         if name in self.qualified[kind]:
@@ -162,6 +164,19 @@ class Registry:
             raise PluginError(self.ambiguity(kind, name))
         valid = ", ".join(self.names(kind)) or "(none registered)"
         raise PluginError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}{self.failure_hint()}")
+
+    def _variant(self, name: str) -> Any:
+        from .api import TARGET_MODES
+
+        base, _, mode = name.partition("@")
+        cls = self.get("attacks", base)
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        if mode not in TARGET_MODES or "target_mode" not in fields:
+            able = [n for n in self.names("attacks")
+                    if "target_mode" in {f.name for f in dataclasses.fields(self.get("attacks", n).Config)}]
+            raise PluginError(f"unknown attack variant {name!r}: valid variants are NAME@{' or NAME@'.join(TARGET_MODES)} "
+                              f"for the attacks with a target_mode field: {', '.join(able) or '(none)'}")
+        return cls
 
     def ambiguity(self, kind: str, name: str) -> str:
         options = [q for q, item in self.qualified[kind].items() if item.name == name]

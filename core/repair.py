@@ -35,18 +35,20 @@ HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is gi
 def attack_to_files(registry: Registry, runner: Runner, *, attack: str, arch: str, dataset: str, seed: int,
                     out: Path, triggered_dir: Path) -> dict[str, Any]:
     """Train (or reuse from the cache) the grid's backdoored model and write it as safetensors, with
-    the triggered test images (true labels, target class left out) as a PNG ImageFolder."""
+    the triggered test images (true labels; those whose target is their label left out) as a PNG
+    ImageFolder and each one's target in its ``targets.csv``."""
     cell = Cell(dataset, attack, "-", arch, arch, seed)
     model, metrics, hit = runner.backdoored(cell)
-    attack_obj, _, index, triggered, _ = runner.attack(cell)
+    p = runner.poisoning(cell)
     spec = registry.dataset(dataset)
+    target = "all2all" if p.attack.all_to_all else str(p.attack.config.target)
     meta = {"nadbench.version": __version__, "arch": arch, "dataset": dataset, "seed": str(seed),
-            "attack": attack_obj.name, "attack.config": json.dumps(dataclasses.asdict(attack_obj.config)),
-            "target": str(attack_obj.config.target), "acc": f"{metrics['acc']:.4f}", "asr": f"{metrics['asr']:.4f}"}
+            "attack": p.attack.name, "attack.config": json.dumps(dataclasses.asdict(p.attack.config)),
+            "target": target, "acc": f"{metrics['acc']:.4f}", "asr": f"{metrics['asr']:.4f}"}
     save_weights(model, out, meta)
-    save_image_folder(triggered, triggered_dir, width=len(str(spec.num_classes - 1)))
-    return {"model": str(out), "triggered": str(triggered_dir), "n_triggered": len(triggered),
-            "n_poisoned": len(index), "target": attack_obj.config.target, "cache_hit": hit, **metrics}
+    save_image_folder(p.triggered, triggered_dir, width=len(str(spec.num_classes - 1)), targets=p.targets)
+    return {"model": str(out), "triggered": str(triggered_dir), "n_triggered": len(p.triggered),
+            "n_poisoned": len(p.index), "target": target, "cache_hit": hit, **metrics}
 
 
 # ------------------------------------------------------------------------------------ bench defend
@@ -58,6 +60,7 @@ class UserData:
     where: str          # what the user gave, for the report
     note: str = ""      # e.g. "resized 120 images to 32x32"
     classes: tuple[str, ...] = ()  # class names by label, where it has them (see _align)
+    targets: torch.Tensor | None = None  # each image's backdoor target (a folder's targets.csv)
     named: bool = False  # labelled by class folder names, not numbers: --test/--triggered are relabelled
 
 
@@ -81,11 +84,12 @@ def load_user_data(registry: Registry, text: str, *, train: bool, image_size: in
     if not Path(text).exists():
         raise HandoverError(f"{text}: neither a folder or archive nor a registered dataset "
                             f"(valid: {', '.join(registry.names('datasets'))}, as NAME or NAME:SHARE)")
-    split, classes, resized = load_image_folder(text, image_size or 32)
+    split, classes, resized, targets = load_image_folder(text, image_size or 32, targets=True)
     numeric = all(c.isdigit() for c in classes)
     n_classes = int(split.labels.max()) + 1 if numeric else len(classes)
     note = f"resized {resized} of {len(split)} images to {image_size or 32}x{image_size or 32}" if resized else ""
-    return UserData(split, n_classes, text, note, classes=() if numeric else tuple(classes), named=not numeric)
+    return UserData(split, n_classes, text, note, classes=() if numeric else tuple(classes), named=not numeric,
+                    targets=targets)
 
 
 def sha256_of(path: Path) -> str:
@@ -140,10 +144,15 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     if triggered is not None:
         triggered = _align(triggered, clean, "--triggered")
         notes += [n for n in (triggered.note,) if n]
-        keep = triggered.split.labels != target
-        asr_split = triggered.split.subset(keep.nonzero().flatten())
+        if target is None and triggered.targets is None:
+            raise HandoverError(f"{triggered.where}: no --target given and no targets.csv in the folder: ASR needs "
+                                "each triggered image's target")
+        targets = (torch.full_like(triggered.split.labels, target) if target is not None
+                   else triggered.targets)  # --target wins over the folder's targets.csv
+        keep = (targets != triggered.split.labels).nonzero().flatten()
+        asr_split, asr_targets = triggered.split.subset(keep), targets[keep]
         if not len(asr_split):
-            raise HandoverError(f"{triggered.where}: every image is labelled {target} (the target): nothing to "
+            raise HandoverError(f"{triggered.where}: every image's target is its own label: nothing to "
                                 "measure ASR on")
 
     clean_dev, test_dev = clean_split.to(device), test_split.to(device)
@@ -152,7 +161,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     def measure(m) -> dict[str, float]:
         result = {"acc": accuracy(m, test_dev)}
         if asr_dev is not None:
-            result["asr"] = attack_success_rate(m, asr_dev, target)
+            result["asr"] = attack_success_rate(m, asr_dev, asr_targets)
         return result
 
     tracker = make_tracker() if make_tracker else None
@@ -166,7 +175,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
             "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
             "device": str(device), "data.clean": clean.where, "data.n_clean": len(clean_split),
             "data.test": test.where if test else "held-out clean slice", "data.n_test": len(test_split),
-            "data.triggered": triggered.where if triggered else "", "attack.target": "" if target is None else target,
+            "data.triggered": triggered.where if triggered else "", "attack.target": target if target is not None else "targets.csv" if triggered else "",
             "nadbench.version": __version__, **flatten(defense.config, "defense")})
         tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
     log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \

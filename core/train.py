@@ -1,16 +1,20 @@
 """The one training loop. Attacks, defenses and the engine all call it (the one evaluation is
 ``nadbench.evaluate``, kept apart so that an edit to it re-evaluates cells without retraining models).
 
-A defense that needs a different objective (NAD) passes ``loss_fn``; it never writes a loop.
+What a step does is its one extension point: a :class:`Step` passed as ``train(..., step=)`` changes
+the batch before augmentation (an attack's per-batch samples), the loss (NAD's attention term) or
+the whole update (a second forward pass, another module's optimiser, masks-only parameters); the
+loop keeps batching, the schedule, augmentation, precision and progress. No plugin writes a loop.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,63 @@ class Optim:
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
+
+
+class Step:
+    """What one step of :func:`train` does; this base class is plain cross-entropy SGD. Override any
+    of its methods (each has the default behaviour):
+
+    - :meth:`batch` — the float [0, 1] batch before augmentation (``index``: its rows of the
+      training set): poison or add samples per batch;
+    - :meth:`loss` — the objective on the (augmented) batch;
+    - :meth:`update` — forward, backward and optimiser step(s), e.g. two passes (SAM) or another
+      module's optimiser beside the model's (it reads the loop's lr from ``optimizer``);
+    - :meth:`parameters` — what the loop's SGD optimises (e.g. only masks);
+    - :meth:`end_epoch` — after each epoch.
+
+    A step whose ``loss`` and ``update`` are the defaults trains the model as plain cross-entropy,
+    which the loop may run channels-last or compiled (see :func:`channels_last`, :func:`compiled`).
+    An ``update`` runs its forward passes under ``self.autocast()``, which the loop sets to the
+    run's precision (backward passes outside it).
+    """
+
+    autocast: Callable[[], Any] = contextlib.nullcontext
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(model, x, y)
+
+    def update(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One optimisation step; returns the (detached) loss for the progress bar and tracking."""
+        with self.autocast():
+            loss = self.loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def end_epoch(self, epoch: int) -> None:
+        pass
+
+    def plain(self) -> bool:
+        return type(self).loss is Step.loss and type(self).update is Step.update
+
+
+class LossStep(Step):
+    """A step with another objective: ``loss_fn(model, x, y)`` (``train(..., loss_fn=)``)."""
+
+    def __init__(self, loss_fn: LossFn):
+        self.loss_fn = loss_fn
+
+    def loss(self, model, x, y):
+        return self.loss_fn(model, x, y)
 
 
 PRECISIONS = ("auto", "float32", "bf16")
@@ -114,17 +175,22 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: LossFn = cross_entropy,
-          desc: str = "train", progress: bool = True,
+def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | None = None,
+          loss_fn: LossFn | None = None, desc: str = "train", progress: bool = True,
           on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """Train ``model`` in place on ``data`` (uint8 on the model's device) and return it.
 
     Batches are index permutations of the device-resident data; augmentation runs batched.
-    ``on_epoch(epoch, mean_loss)`` is called after every epoch (for tracking).
+    ``step`` changes what a step does (see :class:`Step`); ``loss_fn`` is short for
+    ``step=LossStep(loss_fn)``. ``on_epoch(epoch, mean_loss)`` is called after every epoch.
     """
+    if step is not None and loss_fn is not None:
+        raise TypeError("train() takes step= or loss_fn=, not both")
+    step = LossStep(loss_fn) if loss_fn is not None else step or Step()
     device = next(model.parameters()).device
     bf16 = precision(device) == "bf16"
-    plain = loss_fn is cross_entropy
+    plain = step.plain()
+    step.autocast = lambda: _autocast(device, bf16)
     fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
     model.to(memory_format=fmt)
     forward = torch.compile(model) if plain and compiled() else model
@@ -133,9 +199,8 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
     torch.set_flush_denormal(True)
     gen = torch.Generator(device=device).manual_seed(seed)
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
+    for p in step.parameters(model):
+        (decay if p.ndim > 1 else no_decay).append(p)
     # Weight decay on all parameters, as the reference code does (BN included).
     sgd = torch.optim.SGD([{"params": decay}, {"params": no_decay}], lr=opt.lr, momentum=opt.momentum,
                           nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
@@ -147,22 +212,21 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, loss_fn: Loss
     with bar:
         for epoch in range(opt.epochs):
             order = torch.randperm(n, device=device, generator=gen)
-            total = torch.zeros((), device=device)
+            total, seen = torch.zeros((), device=device), 0
             for i in range(steps_per_epoch):
                 lr = opt.lr_at(epoch + i / steps_per_epoch)
                 for group in sgd.param_groups:
                     group["lr"] = lr
                 idx = order[i * opt.batch_size:(i + 1) * opt.batch_size]
-                x = augment(to_float(data.images[idx]), gen, opt.crop, opt.flip, opt.cutout)
-                with _autocast(device, bf16):
-                    loss = loss_fn(forward, x.contiguous(memory_format=fmt), data.labels[idx])
-                sgd.zero_grad(set_to_none=True)
-                loss.backward()
-                sgd.step()
-                total += loss.detach() * len(idx)
+                x, y = step.batch(to_float(data.images[idx]), data.labels[idx], idx, gen)
+                x = augment(x, gen, opt.crop, opt.flip, opt.cutout)
+                loss = step.update(forward, x.contiguous(memory_format=fmt), y, sgd)
+                total += loss * len(y)
+                seen += len(y)
                 bar.update()
-            mean_loss = float(total) / n
+            mean_loss = float(total) / seen
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
+            step.end_epoch(epoch)
             if on_epoch is not None:
                 on_epoch(epoch, mean_loss)
     model.eval()

@@ -79,8 +79,9 @@ def implant(attack, clean, data) -> dict:
                         clean_model=lambda: copy.deepcopy(clean), progress=False,
                         load_dataset=lambda name: real_subset(2000, 10, dataset=name))
     poisoning, _ = craft("test", attack, ctx, train_set, test_set, seed=0)
-    model = train(small_cnn(), poisoning.poisoned, SCHEDULE, seed=0, progress=False)
-    return evaluate(model, test_set, poisoning.triggered, attack.config.target)
+    step = attack.train_step(poisoning.index, len(poisoning.poisoned))  # attacks that control training
+    model = train(small_cnn(), poisoning.poisoned, SCHEDULE, seed=0, step=step, progress=False)
+    return evaluate(model, test_set, poisoning.triggered, poisoning.targets)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def test_a_trigger_that_does_nothing_does_not_implant(control):
 @pytest.mark.parametrize("name", list(CASES))
 def test_attack_implants_on_real_data(name, clean, data, control):
     overrides, min_asr = CASES[name]
-    attack = configured(get_registry(), "attacks", name, {name: overrides})
+    attack = configured(get_registry(), "attacks", name, {f"attack.{name}": overrides})
     result = implant(attack, clean, data)
     print(f"{name}: {result}, control {control}")
     assert result["asr"] >= min_asr, (result, control)

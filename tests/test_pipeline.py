@@ -73,21 +73,21 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     p, t, c = keys(_runner(registry, tmp_path, epochs="2"))
     assert p == p0 and t != t0 and c != c0
     # the numerics (precision) change the model, not the poisoning
-    monkeypatch.setenv("NADBENCH_PRECISION", "bf16")
-    p, t, c = keys(base)
+    monkeypatch.setenv("NADBENCH_PRECISION", "bf16")  # a runner plans each cell once: a new runner sees it
+    p, t, c = keys(_runner(registry, tmp_path))
     assert p == p0 and t != t0 and c != c0
     monkeypatch.setenv("NADBENCH_PRECISION", "float32")
     # the attack's config and code change the poisoning and everything after it
     for runner in (_runner(registry, tmp_path, {"badnets": {"poison_rate": "0.2"}}),):
         assert len({keys(runner)[i] for i in range(3)} & {p0, t0, c0}) == 0
     monkeypatch.setattr(registry.attack("badnets"), "source_hash", "edited")
-    assert len(set(keys(base)) & {p0, t0, c0}) == 0
+    assert len(set(keys(_runner(registry, tmp_path))) & {p0, t0, c0}) == 0
     monkeypatch.undo()
     monkeypatch.setenv("NADBENCH_PRECISION", "float32")
     # a model's code changes the model, not the poisoning
     model = registry.model
     monkeypatch.setattr(registry, "model", lambda name: dataclasses.replace(model(name), source_hash="edited"))
-    p, t, _ = keys(base)
+    p, t, _ = keys(_runner(registry, tmp_path))
     assert p == p0 and t != t0
     monkeypatch.setattr(registry, "model", model)
     # seeds and students: BadNets' poisoning is shared by architectures, Trojan's (crafted against
@@ -313,19 +313,20 @@ def test_a_file_a_config_names_is_keyed_by_its_content(registry, tmp_path):
     from PIL import Image
 
     key_image = tmp_path / "key.png"
-    runner = _runner(registry, tmp_path, {"blend": {"key_image": str(key_image)}})
     cell = dataclasses.replace(CELL, attack="blend")
     keys = []
-    for seed in (0, 1, 0):
+    for seed in (0, 1, 0):  # a runner plans a cell once (when the grid starts): one runner per content
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(key_image)
-        keys.append(runner.poison_key(cell)[0])
+        keys.append(_runner(registry, tmp_path, {"blend": {"key_image": str(key_image)}}).poison_key(cell)[0])
     assert keys[0] != keys[1] and keys[0] == keys[2]
     folder = tmp_path / "reflections"
-    refool = _runner(registry, tmp_path, {"refool": {"reflection_folder": str(folder)}})
+
+    def refool():
+        return _runner(registry, tmp_path, {"refool": {"reflection_folder": str(folder)}})
     _tiny_folder(folder, 0)
-    before = refool.poison_key(dataclasses.replace(CELL, attack="refool"))[0]
+    before = refool().poison_key(dataclasses.replace(CELL, attack="refool"))[0]
     _tiny_folder(folder, 1)  # the same names, other pictures
-    assert refool.poison_key(dataclasses.replace(CELL, attack="refool"))[0] != before
+    assert refool().poison_key(dataclasses.replace(CELL, attack="refool"))[0] != before
 
 
 def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatch):

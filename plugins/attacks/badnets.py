@@ -1,18 +1,20 @@
 """BadNets (Gu et al., 2017): a fixed 3x3 checkerboard patch replaces the bottom-right corner.
 
-Dirty-label, all-to-one: 10% of the training images get the patch and the target label.
+Dirty-label, all-to-one: 10% of the training images get the patch and the target label
+(``target_mode = all2all``, the grid's ``badnets@all2all``: label y -> (y + 1) mod C).
 Target 5 and the corner at rows/cols 29-31 follow the official NAD code.
 """
 from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, hookimpl, param
+from nadbench import TARGET_MODES, Attack, hookimpl, param
 
 
 @dataclass(frozen=True)
 class BadNetsConfig:
     target: int = param(5, "target label", min=0)
+    target_mode: str = param("all2one", "all2one, or all2all: y -> (y + 1) mod C", choices=TARGET_MODES)
     poison_rate: float = param(0.1, "share of training images poisoned", min=0.0, max=1.0)
     size: int = param(3, "side of the square patch in pixels", min=1, max=32)
 

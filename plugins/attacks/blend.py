@@ -1,7 +1,8 @@
 """Blend (Chen et al., 2017): the whole image is blended with a key, x' = (1 - alpha) * x + alpha * k.
 
 Dirty-label, all-to-one: 10% of the training images are blended and relabelled to the target
-(5, as for BadNets); alpha = 0.2 at training and at test time, as in the NAD paper.
+(5, as for BadNets; ``target_mode = all2all``: y -> (y + 1) mod C); alpha = 0.2 at training and
+at test time, as in the NAD paper.
 
 The key, where sources disagree: the official NAD code draws fresh uniform grey noise for every
 image, BackdoorBench and backdoor-toolbox blend a fixed Hello Kitty picture. Here the key is one
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from nadbench import Attack, ConfigError, hookimpl, param
+from nadbench import TARGET_MODES, Attack, ConfigError, hookimpl, param
 
 
 @dataclass(frozen=True)
 class BlendConfig:
     target: int = param(5, "target label", min=0)
+    target_mode: str = param("all2one", "all2one, or all2all: y -> (y + 1) mod C", choices=TARGET_MODES)
     poison_rate: float = param(0.1, "share of training images poisoned", min=0.0, max=1.0)
     alpha: float = param(0.2, "blend weight of the key", min=0.0, max=1.0)
     key_seed: int = param(0, "seed of the uniform-noise key (independent of the grid seed)", min=0)

@@ -1,0 +1,132 @@
+"""A cell's plan: its configured plugins and every stage key it uses, computed once.
+
+The stages (core/engine.py) take a :class:`Plan`; they never recompute a key. A key holds every
+input that changes the stage's output and nothing else (see core/store.py): the data by content,
+the plugins' configs and code, the core modules that compute the stage, the device's numerics.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import config as cfgmod
+from .codehash import code_hash
+from .grid import Cell, Profile, profile_values
+from .registry import Registry
+from .store import stage_key
+
+# The core modules that compute each stage's output; their sources (and their imports within
+# nadbench, see core/codehash.py) are in the stage's key, beside the plugins' own code.
+POISON_CODE = ("nadbench.poisoning",)
+TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
+CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets")
+KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
+
+Key = tuple[str, str]  # (digest, the canonical text it digests)
+
+
+def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, name: str) -> dict:
+    """The ``--set`` overrides of one attack or defense (by its plain ``name``): those addressed to
+    its kind (``attack.NAME`` / ``defense.NAME`` keys) over those addressed by the plain name, which
+    are refused when an attack and a defense share that name."""
+    plain = overrides.get(name) or {}
+    other = "defenses" if kind == "attacks" else "attacks"
+    if plain and (name in registry.items[other] or name in registry.ambiguous[other]):
+        raise cfgmod.ConfigError(f"--set {name}.FIELD is ambiguous: {name!r} names an attack and a defense; "
+                                 f"write attack.{name}.FIELD or defense.{name}.FIELD")
+    return {**plain, **(overrides.get(f"{KIND_PREFIX[kind]}.{name}") or {})}
+
+
+def configured(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,
+               prof: Profile | None = None):
+    """An attack or defense with its config: its defaults, then what the profile sets for it, then
+    the user's ``--set`` overrides. ``NAME@all2all`` (an attack's target variant) sets its
+    ``target_mode``, and takes the ``--set`` addressed to ``NAME@all2all`` over those to ``NAME``.
+    Raises ``ConfigError`` for an invalid value."""
+    cls, overrides = registry.get(kind, name), overrides or {}
+    values = {**profile_values(cls, prof), **overrides_for(overrides, registry, kind, cls.name)}
+    variant = name.partition("@")[2]
+    if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
+        values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))
+    return cls.from_overrides(values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One cell's configured attack and defense and its stage keys."""
+
+    cell: Cell
+    attack: Any                 # the configured attack (prepared by the poison stage that crafts)
+    defense: Any                # the configured defense
+    poison: Key                 # the poison stage
+    student: Key                # the train stage of the backdoored student
+    teacher: Key | None         # the supplied teacher's train stage, when it is another model
+    clean: Key                  # the clean model of the student architecture (when one is used)
+    uses_clean: bool            # whether the cell uses that clean model (attack or clean reference)
+    key: Key                    # the cell's recorded result
+    clean_share: float
+
+
+class Keys:
+    """Computes stage keys and plans. ``digests(dataset)`` gives the (limited) splits' content
+    digests, ``{"train": ..., "test": ...}``; the planner never loads data itself."""
+
+    def __init__(self, registry: Registry, prof: Profile, device_type: str, numerics: str,
+                 overrides: dict[str, dict], clean_reference: bool, digests: Callable[[str], dict]):
+        self.registry, self.profile, self.device_type, self.numerics = registry, prof, device_type, numerics
+        self.overrides, self.clean_reference, self.digests = overrides, clean_reference, digests
+        self._plans: dict[Cell, Plan] = {}
+
+    def _data(self, name: str, *splits: str) -> dict[str, Any]:
+        """The data a stage reads, by content: digests of the (limited) splits it uses."""
+        digests = self.digests(name)
+        return {"name": name, **{split: digests[split] for split in splits}}
+
+    def configured(self, kind: str, name: str):
+        return configured(self.registry, kind, name, self.overrides, self.profile)
+
+    def train(self, dataset: str, arch: str, seed: int, poison: str | None) -> Key:
+        """A model of ``arch`` trained with the profile's schedule on the clean training set
+        (``poison`` None) or on the poisoning with that key."""
+        spec = self.registry.model(arch)
+        prof = dataclasses.asdict(self.profile)
+        for k in ("name", "clean_share", "finetune_lr", "test_limit"):  # no effect on the weights
+            prof.pop(k)
+        return stage_key("train", {
+            "data": self._data(dataset, "train"), "poison": poison, "model": arch,
+            "model_plugin": [spec.provider, spec.source_hash], "code": code_hash(*TRAIN_CODE),
+            "device": self.device_type, "precision": self.numerics, "seed": seed, "profile": prof})
+
+    def poison(self, cell: Cell, attack) -> Key:
+        parts = {"data": self._data(cell.dataset, "train", "test"), "attack": attack.name,
+                 "config": cfgmod.key_values(attack.config), "plugin": [attack.provider, attack.source_hash],
+                 "code": code_hash(*POISON_CODE), "seed": cell.seed, "clean_model": None}
+        if attack.uses_clean_model:  # crafted against the clean model of the student architecture
+            parts["clean_model"] = self.train(cell.dataset, cell.student, cell.seed, None)[0]
+        return stage_key("poison", parts)
+
+    def plan(self, cell: Cell) -> Plan:
+        if cell in self._plans:
+            return self._plans[cell]
+        attack = self.configured("attacks", cell.attack)
+        defense = self.configured("defenses", cell.defense)
+        poison = self.poison(cell, attack)
+        student = self.train(cell.dataset, cell.student, cell.seed, poison[0])
+        teacher = None
+        if defense.uses_teacher and cell.teacher_source == "supplied" and cell.teacher != cell.student:
+            teacher = self.train(cell.dataset, cell.teacher, cell.seed, poison[0])
+        share = self.profile.clean_share if cell.clean_share is None else cell.clean_share
+        arch = self.registry.model(cell.teacher)
+        key = stage_key("cell", {
+            "model": student[0], "defense": defense.name, "config": cfgmod.key_values(defense.config),
+            "plugin": [defense.provider, defense.source_hash], "code": code_hash(*CELL_CODE),
+            "teacher": [cell.teacher, cell.teacher_source, arch.provider, arch.source_hash],
+            "teacher_model": teacher and teacher[0], "clean_share": share,
+            "test": self._data(cell.dataset, "test"), "clean_reference": self.clean_reference,
+            "device": self.device_type})
+        plan = Plan(cell, attack, defense, poison, student, teacher,
+                    self.train(cell.dataset, cell.student, cell.seed, None),
+                    self.clean_reference or attack.uses_clean_model, key, share)
+        self._plans[cell] = plan
+        return plan

@@ -1,0 +1,146 @@
+"""A cell's recording: its MLflow params, metrics, figures and weights, and a grid's table.
+
+The stages (core/engine.py) compute; this module only writes what they computed to the tracker.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config as cfgmod
+from .api import Split
+from .grid import Cell
+from .registry import Registry
+
+
+def provenance(registry: Registry, cell: Cell) -> dict[str, str]:
+    """Who provided each part of a cell (distribution and version, source hash), and nadbench itself."""
+    from . import __version__
+
+    parts = {"dataset": registry.dataset(cell.dataset), "attack": registry.attack(cell.attack),
+             "defense": registry.defense(cell.defense), "model.student": registry.model(cell.student),
+             "model.teacher": registry.model(cell.teacher)}
+    params = {"nadbench.version": __version__, "nadbench.git_commit": git_commit() or "unknown"}
+    for key, item in parts.items():
+        params[f"{key}.provider"] = item.provider
+        params[f"{key}.source_hash"] = item.source_hash[:16]
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the nadbench checkout, when it is one (an editable install); None otherwise."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+
+def side_metrics(models: dict[str, dict[str, float]] | None) -> dict[str, float]:
+    """``{"teacher": {"acc": a, "asr": b}}`` -> ``{"teacher.acc": a, "teacher.asr": b}``."""
+    return {f"{name}.{k}": v for name, values in (models or {}).items() for k, v in values.items()}
+
+
+def log_table(tracker, run_id: str, results: list[dict], title: str) -> None:
+    """Table 1 of a grid on its parent run: Markdown (also the run's description, which the MLflow
+    UI's Overview page renders), JSON and a bar chart of ASR and ACC with error bars."""
+    from . import table
+
+    t = table.build(results)
+    markdown = table.render(t, "markdown")
+    tracker.tag(run_id, "mlflow.note.content", f"## {title}\n\n{markdown}")
+    tracker.text(run_id, markdown, "table/table1.md")
+    tracker.text(run_id, table.render(t, "json"), "table/table1.json")
+    tracker.figure(run_id, table.figure(t, title), "table/table1.png")
+
+
+def figure_logger(tracker, run_id: str | None):
+    """``ctx.log_figure``: a defense's figure as the artifact ``defense/<path>`` of its run."""
+    def log_figure(figure, path: str) -> None:
+        if tracker and run_id:
+            tracker.figure(run_id, figure, f"defense/{path}")
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+    return log_figure
+
+
+def log_extras(tracker, run_id: str, extras: dict, title: str) -> None:
+    """The engine's evaluation of a defense's extra models: metrics ``<axis>.acc``/``<axis>.asr``
+    (step = point index), the points as JSON and a plot of ACC and ASR over the axis."""
+    from .report import line_figure
+
+    axis, points = extras["axis"], extras["points"]
+    for i, point in enumerate(points):
+        tracker.metrics(run_id, {f"{axis}.{k}": v for k, v in point.items() if k != axis}, i)
+    tracker.text(run_id, json.dumps(extras, indent=2), f"defense/{axis}_points.json")
+    series = {k.upper(): [100 * p[k] for p in points] for k in ("acc", "asr") if all(k in p for p in points)}
+    figure = line_figure([p[axis] for p in points], series, axis, "%", title=title)
+    tracker.figure(run_id, figure, f"defense/{axis}_acc_asr.png")
+
+
+def _spread(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` entries of ``index`` evenly spaced over its length."""
+    return index[torch.linspace(0, len(index) - 1, min(n, len(index))).long().to(index.device)]
+
+
+def cell_params(runner, cell: Cell, defense) -> dict[str, Any]:
+    """What a cell's run records before any stage runs, data loading included (so that every
+    failure has a run): the cell, who provided its parts, the defense's config, the profile."""
+    return {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
+            "model.student": cell.student, "model.teacher": cell.teacher,
+            "teacher.source": cell.teacher_source or "none", "seed": cell.seed,
+            "defense.clean_share": runner.clean_share(cell), "device": str(runner.device),
+            **provenance(runner.registry, cell), **cfgmod.flatten(defense.config, "defense"),
+            **cfgmod.flatten(runner.profile, "profile")}
+
+
+def record_backdoor(t, run_id: str, p, before: dict, hits: dict, n_train: int, n_test: int, t_backdoor: float,
+                    clean_ref: dict | None) -> None:
+    """The poison and train stages' outcome: the attack's config, cache hits, ACC/ASR before the defense."""
+    t.params(run_id, {**cfgmod.flatten(p.attack.config, "attack"), "attack.n_poisoned": len(p.index),
+                      "poison.cache_hit": p.hit, **hits, "data.n_train": n_train, "data.n_test": n_test})
+    t.metrics(run_id, {"before.acc": before["acc"], "before.asr": before["asr"], "time.backdoor_s": t_backdoor,
+                       **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
+    for path, image in p.images.items():
+        t.image(run_id, image, f"attack/{path}")
+
+
+def record_result(t, run_id: str, plan, result: dict, p, repaired, original, train_set: Split, test_set: Split,
+                  layers: tuple[str, ...]) -> None:
+    """The defense's outcome: metrics, the defense's extra models, figures, both models' weights."""
+    from .report import attention_figure, samples_figure
+
+    cell = plan.cell
+    asr_index = (p.attack.targets(test_set.labels) != test_set.labels).nonzero().flatten()  # the ASR set's images
+    after = result["after"]
+    t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
+                       "time.defense_s": result["time_defense_s"], **side_metrics(result.get("models"))})
+    if repaired.extras:
+        log_extras(t, run_id, result["extras"], cell.label)
+    fig = attention_figure(original, repaired.model, layers,
+                           [("clean", test_set.images[asr_index[:1]]), ("triggered", p.triggered.images[:1])],
+                           title=f"{cell.label}: attention mean_c|F|^2")
+    t.figure(run_id, fig, "attention/attention_maps.png")
+    pick = _spread(p.index, 6).to(train_set.images.device)  # across classes: data is sorted by class
+    keep = _spread(asr_index, 6)
+    asr = _spread(torch.arange(len(p.triggered), device=keep.device), 6)  # the same images, triggered
+    fig = samples_figure([
+        ("train, clean", train_set.images[pick], train_set.labels[pick]),
+        ("train, poisoned", p.poisoned.images[pick], p.poisoned.labels[pick]),
+        ("test, clean", test_set.images[keep], test_set.labels[keep]),
+        ("test, triggered", p.triggered.images[asr], p.triggered.labels[asr])],
+        title=f"{cell.attack}: clean vs poisoned (label shown)")
+    t.figure(run_id, fig, "samples/clean_vs_poisoned.png")
+    t.weights(run_id, original, "model/backdoored.safetensors")
+    t.weights(run_id, repaired.model, "model/defended.safetensors")
+    t.tag(run_id, "nadbench.result", json.dumps(result))

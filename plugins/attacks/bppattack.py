@@ -1,0 +1,60 @@
+"""BppAttack (Wang et al., CVPR 2022): the trigger is colour-depth reduction, an image quantised
+to ``squeeze`` levels per channel, which leaves it looking natural.
+
+Official code: RU-System-Software-and-Security/BppAttack (``bppattack.py``, ``config.py``), read for
+its settings. CIFAR-10 defaults as there: 8 levels, 20 % of the training images quantised and
+relabelled (injection rate), target 0, all-to-one (``target_mode = all2all``: y -> (y + 1) mod C).
+The attack controls training: in every batch a further 20 % (negative rate) of the other images
+become "negatives", the clean image plus the quantisation residual of another training image,
+labels kept, so the model learns the quantisation itself and not any small perturbation.
+
+Where we differ, and why: the quantised images are chosen once (the poison stage stores them)
+instead of per batch; a negative takes the residual of another image of its batch (the official
+code samples a precomputed list of the training set's residuals: the same distribution).
+Dithering (official default off) is not offered. The official schedule (SGD lr 0.01, 1000 epochs,
+random rotation and crop) is replaced by the profile's.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from nadbench import TARGET_MODES, Attack, hookimpl, param
+from nadbench.steps import LabelKeepingSamples
+
+
+@dataclass(frozen=True)
+class BppConfig:
+    target: int = param(0, "target label (all2one)", min=0)
+    target_mode: str = param("all2one", "all2one, or all2all: y -> (y + 1) mod C", choices=TARGET_MODES)
+    poison_rate: float = param(0.2, "share of training images quantised and relabelled", min=0.0, max=1.0)
+    squeeze: int = param(8, "colour levels per channel", min=2, max=256)
+    negative_rate: float = param(0.2, "share of each batch made negatives (labels kept)", min=0.0, max=1.0)
+
+
+class BppAttack(Attack):
+    name = "bppattack"
+    Config = BppConfig
+    description = "colour-depth squeeze to 8 levels, with negative samples per batch; controls training"
+
+    def quantise(self, x: torch.Tensor) -> torch.Tensor:
+        """Float [0, 1] images with ``squeeze`` levels per channel."""
+        levels = self.config.squeeze - 1
+        return torch.round(x * levels) / levels
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.quantise(images.float() / 255) * 255).round_().to(torch.uint8)
+
+    def prepare(self, ctx) -> None:
+        image = ctx.train.images[:1]
+        ctx.log_image("bppattack.png", torch.cat([image[0], self.apply_trigger(image)[0]], dim=2).cpu())
+
+    def train_step(self, poisoned, n_train):
+        def negatives(x, gen):  # each image plus another one's quantisation residual
+            other = x[torch.randperm(len(x), device=x.device, generator=gen)]
+            return x + (self.quantise(other) - other)
+        return LabelKeepingSamples(self.config.negative_rate, negatives, poisoned, n_train)
+
+
+@hookimpl
+def register_attacks(register):
+    register(BppAttack)
