@@ -35,6 +35,22 @@ pytestmark = pytest.mark.slow
 # 1.00 / 0.61, blend 1.00 / 0.58 | 1.00 / 0.56, trojan 0.96 / 0.59 | 0.96 / 0.61, sig 0.92 / 0.58 |
 # 0.94 / 0.55, cl 0.99 / 0.57 | 1.00 / 0.57, refool 0.63 / 0.50 | 0.61 / 0.47; the control 0.17 / 0.52 |
 # 0.16 / 0.51.
+# The invisible triggers at their published strength do not implant in 4,000 images and 8 epochs of
+# a small CNN (measured, bf16 on an AVX512-BF16 Xeon: wanet 0.23, bppattack 0.36, ftrojan 0.14,
+# adaptive-blend 0.17, all-to-all badnets 0.14; 20,000 images x 3 epochs: 0.50, 0.82, 0.11, 0.29,
+# 0.19), so here each runs one notch stronger, through the same code paths (WaNet's noise mode and
+# BppAttack's negatives included); their defaults' implant at full scale is benchmarks/table1.py's.
+# Measured (ASR / ACC), same machine: wanet 0.70 / 0.55 (float32: 0.65 / 0.59), bppattack 0.89 / 0.57,
+# ftrojan 0.99 / 0.61, adaptive-blend 1.00 / 0.58 (float32 1.00 / 0.56; at alpha 0.15 with twice the
+# payload 1.00 in bf16 but 0.46 in float32: too close to the edge), badnets@all2all 0.30 / 0.50 (a
+# model that ignores the trigger says y + 1 on about (1 - ACC) / 9 = 0.05 of them).
+STRONGER = {
+    "wanet": ({"strength": "3"}, 0.45),
+    "bppattack": ({"squeeze": "4"}, 0.7),
+    "ftrojan": ({"magnitude": "60"}, 0.8),
+    "adaptive-blend": ({"alpha": "0.3", "test_alpha": "0.3"}, 0.8),
+    "badnets@all2all": ({"poison_rate": "0.3"}, 0.2),
+}
 CASES = {
     "badnets": ({}, 0.8),
     "blend": ({}, 0.8),
@@ -42,6 +58,7 @@ CASES = {
     "sig": ({"poison_rate": "1.0"}, 0.7),
     "cl": ({"poison_rate": "1.0"}, 0.7),
     "refool": ({"poison_rate": "0.2"}, 0.5),
+    **STRONGER,
 }
 SCHEDULE = Optim(epochs=8, lr=0.05, batch_size=64, schedule="onecycle", weight_decay=5e-4)
 MAX_ACC_DROP = 0.08  # against the control's ACC
@@ -108,8 +125,9 @@ def control(clean, data):
 
 
 def test_a_trigger_that_does_nothing_does_not_implant(control):
-    """The thresholds mean something: relabelling alone stays far below every one of them."""
-    assert control["asr"] < min(min_asr for _, min_asr in CASES.values()) / 2, control
+    """The thresholds mean something: relabelling alone stays far below every all-to-one one (the
+    all-to-all threshold is against its own chance level, above)."""
+    assert control["asr"] < min(m for name, (_, m) in CASES.items() if "@all2all" not in name) / 2, control
 
 
 @pytest.mark.parametrize("name", list(CASES))
