@@ -127,7 +127,9 @@ class Attack(_Configurable):
 
     An attack that controls the training of the backdoored model returns a fresh
     :class:`nadbench.train.Step` from :meth:`train_step` (e.g. WaNet's noise samples, BppAttack's
-    negatives, added per batch); the engine trains every model it backdoors with it.
+    negatives, added per batch); the engine trains every model it backdoors with it. One whose
+    trigger is learnt in that training sets ``learns_trigger`` and implements :meth:`learned_state`
+    and :meth:`load_learned_state`.
     """
 
     clean_label: ClassVar[bool] = False
@@ -136,6 +138,11 @@ class Attack(_Configurable):
     uses_clean_model: ClassVar[bool] = False
     # The dataset's number of classes, set by the core before the attack is used.
     num_classes: int | None = None
+    # True when the trigger is learnt while the model trains (a generator, a pattern optimised with
+    # the classifier): the engine then stores :meth:`learned_state` with each model it backdoors
+    # (a teacher of another architecture is trained by a copy of the attack, with its own state) and
+    # makes the ASR set after the student's training, with what it learnt.
+    learns_trigger: ClassVar[bool] = False
 
     def prepare(self, ctx: AttackContext) -> None:
         """Craft whatever the trigger needs (a generated pattern, a key); called once before use."""
@@ -167,6 +174,14 @@ class Attack(_Configurable):
         poisoned training set (``n_train`` images, of which ``poisoned`` are the indices
         :meth:`poison_train` chose), or None (the default: plain training on the poisoned set)."""
         return None
+
+    def learned_state(self) -> dict[str, "torch.Tensor"]:
+        """What the attack learnt while its step trained a model (``learns_trigger``): tensors that
+        are stored with that model, so that a cache hit, a worker or `bench attack` triggers alike."""
+        return {}
+
+    def load_learned_state(self, state: dict[str, "torch.Tensor"]) -> None:
+        """Put back what :meth:`learned_state` returned, for a model loaded from the store."""
 
     def poison_train(self, train: Split, generator: "torch.Generator") -> tuple[Split, "torch.Tensor"]:
         """Return the poisoned training set and the indices of the poisoned images."""

@@ -248,29 +248,37 @@ class Runner:
         return p.attack, p.poisoned, p.index, p.triggered, p.images
 
     def _trained(self, dataset: str, arch: str, seed: int, stage: tuple[str, str], data, desc: str,
-                 step=lambda: None):
-        """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` with the
-        loop's ``step()`` (callables, so a cache hit builds neither). Returns (model in eval mode,
-        cache hit)."""
+                 attack=None, index=None):
+        """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` (a callable,
+        so that a cache hit builds nothing), with ``attack``'s training step when it gives one
+        (``index``: the poisoned rows). What an attack that learns its trigger learnt, and the ASR set
+        made with it, are stored with the model and put back into ``attack`` on a hit. Returns
+        (model in eval mode, cache hit)."""
         key, text = stage
-        spec = self.registry.dataset(dataset)
+        spec, _, test_set = self.data(dataset)
         torch.manual_seed(seed)
         model = build(self.registry.model(arch), spec, self.device)
-        if key in self._models:
-            model.load_state_dict(self._models[key])
-            return model.eval(), True
-        with self.store.lock(MODELS_DIR, key):
-            entry = self.store.load_tensors(MODELS_DIR, key, text)
-            hit = entry is not None and _load_state(model, entry[0], self.store.path(MODELS_DIR, key))
-            if not hit:
-                start = time.perf_counter()
-                train(model, data(), self.profile.backdoor_optim(), seed=seed, step=step(), desc=desc,
-                      progress=self.progress)
-                self.store.save_tensors(MODELS_DIR, key, text, model.state_dict(),
-                                        {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
-        model.eval()
-        self._models[key] = {k: v.clone() for k, v in model.state_dict().items()}
-        return model, hit
+        entry, hit = self._models.get(key), key in self._models
+        if hit:
+            model.load_state_dict(_part(entry, ""))
+        else:
+            with self.store.lock(MODELS_DIR, key):
+                stored = self.store.load_tensors(MODELS_DIR, key, text)
+                hit = stored is not None and _load_state(model, _part(stored[0], ""), self.store.path(MODELS_DIR, key))
+                if hit:
+                    entry = stored[0]
+                else:
+                    start, poisoned = time.perf_counter(), data()
+                    step = attack.train_step(index, len(poisoned)) if attack is not None else None
+                    train(model, poisoned, self.profile.backdoor_optim(), seed=seed, step=step, desc=desc,
+                          progress=self.progress)
+                    entry = {**model.state_dict(), **_learned(attack, test_set)}
+                    self.store.save_tensors(MODELS_DIR, key, text, entry,
+                                            {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
+            self._models[key] = {k: v.clone() for k, v in entry.items()}
+        if attack is not None and attack.learns_trigger:
+            attack.load_learned_state({k: v.to(self.device) for k, v in _part(entry, "attack/").items()})
+        return model.eval(), hit
 
     def clean_model(self, cell: Cell | Plan) -> Trained:
         """A model trained on the clean training set: what Trojan and CL craft against, and the
@@ -292,16 +300,30 @@ class Runner:
         stage = plan.student if arch == c.student else (plan.teacher or self.train_key(c.dataset, arch, c.seed,
                                                                                        plan.poison[0]))
         p = self.poisoning(plan)
+        # Another architecture's model is trained by a copy of the attack: it learns its own trigger.
+        attack = p.attack if arch == c.student else copy.deepcopy(p.attack)
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",
-                             lambda: p.attack.train_step(p.index, len(p.poisoned)))
+                             attack, p.index)
+
+    def armed(self, cell: Cell | Plan) -> Poisoning:
+        """The cell's poisoning with the ASR set its student is measured on: the poison stage's, or,
+        for an attack that learns its trigger (``Attack.learns_trigger``), the one made after the
+        student's training with what it learnt (stored with that model, keyed by its train key)."""
+        plan = self.plan(cell)
+        p = self.poisoning(plan)
+        if not p.attack.learns_trigger:
+            return p
+        self.supplied(plan, plan.cell.student)
+        asr = {k: v.to(self.device) for k, v in _part(self._models[plan.student[0]], "asr/").items()}
+        return dataclasses.replace(p, triggered=Split(asr["images"], asr["labels"]), targets=asr["targets"])
 
     def backdoored(self, cell: Cell | Plan) -> Trained:
         """The backdoored model of (dataset, attack config, student, seed, profile), trained once,
         with its metrics {"acc", "asr"}."""
         plan = self.plan(cell)
         spec, train_set, test_set = self.data(plan.cell.dataset)
-        p = self.poisoning(plan)
         model, hit = self.supplied(plan, plan.cell.student)
+        p = self.armed(plan)
         if plan.student[0] not in self._metrics:
             self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets)
         return Trained(model, self._metrics[plan.student[0]], hit)
@@ -344,8 +366,8 @@ class Runner:
                 t.tag(run_id, "nadbench.cell_key", plan.key[0])
             start = time.perf_counter()
             spec, train_set, test_set = self.data(cell.dataset)
-            p = self.poisoning(plan)
             model, before, hit = self.backdoored(plan)
+            p = self.armed(plan)
             teacher_hit = self.supplied(plan, cell.teacher)[1] if plan.teacher else None
             t_backdoor = time.perf_counter() - start
             clean_ref = self.clean_model(plan).metrics if self.clean_reference else None
@@ -405,6 +427,24 @@ class Runner:
             classifier_layer=classifier_layer(registry, cell.student, cell.dataset),
             build_model=build_model, supplied_model=supplied_model, log_metric=log,
             log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
+
+
+def _learned(attack, test_set: Split) -> dict[str, torch.Tensor]:
+    """What ``attack`` learnt while training (``attack/`` tensors) and the ASR set made with it
+    (``asr/``), for an attack that learns its trigger; nothing for the others."""
+    if attack is None or not attack.learns_trigger:
+        return {}
+    triggered = attack.trigger_test(test_set)
+    return {**{f"attack/{k}": v.detach() for k, v in attack.learned_state().items()},
+            "asr/images": triggered.images, "asr/labels": triggered.labels,
+            "asr/targets": attack.targets(triggered.labels)}
+
+
+def _part(entry: dict, prefix: str) -> dict:
+    """The tensors of a stored model entry under ``prefix`` (""): the model's own, whose names hold no "/")."""
+    if not prefix:
+        return {k: v for k, v in entry.items() if "/" not in k}
+    return {k[len(prefix):]: v for k, v in entry.items() if k.startswith(prefix)}
 
 
 def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:

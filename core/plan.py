@@ -19,6 +19,7 @@ from .store import stage_key
 # The core modules that compute each stage's output; their sources (and their imports within
 # nadbench, see core/codehash.py) are in the stage's key, beside the plugins' own code.
 POISON_CODE = ("nadbench.poisoning",)
+NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench attack`)
 TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
 CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets")
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
@@ -49,7 +50,12 @@ def configured(registry: Registry, kind: str, name: str, overrides: dict[str, di
     variant = name.partition("@")[2]
     if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
         values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))
-    return cls.from_overrides(values)
+    obj = cls.from_overrides(values)
+    mode = getattr(obj.config, "target_mode", None)
+    if mode is not None and mode != (variant or "all2one"):  # the spelling names the row: it must not lie
+        raise cfgmod.ConfigError(f"{name}.target_mode = {mode!r}: spell the attack {cls.name}@{mode} instead "
+                          f"(each target variant is its own grid cell and table row)")
+    return obj
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,13 @@ class Plan:
 
     cell: Cell
     attack: Any                 # the configured attack (prepared by the poison stage that crafts)
-    defense: Any                # the configured defense
+    defense: Any                # the configured defense (None: a cell without one, NO_DEFENSE)
     poison: Key                 # the poison stage
     student: Key                # the train stage of the backdoored student
     teacher: Key | None         # the supplied teacher's train stage, when it is another model
     clean: Key                  # the clean model of the student architecture (when one is used)
     uses_clean: bool            # whether the cell uses that clean model (attack or clean reference)
-    key: Key                    # the cell's recorded result
+    key: Key | None             # the cell's recorded result (None without a defense)
     clean_share: float
 
 
@@ -110,13 +116,16 @@ class Keys:
         if cell in self._plans:
             return self._plans[cell]
         attack = self.configured("attacks", cell.attack)
-        defense = self.configured("defenses", cell.defense)
         poison = self.poison(cell, attack)
         student = self.train(cell.dataset, cell.student, cell.seed, poison[0])
+        share = self.profile.clean_share if cell.clean_share is None else cell.clean_share
+        clean = self.train(cell.dataset, cell.student, cell.seed, None)
+        if cell.defense == NO_DEFENSE:  # `bench attack`: the backdoored model alone
+            return Plan(cell, attack, None, poison, student, None, clean, attack.uses_clean_model, None, share)
+        defense = self.configured("defenses", cell.defense)
         teacher = None
         if defense.uses_teacher and cell.teacher_source == "supplied" and cell.teacher != cell.student:
             teacher = self.train(cell.dataset, cell.teacher, cell.seed, poison[0])
-        share = self.profile.clean_share if cell.clean_share is None else cell.clean_share
         arch = self.registry.model(cell.teacher)
         key = stage_key("cell", {
             "model": student[0], "defense": defense.name, "config": cfgmod.key_values(defense.config),
@@ -125,8 +134,7 @@ class Keys:
             "teacher_model": teacher and teacher[0], "clean_share": share,
             "test": self._data(cell.dataset, "test"), "clean_reference": self.clean_reference,
             "device": self.device_type})
-        plan = Plan(cell, attack, defense, poison, student, teacher,
-                    self.train(cell.dataset, cell.student, cell.seed, None),
+        plan = Plan(cell, attack, defense, poison, student, teacher, clean,
                     self.clean_reference or attack.uses_clean_model, key, share)
         self._plans[cell] = plan
         return plan

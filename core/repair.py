@@ -22,6 +22,7 @@ from .attention import layer_names
 from .config import flatten
 from .defending import apply_defense, measure_defended
 from .engine import Cell, Runner, figure_logger, log_extras, side_metrics
+from .plan import NO_DEFENSE
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import build, classifier_name, save_weights
 from .registry import Registry
@@ -37,9 +38,9 @@ def attack_to_files(registry: Registry, runner: Runner, *, attack: str, arch: st
     """Train (or reuse from the cache) the grid's backdoored model and write it as safetensors, with
     the triggered test images (true labels; those whose target is their label left out) as a PNG
     ImageFolder and each one's target in its ``targets.csv``."""
-    cell = Cell(dataset, attack, "-", arch, arch, seed)
+    cell = Cell(dataset, attack, NO_DEFENSE, arch, arch, seed)
     model, metrics, hit = runner.backdoored(cell)
-    p = runner.poisoning(cell)
+    p = runner.armed(cell)
     spec = registry.dataset(dataset)
     target = "all2all" if p.attack.all_to_all else str(p.attack.config.target)
     meta = {"nadbench.version": __version__, "arch": arch, "dataset": dataset, "seed": str(seed),
