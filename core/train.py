@@ -76,10 +76,11 @@ class Step:
     A step whose ``loss`` and ``update`` are the defaults trains the model as plain cross-entropy,
     which the loop may run channels-last or compiled (see :func:`channels_last`, :func:`compiled`).
     An ``update`` runs its forward passes under ``self.autocast()``, which the loop sets to the
-    run's precision (backward passes outside it).
+    run's precision (backward passes outside it); ``self.optim`` is the run's :class:`Optim`.
     """
 
     autocast: Callable[[], Any] = contextlib.nullcontext
+    optim: "Optim | None" = None  # the run's schedule (epochs, lr), set by the loop before the first step
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +191,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
     device = next(model.parameters()).device
     bf16 = precision(device) == "bf16"
     plain = step.plain()
-    step.autocast = lambda: _autocast(device, bf16)
+    step.autocast, step.optim = (lambda: _autocast(device, bf16)), opt
     fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
     model.to(memory_format=fmt)
     forward = torch.compile(model) if plain and compiled() else model

@@ -1,6 +1,7 @@
 """The training loop's one extension point (``train(..., step=)``), all-to-all targets, and the
 defining properties of the attacks that control training (WaNet, BppAttack) on real images."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +9,10 @@ import torch.nn.functional as F
 
 from conftest import real_subset, toy_split
 from nadbench import Split
-from nadbench.engine import configured
+from nadbench.engine import Cell, Runner, configured, profile
 from nadbench.evaluate import attack_success_rate
 from nadbench.poisoning import seeded
-from nadbench.registry import PluginError, get_registry
+from nadbench.registry import PluginError, PluginInfo, get_registry
 from nadbench.steps import LabelKeepingSamples
 from nadbench.train import Optim, Step, train
 from nadbench.warping import identity_grid
@@ -61,6 +62,37 @@ def test_label_keeping_samples_replace_a_share_of_the_unpoisoned_images_and_keep
     assert torch.equal(labels, y) and len(changed) == 10  # int(50 * 0.2)
     assert bool((changed % 2 == 1).all())  # never a poisoned image
     assert torch.allclose(out[changed], 1 - x[changed])
+
+
+# ------------------------------------------------------------------ attacks that learn their trigger
+def test_a_learnt_trigger_is_stored_per_model_and_the_asr_set_is_the_students(toy_registry, tmp_path, monkeypatch):
+    """The third-party learned-patch attack (tests/packages): the student and a supplied teacher of
+    another architecture each learn their own patch, stored with each model; the cell's ASR set is
+    made with the student's, and another runner (a worker, a resumed grid) gets both back."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "packages" / "nadbench-learnedpatch"))
+    import nadbench_learnedpatch
+
+    reg = toy_registry()
+    reg.add_plugin(nadbench_learnedpatch, PluginInfo("learnedpatch", "nadbench_learnedpatch", "nadbench-learnedpatch 0.1"))
+
+    def runner():
+        return Runner(reg, profile("quick", {"epochs": "2", "batch_size": "16", "crop": "0"}),
+                      device=torch.device("cpu"), progress=False, cache_dir=tmp_path / "cache",
+                      overrides={"nad": {"epochs": "1", "teacher_epochs": "1"}, "learned-patch": {"poison_rate": "0.5"}})
+
+    cell = Cell("toy", "learned-patch", "nad", "wrn-16-1", "wrn-16-2", 0)
+    first = runner()
+    first.run_cell(cell)
+    plan = first.plan(cell)
+    student, teacher = (first._models[k[0]]["attack/pattern"] for k in (plan.student, plan.teacher))
+    assert not torch.equal(student, teacher)  # each model's own training learnt its own patch
+    assert torch.equal(plan.attack.pattern, student)  # the teacher's training did not overwrite the cell's
+    p = first.armed(cell)
+    stamped = (student * 255).round().to(torch.uint8)
+    assert len(p.triggered) == 36 and bool((p.triggered.images[:, :, -5:, -5:] == stamped).all())
+    again = runner()  # from the store: the model, the student's patch and its ASR set
+    assert again.backdoored(cell).hit and torch.equal(again.plan(cell).attack.pattern, student)
+    assert torch.equal(again.armed(cell).triggered.images, p.triggered.images)
 
 
 # --------------------------------------------------------------------------------- targets
