@@ -34,3 +34,26 @@ class LabelKeepingSamples(Step):
         x = x.clone()
         x[pick] = self.transform(x[pick], generator).clamp(0, 1)
         return x, y
+
+
+class TriggerAfterAugmentation(Step):
+    """Put the trigger on each batch's poisoned rows *after* augmentation, where a test image has
+    it: for a trigger that a random crop or flip would move out of alignment (a DCT coefficient's
+    phase) when the official code trains without augmentation. The stored poisoned rows then carry
+    only their new labels. ``trigger(x)`` takes and returns float [0, 1] images (N, C, H, W)."""
+
+    def __init__(self, trigger: Callable[[torch.Tensor], torch.Tensor], poisoned: torch.Tensor, n_train: int):
+        self.trigger = trigger
+        self.rows = torch.zeros(n_train, dtype=torch.bool, device=poisoned.device)
+        self.rows[poisoned] = True
+        self.mine = None
+
+    def batch(self, x, y, index, generator):
+        self.mine = self.rows[index.to(self.rows.device)]
+        return x, y
+
+    def update(self, model, x, y, optimizer):
+        if bool(self.mine.any()):
+            x = x.clone()
+            x[self.mine] = self.trigger(x[self.mine]).clamp(0, 1)
+        return super().update(model, x, y, optimizer)

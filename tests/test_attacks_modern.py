@@ -98,7 +98,11 @@ def test_ftrojan_poisons_dirty_label_all_to_one_and_all_to_all(train):
     attack = FTrojan()
     poisoned, index = attack.poison_train(train, torch.Generator().manual_seed(0))
     assert len(index) == 20 and bool((poisoned.labels[index] == 8).all())
-    assert torch.equal(poisoned.images[index], attack.apply_trigger(train.images[index]))
+    # by default the trigger goes on in training, after augmentation (its step); else in the stored rows
+    assert torch.equal(poisoned.images[index], train.images[index]) and attack.train_step(index, len(train))
+    stored = FTrojan(FTrojan.Config(after_augmentation=False))
+    assert torch.equal(stored.poison_train(train, torch.Generator().manual_seed(0))[0].images[index],
+                       attack.apply_trigger(train.images[index])) and stored.train_step(index, len(train)) is None
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[index] = False
     assert torch.equal(poisoned.images[rest], train.images[rest]) and torch.equal(poisoned.labels[rest], train.labels[rest])

@@ -13,7 +13,7 @@ from nadbench.engine import Cell, Runner, configured, profile
 from nadbench.evaluate import attack_success_rate
 from nadbench.poisoning import seeded
 from nadbench.registry import PluginError, PluginInfo, get_registry
-from nadbench.steps import LabelKeepingSamples
+from nadbench.steps import LabelKeepingSamples, TriggerAfterAugmentation
 from nadbench.train import Optim, Step, train
 from nadbench.warping import identity_grid
 
@@ -62,6 +62,37 @@ def test_label_keeping_samples_replace_a_share_of_the_unpoisoned_images_and_keep
     assert torch.equal(labels, y) and len(changed) == 10  # int(50 * 0.2)
     assert bool((changed % 2 == 1).all())  # never a poisoned image
     assert torch.allclose(out[changed], 1 - x[changed])
+
+
+def test_a_trigger_after_augmentation_reaches_exactly_the_poisoned_rows_the_model_sees():
+    """``TriggerAfterAugmentation`` (FTrojan's step): after the loop's crop and flip, the poisoned
+    rows carry the whole trigger, aligned as at test time, and no other row does."""
+    inputs, masks = [], []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            inputs.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    class Recording(TriggerAfterAugmentation):
+        def update(self, model, x, y, optimizer):
+            masks.append(self.mine.clone())
+            return super().update(model, x, y, optimizer)
+
+    poisoned = torch.arange(0, 32, 4)
+    step = Recording(lambda x: torch.ones_like(x), poisoned, 32)
+    train(Spy(), toy_split(32, 0), Optim(epochs=2, batch_size=8, crop=4, flip=True), seed=0, step=step, progress=False)
+    assert len(inputs) == 8 and sum(int(m.sum()) for m in masks) == 2 * len(poisoned)
+    for x, mine in zip(inputs, masks):
+        assert bool((x[mine] == 1).all()) and not bool((x[~mine] == 1).flatten(1).all(1).any())
+    ftrojan = configured(get_registry(), "attacks", "ftrojan")
+    data = toy_split(40, 1)
+    images = ftrojan.poison_images(data.images[:4], data.labels[:4])
+    assert torch.equal(images, data.images[:4])  # the stored rows: relabelled, trigger added in training
 
 
 # ------------------------------------------------------------------ attacks that learn their trigger
