@@ -114,3 +114,65 @@ def neuron_trigger(model: nn.Module, layer: nn.Module, neurons: Sequence[int] | 
             (grad,) = torch.autograd.grad(loss, t)
             t = ((t.detach() - step * grad.sign()) * mask).clamp(0, 1)
     return t.detach()
+
+
+def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot: float = 0.02,
+                      max_iter: int = 200) -> tuple[torch.Tensor, bool]:
+    """Targeted DeepFool (Moosavi-Dezfooli et al., CVPR 2016) on one float image (1, C, H, W): the
+    smallest L2 step, linearised, that moves the prediction from its class at ``x`` to ``target``.
+    Returns the perturbation (scaled by 1 + ``overshoot``) and whether the target was reached within
+    ``max_iter`` steps. The model must be in eval mode."""
+    logits = model(x)
+    source = int(logits.argmax(1))
+    total = torch.zeros_like(x)
+    for _ in range(max_iter):
+        if source == target or int(logits.argmax(1)) == target:
+            return (1 + overshoot) * total, True
+        xi = (x + (1 + overshoot) * total).requires_grad_(True)
+        logits = model(xi)
+        gap = logits[0, target] - logits[0, source]
+        (w,) = torch.autograd.grad(gap, xi)
+        norm = w.norm().clamp_min(1e-12)
+        total = total + (gap.detach().abs() / norm) * w / norm
+        logits = model(x + (1 + overshoot) * total).detach()
+    return (1 + overshoot) * total, int(logits.argmax(1)) == target
+
+
+def smooth_universal_perturbation(model: nn.Module, images: torch.Tensor, target: int,
+                                  smooth, scale: float = 0.2, fooling_rate: float = 0.2,
+                                  max_passes: int = 50, overshoot: float = 0.02, max_iter: int = 200,
+                                  generator: torch.Generator | None = None,
+                                  progress: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """A universal perturbation kept in a low-frequency band (Zeng et al., ICCV 2021, "smooth trigger").
+
+    Universal adversarial perturbation (Moosavi-Dezfooli et al., CVPR 2017) with a low-pass filter:
+    in each pass over ``images`` (float (N, C, H, W) in [0, 1], shuffled by ``generator``), every image
+    that ``v`` leaves on its own prediction contributes a targeted DeepFool step, and
+    ``v <- rescale(smooth(v + smooth(step)))``, where rescale maps ``v`` onto [0, ``scale``] (min to 0,
+    max to ``scale``). Passes stop once ``v`` changes the prediction of at least ``fooling_rate`` of
+    the images, when the last five rates lie within 0.01 of each other, or after ``max_passes``.
+    Returns the perturbation with the highest fooling rate (C, H, W) and each pass's rate."""
+    v = torch.zeros_like(images[:1])
+    best, best_rate, rates = v[0], -1.0, []
+    with eval_mode(model), torch.no_grad():
+        clean_pred = model(images).argmax(1)
+    with eval_mode(model):
+        for _ in tqdm(range(max_passes), desc="LF trigger", unit="pass", disable=not progress, leave=False):
+            for i in torch.randperm(len(images), generator=generator).tolist():
+                x = images[i:i + 1]
+                with torch.no_grad():
+                    moved = int(model((x + v).clamp(0, 1)).argmax(1)) != int(clean_pred[i])
+                if moved:
+                    continue
+                step, reached = targeted_deepfool(model, (x + v).clamp(0, 1), target, overshoot, max_iter)
+                if reached and step.abs().sum() > 0:
+                    v = smooth(smooth(step) + v)
+                    v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12) * scale
+            with torch.no_grad():
+                rate = float((model((images + v).clamp(0, 1)).argmax(1) != clean_pred).float().mean())
+            rates.append(rate)
+            if rate > best_rate:
+                best, best_rate = v[0].clone(), rate
+            if rate >= fooling_rate or (len(rates) >= 5 and max(rates[-5:]) - min(rates[-5:]) < 0.01):
+                break
+    return best, rates

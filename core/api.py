@@ -143,6 +143,12 @@ class Attack(_Configurable):
     # (a teacher of another architecture is trained by a copy of the attack, with its own state) and
     # makes the ASR set after the student's training, with what it learnt.
     learns_trigger: ClassVar[bool] = False
+    # Config values a target variant starts from, under the profile's and the user's (``--set``):
+    # e.g. ``{"all2all": {"poison_rate": 0.4}}`` where the variant needs more poisoning to implant.
+    variant_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The datasets ``--attacks all`` runs the attack on (empty: every dataset of the grid): where it
+    # implants on the quick profile. Naming the attack runs it on any dataset.
+    all_datasets: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, ctx: AttackContext) -> None:
         """Craft whatever the trigger needs (a generated pattern, a key); called once before use."""

@@ -22,6 +22,12 @@ def _registry():
     return get_registry()
 
 
+class Names(list):
+    """The names a :class:`NameList` gave, with those that came from ``all`` (``picked_by_all``)."""
+
+    picked_by_all: tuple[str, ...] = ()
+
+
 class NameList(click.ParamType):
     """Comma-separated registry names (``all`` expands); checked against the registry."""
 
@@ -37,13 +43,14 @@ class NameList(click.ParamType):
 
         registry = _registry()
         valid = registry.names(self.kind)
-        names = []
+        names, named = Names(), set()
         for part in (p.strip() for p in str(value).split(",")):
             if not part:
                 continue
             if part == "all":
                 names.extend(n for n in valid if n not in names)
                 continue
+            named.add(part)
             try:
                 registry.get(self.kind, part)  # plain or dist:name; ambiguous names are errors
             except PluginError as exc:
@@ -56,6 +63,7 @@ class NameList(click.ParamType):
                 names.append(part)
         if not names:
             self.fail(f"no {self.kind} given", param, ctx)
+        names.picked_by_all = tuple(n for n in names if n not in named)
         return names
 
     def shell_complete(self, ctx, param, incomplete):
@@ -239,8 +247,17 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
             users = [n for n in registry.names("defenses") if registry.defense(n).uses_teacher]
             raise ConfigError(f"--teachers applies to defenses that use a teacher ({', '.join(users) or 'none'}), "
                               f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
+        picked = getattr(attacks, "picked_by_all", ())
         cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
-                       tuple(teacher_sources.split(",")), clean_shares)
+                       tuple(teacher_sources.split(",")), clean_shares, picked)
+        for name in picked:
+            only = registry.attack(name).all_datasets
+            if only and set(datasets) - set(only):
+                click.echo(f"note: --attacks all runs {name} on {', '.join(only)} only (where it implants on "
+                           f"the quick profile); name it in --attacks to run it on "
+                           f"{', '.join(sorted(set(datasets) - set(only)))}", err=True)
+        if not cells:
+            raise ConfigError(f"no cells: --attacks all runs none of its attacks on {', '.join(datasets)}")
         check_grid(registry, cells, plugin_over, prof)  # every config and pair, before anything trains
     except (ConfigError, PluginError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -409,6 +426,11 @@ def list_(kind):
                 click.echo(f"      attention layers: {', '.join(item.attention_layers)}")
             if k == "datasets":
                 click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
+            for variant, values in (item.variant_defaults.items() if k == "attacks" else ()):
+                click.echo(f"      {item.name}@{variant} starts from: "
+                           + ", ".join(f"{f}={v}" for f, v in values.items()))
+            if k == "attacks" and item.all_datasets:
+                click.echo(f"      --attacks all runs it on: {', '.join(item.all_datasets)}")
             if k in ("attacks", "defenses"):
                 by_profile = {n: profile_values(item, p) for n, p in PROFILES.items()}
                 for field, default, help_ in describe(item.Config):

@@ -103,13 +103,17 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
 
 
 def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds,
-           teacher_sources=("supplied",), clean_shares=None) -> list[Cell]:
+           teacher_sources=("supplied",), clean_shares=None, picked_by_all=()) -> list[Cell]:
     """All cells of the grid. Teacher architectures and teacher sources multiply only the defenses
     that use a teacher (``Defense.uses_teacher``); the others get one cell with teacher = student.
-    ``clean_shares`` (None: the profile's share) multiplies every defense."""
+    ``clean_shares`` (None: the profile's share) multiplies every defense. An attack in
+    ``picked_by_all`` (chosen by ``--attacks all``, not by name) runs only on its ``all_datasets``."""
     cells = []
     for d, a, de, s, share, seed in itertools.product(datasets, attacks, defenses, students,
                                                       clean_shares or [None], seeds):
+        only = registry.attack(a).all_datasets
+        if a in picked_by_all and only and d not in only:
+            continue
         if registry.defense(de).uses_teacher:
             for t, src in itertools.product(teachers or [s], teacher_sources or ("supplied",)):
                 cells.append(Cell(d, a, de, s, t, seed, src, share))

@@ -73,3 +73,20 @@ def rgb_to_yuv(x: torch.Tensor) -> torch.Tensor:
 def yuv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """The exact inverse of :func:`rgb_to_yuv`."""
     return _colour(_YUV_TO_RGB, x)
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float = 6.0, size: int = 30) -> torch.Tensor:
+    """Separable Gaussian blur of float images (N, C, H, W): the LF attack's low-pass filter.
+
+    As the official code (Zeng et al., ICCV 2021, ``gauss_smooth``): a ``size``-tap kernel of
+    standard deviation ``sigma`` pixels, zero padding (so the border is darkened as there), output
+    the size of the input."""
+    taps = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype).to(x.device)
+    c = x.shape[1]
+    # the official pad: (size // 2 - even, size // 2) before and after, so the output keeps its size
+    before = size // 2 - (1 - size % 2)
+    x = torch.nn.functional.pad(x, (before, size // 2, before, size // 2))
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
+    return torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)

@@ -42,12 +42,14 @@ def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, nam
 def configured(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,
                prof: Profile | None = None):
     """An attack or defense with its config: its defaults, then what the profile sets for it, then
-    the user's ``--set`` overrides. ``NAME@all2all`` (an attack's target variant) sets its
-    ``target_mode``, and takes the ``--set`` addressed to ``NAME@all2all`` over those to ``NAME``.
+    the user's ``--set`` overrides. ``NAME@all2all`` (an attack's target variant) starts from the
+    attack's ``variant_defaults`` for it, sets its ``target_mode``, and takes the ``--set`` addressed
+    to ``NAME@all2all`` over those to ``NAME``.
     Raises ``ConfigError`` for an invalid value."""
     cls, overrides = registry.get(kind, name), overrides or {}
-    values = {**profile_values(cls, prof), **overrides_for(overrides, registry, kind, cls.name)}
     variant = name.partition("@")[2]
+    values = {**(getattr(cls, "variant_defaults", {}).get(variant) or {}), **profile_values(cls, prof),
+              **overrides_for(overrides, registry, kind, cls.name)}
     if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
         values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))
     obj = cls.from_overrides(values)

@@ -17,7 +17,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .api import Attack, DatasetSpec, Defense, ModelSpec
+from .api import TARGET_MODES, Attack, DatasetSpec, Defense, ModelSpec
 from .config import ConfigError, PluginError, check_fields  # noqa: F401 — PluginError is re-exported
 
 GROUP = "nadbench"
@@ -100,6 +100,14 @@ def check_contract(kind: str, item: Any) -> None:
         if not isinstance(getattr(item, flag, False), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
     if kind == "attacks":
+        variants = item.variant_defaults
+        if not isinstance(variants, dict) or any(
+                v not in TARGET_MODES[1:] or not isinstance(vals, dict) or set(vals) - fields
+                for v, vals in variants.items()):
+            raise PluginError(f"{what}: variant_defaults must map a target variant ({', '.join(TARGET_MODES[1:])}) "
+                              f"to a dict of its Config fields, not {variants!r}")
+        if not (isinstance(item.all_datasets, tuple) and all(isinstance(d, str) for d in item.all_datasets)):
+            raise PluginError(f"{what}: all_datasets must be a tuple of dataset names, not {item.all_datasets!r}")
         if "target" not in fields:
             raise PluginError(f"{what}: its Config has no 'target' field (the target label every attack declares)")
         if not _overrides(item, Attack, "apply_trigger"):

@@ -90,3 +90,34 @@ def test_bench_attack_writes_per_image_targets_that_bench_defend_reads(tmp_path,
     triggered, _, _, targets = load_image_folder(tmp_path / "triggered", targets=True)
     assert torch.equal(targets, (triggered.labels + 1) % 10)
     assert report["before"]["asr"] == pytest.approx(attack_success_rate(model, triggered, targets))
+
+
+def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
+    """``badnets@all2all`` starts from 40 % poisoning (``variant_defaults``), the all-to-one row keeps
+    10 %, and ``--set`` (to the variant or the plain name) wins; a bad declaration is refused."""
+    from dataclasses import dataclass
+
+    from nadbench import TARGET_MODES, Attack, param
+    from nadbench.plan import configured
+    from nadbench.registry import PluginError, check_contract
+
+    reg = get_registry()
+    assert configured(reg, "attacks", "badnets").config.poison_rate == 0.1
+    assert configured(reg, "attacks", "badnets@all2all").config.poison_rate == 0.4
+    for addressed in ("attack.badnets@all2all", "attack.badnets"):
+        assert configured(reg, "attacks", "badnets@all2all",
+                          {addressed: {"poison_rate": "0.2"}}).config.poison_rate == 0.2
+    res = CliRunner().invoke(main, ["list", "attacks"])
+    assert "badnets@all2all starts from: poison_rate=0.4" in res.output
+
+    @dataclass(frozen=True)
+    class Cfg:
+        target: int = param(0, "target")
+        target_mode: str = param("all2one", "mode", choices=TARGET_MODES)
+        poison_rate: float = param(0.1, "rate")
+
+    for bad in ({"all2one": {"poison_rate": 0.2}}, {"all2all": {"rate": 0.2}}):
+        cls = type("Bad", (Attack,), {"name": "bad", "Config": Cfg, "variant_defaults": bad,
+                                      "apply_trigger": lambda self, x: x})
+        with pytest.raises(PluginError, match="variant_defaults"):
+            check_contract("attacks", cls)

@@ -61,6 +61,7 @@ CASES = {
     "sig": ({"poison_rate": "1.0"}, 0.7),
     "cl": ({"poison_rate": "1.0"}, 0.7),
     "refool": ({"poison_rate": "0.2"}, 0.5),
+    "lf": ({"max_passes": "3"}, 0.7),  # the fooling rate stalls from the second pass on (measured 0.90 / 0.54, float32)
     **STRONGER,
 }
 SCHEDULE = Optim(epochs=8, lr=0.05, batch_size=64, schedule="onecycle", weight_decay=5e-4)

@@ -41,3 +41,24 @@ def test_help_does_not_import_torch():
     code = "import sys; from nadbench.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_attacks_all_runs_refool_only_where_it_implants():
+    """`--attacks all` pairs Refool with GTSRB (``Attack.all_datasets``: ~50 % ASR on CIFAR-10 with
+    the quick profile); named, it runs anywhere."""
+    from nadbench.cli import NameList
+    from nadbench.engine import expand
+    from nadbench.registry import get_registry
+
+    reg = get_registry()
+    picked = NameList("attacks").convert("badnets,all", None, None)
+    assert "refool" in picked and "badnets" not in picked.picked_by_all and "refool" in picked.picked_by_all
+    grid = {(c.dataset, c.attack) for c in expand(reg, ["cifar10", "gtsrb"], picked, ["finetune"], ["wrn-16-1"],
+                                                  None, [0], picked_by_all=picked.picked_by_all)}
+    assert ("gtsrb", "refool") in grid and ("cifar10", "refool") not in grid and ("cifar10", "blend") in grid
+    named = NameList("attacks").convert("refool,badnets", None, None)
+    grid = {(c.dataset, c.attack) for c in expand(reg, ["cifar10"], named, ["finetune"], ["wrn-16-1"], None, [0],
+                                                  picked_by_all=named.picked_by_all)}
+    assert grid == {("cifar10", "refool"), ("cifar10", "badnets")}
+    res = _run("list", "attacks")
+    assert "--attacks all runs it on: gtsrb" in res.output

@@ -55,6 +55,9 @@ class Refool(Attack):
     name = "refool"
     Config = RefoolConfig
     description = "reflection triggers (ghost or out-of-focus) from another dataset, dirty-label"
+    # The paper's pairing, and where it implants on the quick profile (GTSRB 82 % ASR; CIFAR-10 ~50 %,
+    # benchmarks/results/table1-quick-all.md): `--attacks all` runs it on GTSRB, `--attacks refool` anywhere.
+    all_datasets = ("gtsrb",)
 
     pool: torch.Tensor | None = None  # uint8 (P, C, H, W) reflections, on the device
 
