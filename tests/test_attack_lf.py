@@ -73,7 +73,8 @@ def test_lf_trigger_is_a_universal_perturbation_towards_the_target(crafted):
             moved[name] = float((after != before).float().mean())
             to_target[name] = float((after == 0).float().mean() - (before == 0).float().mean())
     print(f"fooling rates per pass {attack.fooling_rates}; moved {moved}; gain in the target's share {to_target}")
-    # measured (float32, AVX2): moved 0.217 / 0.047, target share +0.070 / +0.007
+    # measured (bf16 and float32 alike: crafting and these predictions run in float32): moved 0.217 /
+    # 0.047, target share +0.070 / +0.007
     assert moved["lf"] > 3 * moved["flat"] and moved["lf"] > 0.1
     assert to_target["lf"] > max(0.03, 3 * to_target["flat"])
 

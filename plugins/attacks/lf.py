@@ -63,8 +63,7 @@ class LF(Attack):
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         if self.trigger is None:
             raise RuntimeError("lf: the trigger is crafted by prepare(ctx); call it first")
-        summed = images.to(torch.int16) + self.trigger.to(images.device, torch.int16)
-        return summed.clamp_(0, 255).to(torch.uint8)
+        return (images.float() + self.trigger.to(images.device)).clamp_(0, 255).to(torch.uint8)
 
 
 @hookimpl
