@@ -122,20 +122,21 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot:
     smallest L2 step, linearised, that moves the prediction from its class at ``x`` to ``target``.
     Returns the perturbation (scaled by 1 + ``overshoot``) and whether the target was reached within
     ``max_iter`` steps. The model must be in eval mode."""
-    logits = model(x)
-    source = int(logits.argmax(1))
-    total = torch.zeros_like(x)
-    for _ in range(max_iter):
-        if source == target or int(logits.argmax(1)) == target:
-            return (1 + overshoot) * total, True
+    total, source = torch.zeros_like(x), None
+    for i in range(max_iter + 1):  # one forward pass per step: its prediction, then its gradient
         xi = (x + (1 + overshoot) * total).requires_grad_(True)
         logits = model(xi)
+        pred = int(logits.argmax(1))
+        source = pred if source is None else source
+        if pred == target:
+            return (1 + overshoot) * total, True
+        if i == max_iter:
+            break
         gap = logits[0, target] - logits[0, source]
         (w,) = torch.autograd.grad(gap, xi)
         norm = w.norm().clamp_min(1e-12)
         total = total + (gap.detach().abs() / norm) * w / norm
-        logits = model(x + (1 + overshoot) * total).detach()
-    return (1 + overshoot) * total, int(logits.argmax(1)) == target
+    return (1 + overshoot) * total, False
 
 
 def smooth_universal_perturbation(model: nn.Module, images: torch.Tensor, target: int,

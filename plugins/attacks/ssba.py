@@ -8,9 +8,9 @@ all-to-one: its settings here). No trained encoder can be downloaded here, so ``
 small one on the attacker's data (``nadbench.stegastamp``: the core's loop and IAD encoder-decoder,
 a decoder, an L-inf bound of 12 levels, so >= 26.5 dB PSNR), cached with the poisoning; it reports
 its bit accuracy and PSNR on held-out training images (``bit_accuracy``, ``psnr``). Measured on
-CIFAR-10 with the defaults (32 bits, 10,000 images, 16 epochs, Adam 1e-3 cosine; 171 s in bf16 on a
-2-core AMD EPYC with AVX512-BF16): 97.4 % of the attack's string read back (94.1 % for random
-strings) at 29.9 dB; 8 epochs gave 89.3 %. The string is ``bits`` seeded random bits (the official
+CIFAR-10 with the defaults (32 bits, 10,000 images, 16 epochs, Adam 1e-3 cosine; 146 s in bf16 on a
+2-core AMD EPYC with AVX512-BF16): 93.9 % of the attack's string read back (93.2 % for random
+strings) at 29.9 dB; 8 epochs gave 85.4 % (benchmarks/ssba_encoder.py, results/ssba-encoder.md). The string is ``bits`` seeded random bits (the official
 code encodes a short text, BCH-coded to 100 bits; the decoder's exact read-out does not matter to the
 backdoor, only the residual it leads to).
 
