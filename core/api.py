@@ -129,7 +129,10 @@ class Attack(_Configurable):
     :class:`nadbench.train.Step` from :meth:`train_step` (e.g. WaNet's noise samples, BppAttack's
     negatives, added per batch); the engine trains every model it backdoors with it. One whose
     trigger is learnt in that training sets ``learns_trigger`` and implements :meth:`learned_state`
-    and :meth:`load_learned_state`.
+    and :meth:`load_learned_state`. One that needs a longer schedule than the profile's to implant
+    gives its Config an ``epochs`` field (None: the profile's); the engine then trains every model it
+    backdoors for that many epochs (a step schedule's milestones at the same fractions), e.g. set per
+    profile for one variant: ``variant_defaults = {"all2all": {"epochs": {"quick": 20}}}``.
     """
 
     clean_label: ClassVar[bool] = False
@@ -144,7 +147,8 @@ class Attack(_Configurable):
     # makes the ASR set after the student's training, with what it learnt.
     learns_trigger: ClassVar[bool] = False
     # Config values a target variant starts from, under the profile's and the user's (``--set``):
-    # e.g. ``{"all2all": {"poison_rate": 0.4}}`` where the variant needs more poisoning to implant.
+    # e.g. ``{"all2all": {"poison_rate": 0.4}}`` where the variant needs more poisoning to implant;
+    # a value may be ``{profile name: value}`` (used on that profile only).
     variant_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # The datasets ``--attacks all`` runs the attack on (empty: every dataset of the grid): where it
     # implants on the quick profile. Naming the attack runs it on any dataset.
@@ -274,6 +278,9 @@ class Defense(_Configurable):
     # True when ``defend`` needs ``ctx.classifier_layer`` (fine-pruning): a grid whose student
     # architecture declares none is then refused before anything trains.
     uses_classifier: ClassVar[bool] = False
+    # False for a data-free defense (CLP): the core then hands ``defend`` an empty clean split (it
+    # reads no data, by construction), and `bench defend` runs it without ``--clean``.
+    uses_clean_data: ClassVar[bool] = True
 
     def check(self, student_layers: tuple[str, ...], teacher_layers: tuple[str, ...]) -> None:
         """Validate the config against the architectures; the default accepts everything."""

@@ -427,8 +427,9 @@ def list_(kind):
             if k == "datasets":
                 click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
             for variant, values in (item.variant_defaults.items() if k == "attacks" else ()):
-                click.echo(f"      {item.name}@{variant} starts from: "
-                           + ", ".join(f"{f}={v}" for f, v in values.items()))
+                click.echo(f"      {item.name}@{variant} starts from: " + ", ".join(
+                    f"{f}={v}" if not isinstance(v, dict) else
+                    f"{f}=" + " / ".join(f"{pv} on {pn}" for pn, pv in v.items()) for f, v in values.items()))
             if k == "attacks" and item.all_datasets:
                 click.echo(f"      --attacks all runs it on: {', '.join(item.all_datasets)}")
             if k in ("attacks", "defenses"):
@@ -555,9 +556,10 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
 @main.command()
 @click.argument("model_file", type=click.Path(path_type=Path))
 @click.option("--arch", required=True, help="The model's registered architecture (`bench list models`).")
-@click.option("--clean", "clean_data", required=True, metavar="DATA",
+@click.option("--clean", "clean_data", default=None, metavar="DATA",
               help="Your clean data: an ImageFolder folder or .tar/.tar.xz/.zip archive of one, or a registered "
-                   "dataset's training split as NAME:SHARE (e.g. cifar10:0.05).")
+                   "dataset's training split as NAME:SHARE (e.g. cifar10:0.05). Required, except for data-free "
+                   "defenses (clp), which then need --test.")
 @click.option("--defense", "defense_name", default="nad", show_default=True, help="A registered defense.")
 @click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE", help="Override the defense's config.")
 @click.option("--test", "test_data", default=None, metavar="DATA",
@@ -613,6 +615,12 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         spec, defense_cls = registry.model(arch), registry.defense(defense_name)
         if teacher_arch:
             registry.model(teacher_arch)
+        if clean_data is None and defense_cls.uses_clean_data:
+            free = [n for n in registry.names("defenses") if not registry.defense(n).uses_clean_data]
+            _fail(f"--clean is required: {defense_name} repairs the model with clean data (data-free defenses, "
+                  f"which run without it: {', '.join(free) or 'none registered'})")
+        if clean_data is None and test_data is None:
+            _fail(f"{defense_name} reads no data, but ACC needs some: give --test (or --clean)")
         if target is not None and triggered_data is None:
             _fail("--target goes with --triggered: ASR needs the triggered images and their target label")
         if normalize and (mean or std):
@@ -627,9 +635,10 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         size = image_size or next((registry.dataset(d.partition(":")[0]).image_size
                                    for d in (clean_data, test_data) if d and d.partition(":")[0]
                                    in registry.names("datasets")), None)
-        clean = load_user_data(registry, clean_data, train=True, image_size=size, seed=seed, data_root=data_root)
         test = load_user_data(registry, test_data, train=False, image_size=size, seed=seed,
                               data_root=data_root) if test_data else None
+        clean = load_user_data(registry, clean_data, train=True, image_size=size, seed=seed,
+                               data_root=data_root) if clean_data else None
         triggered = load_user_data(registry, triggered_data, train=False, image_size=size, seed=seed,
                                    data_root=data_root) if triggered_data else None
         report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,

@@ -26,19 +26,20 @@ PATH_KINDS = ("file", "folder")
 
 def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
           choices: tuple | None = None, min_exclusive: bool = False, nonempty: bool = False,
-          path: str | None = None) -> Any:
+          path: str | None = None, integer: bool = False) -> Any:
     """A config field with help text and an optional valid range or set of choices.
 
     ``min_exclusive``: the value must be strictly greater than ``min`` (e.g. a share in (0, 1]).
     ``nonempty``: a tuple field that must hold at least one item (e.g. the rows of a trigger).
     ``path``: "file" or "folder" for a field that names one (e.g. a trigger image): stage keys then
     hold the content, not the name, so replacing the file recomputes what was made from it.
+    ``integer``: an optional (None by default) field whose value must be a whole number.
     """
     if path not in (None, *PATH_KINDS):
         raise ValueError(f"param(path={path!r}): valid: {', '.join(PATH_KINDS)}")
     return dataclasses.field(default=default, metadata={
         "help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-        "nonempty": nonempty, "path": path})
+        "nonempty": nonempty, "path": path, "integer": integer})
 
 
 def _range_text(meta: dict) -> str:
@@ -87,6 +88,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
                 raise ConfigError(f"{name} = {v!r} is invalid: must be {_range_text(meta)}")
             if v is None or isinstance(v, (str, bool)):
                 continue
+            if meta.get("integer") and not isinstance(v, int):
+                raise ConfigError(f"{name} = {v!r} is invalid: must be a whole number")
             if _below_min(v, meta) or (meta.get("max") is not None and v > meta["max"]):
                 raise ConfigError(f"{name} = {v!r} is out of range: must be {_range_text(meta)}")
 

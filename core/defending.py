@@ -18,8 +18,11 @@ RESERVED_PREFIXES = ("before", "after", "clean", "time", "defense")
 
 def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[Defended, float]:
     """The one way a defense runs, in a grid cell and in `bench defend`: seeded, timed, and held to
-    the contract (it returns the repaired module, or a ``Defended``). Returns (Defended, seconds)."""
+    the contract (it returns the repaired module, or a ``Defended``; a data-free one gets an empty
+    ``clean``). Returns (Defended, seconds)."""
     start = time.perf_counter()
+    if not getattr(defense, "uses_clean_data", True):  # data-free: it gets no image at all
+        clean = clean.subset(torch.zeros(0, dtype=torch.long, device=clean.labels.device))
     torch.manual_seed(ctx.seed)
     out = defense.defend(model, clean, ctx)
     defended = out if isinstance(out, Defended) else Defended(out)

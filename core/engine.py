@@ -255,7 +255,7 @@ class Runner:
                  attack=None, index=None):
         """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` (a callable,
         so that a cache hit builds nothing), with ``attack``'s training step when it gives one
-        (``index``: the poisoned rows). What an attack that learns its trigger learnt, and the ASR set
+        (``index``: the poisoned rows) and its own epochs when its config sets ``epochs``. What an attack that learns its trigger learnt, and the ASR set
         made with it, are stored with the model and put back into ``attack`` on a hit. Returns
         (model in eval mode, cache hit)."""
         key, text = stage
@@ -274,7 +274,8 @@ class Runner:
                 else:
                     start, poisoned = time.perf_counter(), data()
                     step = attack.train_step(index, len(poisoned)) if attack is not None else None
-                    train(model, poisoned, self.profile.backdoor_optim(), seed=seed, step=step, desc=desc,
+                    epochs = getattr(attack.config, "epochs", None) if attack is not None else None
+                    train(model, poisoned, self.profile.backdoor_optim(epochs), seed=seed, step=step, desc=desc,
                           progress=self.progress)
                     entry = {**model.state_dict(), **_learned(attack, test_set)}
                     self.store.save_tensors(MODELS_DIR, key, text, entry,

@@ -33,13 +33,18 @@ class Profile:
     finetune_lr: float | None = param(None, "initial lr of the finetuning-style defenses that take it "
                                       "(profile_settings; none: each defense's own default)", min=0.0, max=10.0)
 
-    def backdoor_optim(self):
-        """The training loop's ``Optim`` for the backdoored (and clean) models."""
+    def backdoor_optim(self, epochs: int | None = None):
+        """The training loop's ``Optim`` for the backdoored (and clean) models; ``epochs`` (an
+        attack's own schedule, see ``Attack``) replaces the profile's, with the step schedule's
+        milestones at the same fractions of the run."""
         from .train import Optim
 
-        return Optim(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
+        milestones = self.milestones
+        if epochs is not None and epochs != self.epochs:
+            milestones = tuple(round(m * epochs / self.epochs) for m in milestones)
+        return Optim(epochs=epochs or self.epochs, lr=self.lr, batch_size=self.batch_size, momentum=0.9,
                      nesterov=True, weight_decay=self.weight_decay, schedule=self.schedule,
-                     milestones=self.milestones, crop=self.crop, flip=self.flip)
+                     milestones=milestones, crop=self.crop, flip=self.flip)
 
 
 PROFILES = {
@@ -71,9 +76,17 @@ def profile_values(cls: type, prof: Profile | None) -> dict:
     """The config values a profile gives a plugin, as the plugin declares (``profile_settings``)."""
     if prof is None:
         return {}
+    return by_profile({field: source if isinstance(source, dict) else getattr(prof, source)
+                       for field, source in cls.profile_settings.items()}, prof)
+
+
+def by_profile(values: dict, prof: Profile | None) -> dict:
+    """``values`` with each ``{profile name: value}`` entry taken for ``prof`` (dropped where it
+    names no value for it, or ``prof`` is None); None values are dropped."""
     out = {}
-    for field, source in cls.profile_settings.items():
-        value = source.get(prof.name) if isinstance(source, dict) else getattr(prof, source)
+    for field, value in values.items():
+        if isinstance(value, dict):
+            value = value.get(prof.name) if prof is not None else None
         if value is not None:
             out[field] = value
     return out

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from . import config as cfgmod
 from .codehash import code_hash
-from .grid import Cell, Profile, profile_values
+from .grid import Cell, Profile, by_profile, profile_values
 from .registry import Registry
 from .store import stage_key
 
@@ -43,12 +43,12 @@ def configured(registry: Registry, kind: str, name: str, overrides: dict[str, di
                prof: Profile | None = None):
     """An attack or defense with its config: its defaults, then what the profile sets for it, then
     the user's ``--set`` overrides. ``NAME@all2all`` (an attack's target variant) starts from the
-    attack's ``variant_defaults`` for it, sets its ``target_mode``, and takes the ``--set`` addressed
-    to ``NAME@all2all`` over those to ``NAME``.
+    attack's ``variant_defaults`` for it (a ``{profile: value}`` entry taken for ``prof``), sets its
+    ``target_mode``, and takes the ``--set`` addressed to ``NAME@all2all`` over those to ``NAME``.
     Raises ``ConfigError`` for an invalid value."""
     cls, overrides = registry.get(kind, name), overrides or {}
     variant = name.partition("@")[2]
-    values = {**(getattr(cls, "variant_defaults", {}).get(variant) or {}), **profile_values(cls, prof),
+    values = {**by_profile(getattr(cls, "variant_defaults", {}).get(variant) or {}, prof), **profile_values(cls, prof),
               **overrides_for(overrides, registry, kind, cls.name)}
     if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
         values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))

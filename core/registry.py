@@ -96,8 +96,8 @@ def check_contract(kind: str, item: Any) -> None:
         raise PluginError(f"{what}: {exc}") from None
     fields = {f.name for f in dataclasses.fields(item.Config)}
     _check_profile_settings(what, item, fields)
-    for flag in ("uses_clean_model", "uses_teacher"):
-        if not isinstance(getattr(item, flag, False), bool):
+    for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data"):
+        if not isinstance(getattr(item, flag, True), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
     if kind == "attacks":
         variants = item.variant_defaults
@@ -106,6 +106,7 @@ def check_contract(kind: str, item: Any) -> None:
                 for v, vals in variants.items()):
             raise PluginError(f"{what}: variant_defaults must map a target variant ({', '.join(TARGET_MODES[1:])}) "
                               f"to a dict of its Config fields, not {variants!r}")
+        _check_profile_keys(what, "variant_defaults", [v for vals in variants.values() for v in vals.values()])
         if not (isinstance(item.all_datasets, tuple) and all(isinstance(d, str) for d in item.all_datasets)):
             raise PluginError(f"{what}: all_datasets must be a tuple of dataset names, not {item.all_datasets!r}")
         if "target" not in fields:
@@ -137,6 +138,17 @@ def _check_profile_settings(what: str, item: Any, fields: set[str]) -> None:
         if not isinstance(source, (str, dict)):
             raise PluginError(f"{what}: profile_settings[{field!r}] must be a profile field name or "
                               f"{{profile name: value}}, not {source!r}")
+    _check_profile_keys(what, "profile_settings", list(settings.values()))
+
+
+def _check_profile_keys(what: str, attr: str, values: list) -> None:
+    """A ``{profile name: value}`` entry must name profiles that exist (a typo would be ignored)."""
+    from .grid import PROFILES
+
+    for value in values:
+        if isinstance(value, dict) and set(value) - set(PROFILES):
+            raise PluginError(f"{what}: {attr} entry {value!r} names no profile in {sorted(set(value) - set(PROFILES))} "
+                              f"(profiles: {', '.join(PROFILES)})")
 
 
 class Registry:

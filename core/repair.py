@@ -101,18 +101,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData, defense_name: str,
+def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData | None, defense_name: str,
                 overrides: dict[str, str], mean, std, test: UserData | None, triggered: UserData | None,
                 target: int | None, teacher_path: Path | None, teacher_arch: str | None, seed: int,
                 device: torch.device, out: Path, make_tracker=None, progress: bool = True) -> dict[str, Any]:
     """Repair the model in ``model_path`` with a registered defense, evaluate it before and after on
-    the user's data, and write the repaired weights and a report; log it all as one MLflow run.
+    the user's data (``clean`` None: a data-free defense, evaluated on ``test``), and write the
+    repaired weights and a report; log it all as one MLflow run.
 
     ``make_tracker()`` is called once every input has been checked, so a bad file or folder fails
     in seconds without touching the tracking store."""
     from .report import attention_figure
 
     start_all = time.perf_counter()
+    if clean is None:  # a data-free defense: the test data names the classes, the defense gets no image
+        if test is None:
+            raise HandoverError("without --clean (a data-free defense), ACC needs --test")
+        clean = dataclasses.replace(test, split=test.split.subset(torch.zeros(0, dtype=torch.long)),
+                                    where="none (data-free defense)", note="")
     spec = registry.model(arch)
     model = load_model(model_path, spec, clean.num_classes, mean, std).to(device).eval()
     mean, std = tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())

@@ -1,10 +1,13 @@
-"""Training steps for attacks that control training (``Attack.train_step``), built on the loop's
-one extension point (:class:`nadbench.train.Step`)."""
+"""Training steps for attacks that control training (``Attack.train_step``) and for defenses,
+built on the loop's one extension point (:class:`nadbench.train.Step`)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .train import Step
 
@@ -57,3 +60,57 @@ class TriggerAfterAugmentation(Step):
             x = x.clone()
             x[self.mine] = self.trigger(x[self.mine]).clamp(0, 1)
         return super().update(model, x, y, optimizer)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """Batch norms in training mode that leave their running statistics alone (momentum 0)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
+class SAMStep(Step):
+    """Sharpness-aware minimisation (Foret et al., ICLR 2021), by default in its adaptive form
+    (ASAM, Kwon et al., ICML 2021): each step takes two forward-backward passes. The first gives
+    the gradient g; the weights move to w + e with ``e = rho * T^2 g / ||T g||`` (T = |w| when
+    ``adaptive``, else 1), the second pass takes the gradient there, and the optimiser applies it
+    at w. The second pass leaves batch-norm running statistics alone (they are the first pass's).
+    ``label_smoothing``: of the cross-entropy. ``passes`` counts forward-backward passes."""
+
+    def __init__(self, rho: float, adaptive: bool = True, label_smoothing: float = 0.0):
+        self.rho, self.adaptive, self.label_smoothing = rho, adaptive, label_smoothing
+        self.passes = 0
+
+    def loss(self, model, x, y):
+        return F.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
+
+    def _pass(self, model, x, y, optimizer) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.passes += 1
+        return loss.detach()
+
+    def update(self, model, x, y, optimizer):
+        loss = self._pass(model, x, y, optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            scaled = [(p.abs() * p.grad if self.adaptive else p.grad) for p in params]
+            scale = self.rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
+                                + 1e-12)
+            shifts = [(p.abs() * g if self.adaptive else g) * scale for p, g in zip(params, scaled)]
+            torch._foreach_add_(params, shifts)
+        with frozen_bn_stats(model):
+            self._pass(model, x, y, optimizer)
+        with torch.no_grad():
+            torch._foreach_sub_(params, shifts)
+        optimizer.step()
+        return loss

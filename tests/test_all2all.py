@@ -98,6 +98,8 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
     from dataclasses import dataclass
 
     from nadbench import TARGET_MODES, Attack, param
+    from nadbench.config import ConfigError
+    from nadbench.grid import profile
     from nadbench.plan import configured
     from nadbench.registry import PluginError, check_contract
 
@@ -108,7 +110,17 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
         assert configured(reg, "attacks", "badnets@all2all",
                           {addressed: {"poison_rate": "0.2"}}).config.poison_rate == 0.2
     res = CliRunner().invoke(main, ["list", "attacks"])
-    assert "badnets@all2all starts from: poison_rate=0.4" in res.output
+    assert "badnets@all2all starts from: poison_rate=0.4, epochs=20 on quick" in res.output
+    # Its longer schedule is the quick profile's only: paper keeps its 100 epochs (None: the profile's),
+    # and the engine's Optim takes the attack's epochs, step milestones scaled alike.
+    assert configured(reg, "attacks", "badnets@all2all", prof=profile("quick")).config.epochs == 20
+    assert configured(reg, "attacks", "badnets@all2all", prof=profile("paper")).config.epochs is None
+    assert configured(reg, "attacks", "badnets", prof=profile("quick")).config.epochs is None
+    assert profile("quick").backdoor_optim(20).epochs == 20
+    assert profile("paper").backdoor_optim(200).milestones == (100, 150)
+    assert profile("paper").backdoor_optim().milestones == (50, 75)
+    with pytest.raises(ConfigError, match="whole number"):
+        configured(reg, "attacks", "badnets", {"badnets": {"epochs": "2.5"}})
 
     @dataclass(frozen=True)
     class Cfg:
@@ -116,8 +128,31 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
         target_mode: str = param("all2one", "mode", choices=TARGET_MODES)
         poison_rate: float = param(0.1, "rate")
 
-    for bad in ({"all2one": {"poison_rate": 0.2}}, {"all2all": {"rate": 0.2}}):
+    for bad in ({"all2one": {"poison_rate": 0.2}}, {"all2all": {"rate": 0.2}},
+                {"all2all": {"poison_rate": {"quik": 0.2}}}):
         cls = type("Bad", (Attack,), {"name": "bad", "Config": Cfg, "variant_defaults": bad,
                                       "apply_trigger": lambda self, x: x})
         with pytest.raises(PluginError, match="variant_defaults"):
             check_contract("attacks", cls)
+
+
+def test_the_engine_trains_a_backdoored_model_for_its_attacks_epochs(toy_registry, tmp_path, monkeypatch):
+    """An attack's ``epochs`` (here set with ``--set``) replaces the profile's for the models it
+    backdoors, and keys them; the clean model keeps the profile's."""
+    import nadbench.engine as engine
+    from nadbench.engine import Cell
+
+    seen = []
+    real = engine.train
+    monkeypatch.setattr(engine, "train", lambda model, data, opt, **kw: seen.append(opt.epochs) or real(model, data, opt, **kw))
+
+    def runner(epochs):
+        return Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                      device=torch.device("cpu"), progress=False, cache_dir=tmp_path / "cache",
+                      overrides={"badnets": {"epochs": epochs}})
+
+    cell = Cell("toy", "badnets@all2all", "finetune", "wrn-16-1", "wrn-16-1", 0)
+    runner("2").backdoored(cell)
+    runner("none").clean_model(cell)
+    assert seen == [2, 1]
+    assert runner("2").plan(cell).student != runner("3").plan(cell).student

@@ -1,6 +1,7 @@
 """`bench attack` and `bench defend`: a round trip on real data measured from the files alone, and
 one-line refusals (exit code 2) of everything a practitioner might hand over by mistake."""
 import dataclasses
+import json
 import os
 import pickle
 import shlex
@@ -234,3 +235,17 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store):
     assert asr[0] >= 0.9 and asr[1] <= asr[0] / 2, asr      # most of the backdoor is gone
     assert acc[1] >= acc[0] - 0.10, acc                    # within 10 points of ACC
     assert (tmp_path / "repaired.report.json").exists() and (tmp_path / "repaired.attention.png").exists()
+
+
+def test_a_data_free_defense_runs_without_clean_data_and_the_others_say_they_need_it(tiny):
+    """CLP repairs the file with no --clean (ACC on --test, which it never sees); a defense that needs
+    clean data names the option and the data-free ones; without --test there is nothing to measure."""
+    out = _cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "clp", "--test", str(tiny / "clean"),
+               "--no-progress", cwd=tiny)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tiny / "repaired.report.json").read_text())
+    assert report["n_clean"] == 0 and report["n_test"] == 20
+    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "finetune", "--test",
+                         str(tiny / "clean"), cwd=tiny), "--clean is required", "clp")
+    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "clp", cwd=tiny),
+                    "give --test")

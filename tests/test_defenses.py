@@ -14,9 +14,11 @@ from nadbench.api import DefenseContext
 from nadbench.engine import Cell, Runner, profile
 from nadbench.models import build, classifier_name
 from nadbench.plugins.defenses import fine_pruning as fp
-from nadbench.plugins.defenses.fine_pruning import FinePruning, choose
+from nadbench.channels import largest_within_drop as choose
+from nadbench.plugins.defenses.fine_pruning import FinePruning
 from nadbench.plugins.defenses.finetune import FinetuneConfig
-from nadbench.plugins.defenses.mcr import MCR, BezierCurve, recompute_bn
+from nadbench.channels import recompute_bn
+from nadbench.plugins.defenses.mcr import MCR, BezierCurve
 from nadbench.registry import get_registry
 from nadbench.train import Optim, train
 
@@ -69,8 +71,8 @@ def test_fine_pruning_prunes_the_most_dormant_channels_and_masks_them(monkeypatc
     model = Tiny().eval()
     clean = toy_split(200, 0)
     seen = []
-    monkeypatch.setattr(fp, "choose", lambda curve, drop: seen.append(curve) or 3)  # prune 3 channels
-    mean = fp.classifier_inputs(model, model.fc, clean.images).mean(0)
+    monkeypatch.setattr(fp, "largest_within_drop", lambda curve, drop: seen.append(curve) or 3)  # prune 3 channels
+    mean = fp.layer_inputs(model, model.fc, clean.images).mean(0)
     before = copy.deepcopy(model)
     defense = FinePruning(fp.FinePruningConfig(finetune=False))
     logged = {}
@@ -105,8 +107,8 @@ def test_fine_pruning_selects_on_the_clean_subset_only(monkeypatch):
     clean = toy_split(100, 3)
     rows = {bytes(img.flatten().tolist()) for img in clean.images}
     inputs = []
-    real = fp.classifier_inputs
-    monkeypatch.setattr(fp, "classifier_inputs", lambda m, c, images, **k: inputs.append(images) or real(m, c, images))
+    real = fp.layer_inputs
+    monkeypatch.setattr(fp, "layer_inputs", lambda m, c, images, **k: inputs.append(images) or real(m, c, images))
     FinePruning(fp.FinePruningConfig(finetune=False)).defend(Tiny().eval(), clean, _ctx())
     seen = torch.cat(inputs)
     assert len(seen) == len(clean) and all(bytes(img.flatten().tolist()) in rows for img in seen)

@@ -81,3 +81,27 @@ def test_mcr_point_leaves_the_straight_line_and_removes_most_of_the_backdoor(dat
     assert before["asr"] > 0.9
     assert after["asr"] < 0.85 and middle["asr"] < 0.4, (after, middle)
     assert after["acc"] > before["acc"] - 0.15 and middle["acc"] > before["acc"] - 0.15, (before, after, middle)
+
+
+
+# The defenses since the paper, at their own settings but shorter where they iterate. Measured on the
+# fixture (bf16, AMD EPYC with AVX512-BF16; before: ASR 100, ACC 71.1): CLP ASR 62.7 at ACC 71.1
+# (3 channels pruned), FST ASR 0.2 at ACC 54.6, FT-SAM (20 epochs, batch 64) ASR 34.7 at ACC 68.9.
+# A no-op defense keeps ASR 100.
+def test_clp_prunes_without_data_and_weakens_the_backdoor(data):
+    repaired, before, after, logged = _defend("clp", data)
+    print(f"clp pruned {logged['clp.pruned_total'][0]} channels")
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.85 and after["acc"] > before["acc"] - 0.02, (before, after)
+
+
+def test_fst_removes_the_backdoor(data):
+    repaired, before, after, _ = _defend("fst", data)
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.25, (before, after)
+
+
+def test_ft_sam_weakens_the_backdoor_at_its_own_learning_rate(data):
+    repaired, before, after, _ = _defend("ft-sam", data, epochs=20, batch_size=64)
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.7 and after["acc"] > before["acc"] - 0.08, (before, after)

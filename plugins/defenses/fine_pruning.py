@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import ConfigError, Defense, hookimpl, param
-from nadbench.augment import to_float
+from nadbench.channels import hold_out, largest_within_drop, layer_inputs
 from nadbench.report import line_figure
 from nadbench.train import FinetuneParams, train
 
@@ -38,20 +38,6 @@ class FinePruningConfig(FinetuneParams):
     finetune: bool = param(True, "finetune the pruned model on the clean subset")
 
 
-@torch.inference_mode()
-def classifier_inputs(model, classifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """(N, C) inputs of ``classifier`` (a module of ``model``) for uint8 ``images``, in eval mode."""
-    model.eval()
-    seen = []
-    hook = classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0].float()))
-    try:
-        for i in range(0, len(images), batch):
-            model(to_float(images[i:i + batch]))
-    finally:
-        hook.remove()
-    return torch.cat(seen)
-
-
 def pruning_curve(features, labels, classifier, order, step: int, limit: int) -> list[tuple[int, float]]:
     """[(channels pruned, accuracy)] pruning ``order`` ``step`` at a time up to ``limit`` channels.
     Exact and cheap: with the classifier linear, pruning only zeroes its inputs."""
@@ -63,18 +49,6 @@ def pruning_curve(features, labels, classifier, order, step: int, limit: int) ->
             pred = classifier(features * mask).argmax(1)
         curve.append((k, float((pred == labels).float().mean())))
     return curve
-
-
-def choose(curve: list[tuple[int, float]], acc_drop: float) -> int:
-    """The channels pruned at the last step before accuracy first falls below (1 - acc_drop) x the
-    unpruned accuracy."""
-    floor = (1 - acc_drop) * curve[0][1]
-    chosen = 0
-    for k, acc in curve:
-        if acc < floor:
-            break
-        chosen = k
-    return chosen
 
 
 class FinePruning(Defense):
@@ -91,15 +65,13 @@ class FinePruning(Defense):
             raise ConfigError(f"fine-pruning prunes the inputs of the model's classifier layer, and {ctx.student!r} "
                               "declares none: set classifier_layer in its ModelSpec")
         classifier = model.get_submodule(ctx.classifier_layer)
-        order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(ctx.seed)).to(clean.labels.device)
-        n_out = max(1, round(cfg.held_out * len(clean)))
-        held, rest = clean.subset(order[:n_out]), clean.subset(order[n_out:])
+        held, rest = hold_out(clean, cfg.held_out, ctx.seed)
 
-        ranking = classifier_inputs(model, classifier, rest.images).mean(0).argsort()  # most dormant first
-        features = classifier_inputs(model, classifier, held.images)
+        ranking = layer_inputs(model, classifier, rest.images).mean(0).argsort()  # most dormant first
+        features = layer_inputs(model, classifier, held.images)
         n_channels = features.shape[1]
         curve = pruning_curve(features, held.labels, classifier, ranking, cfg.step, int(cfg.max_ratio * n_channels))
-        pruned = choose(curve, cfg.acc_drop)
+        pruned = largest_within_drop(curve, cfg.acc_drop)
         for k, acc in curve:
             ctx.log_metric("prune.acc", acc, k)
         ctx.log_metric("prune.channels", pruned)

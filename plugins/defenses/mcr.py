@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from nadbench import Defended, Defense, hookimpl, param
-from nadbench.augment import augment, to_float
+from nadbench.channels import recompute_bn
 from nadbench.report import line_figure
 from nadbench.evaluate import accuracy
 from nadbench.train import FinetuneParams, Optim, train
@@ -87,30 +87,6 @@ class BezierCurve(nn.Module):
         model = copy.deepcopy(self.base)
         model.load_state_dict(self.weights(t), strict=False)
         return recompute_bn(model.requires_grad_(True), clean, batch_size, crop, flip)
-
-
-@torch.no_grad()
-def recompute_bn(model: nn.Module, clean, batch_size: int, crop: int = 0, flip: bool = False,
-                 seed: int = 0) -> nn.Module:
-    """Reset every batch-norm layer's running statistics and recompute them as averages over
-    ``clean`` in shuffled batches, augmented with ``crop`` / ``flip`` as the model was trained (as
-    the MCR authors do, with their training loader); the weights unchanged. Returns the model in
-    eval mode. In an exploratory check (not committed) at t = 0 on the quick-profile BadNets model
-    (ACC 81.8 with its own statistics): class-sorted batches (splits are sorted by class, so batch
-    variances are those within one class) gave 64.1; shuffled, un-augmented 73.0; shuffled with
-    crop + flip 78.8. tests/test_defenses.py checks the variance on class-sorted data."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    gen = torch.Generator(device=clean.images.device).manual_seed(seed)
-    order = torch.randperm(len(clean), generator=gen, device=clean.images.device)
-    for i in range(0, len(clean), batch_size):
-        model(augment(to_float(clean.images[order[i:i + batch_size]]), gen, crop, flip))
-    for m in norms:
-        m.momentum = 0.1
-    return model.eval()
 
 
 class MCR(Defense):

@@ -1,0 +1,215 @@
+"""The defense toolkit in the core (nadbench.channels, nadbench.steps.SAMStep) and the mechanisms of
+the defenses built on it (CLP, FT-SAM): each test is one a renamed finetuning, or a mask that
+leaks into other channels, would fail. Tiny inputs, float32 on the CPU."""
+import torch
+from torch import nn
+
+from conftest import toy_split
+from nadbench.api import DefenseContext
+from nadbench.channels import (NeuronMasks, batch_norms, bn_after_sum, channel_lipschitz, conv_bn_pairs,
+                               prune_bn)
+from nadbench.defending import apply_defense
+from nadbench.models import build
+from nadbench.registry import get_registry
+from nadbench.steps import SAMStep
+from nadbench.train import Optim, train
+
+
+def _wrn(seed=0):
+    reg = get_registry()
+    torch.manual_seed(seed)
+    model = build(reg.model("wrn-16-1"), reg.dataset("cifar10")).eval()
+    with torch.no_grad():  # non-trivial BN affine parameters and statistics, as in a trained model
+        for bn in batch_norms(model).values():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+            bn.running_mean.uniform_(-0.1, 0.1), bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _bn_outputs(model, x):
+    """{BN name: its output} for one forward pass."""
+    seen, hooks = {}, []
+    for name, bn in batch_norms(model).items():
+        hooks.append(bn.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.detach())))
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return seen, logits
+
+
+def test_pairs_come_from_the_graph_and_bns_after_a_residual_sum_are_unpaired():
+    """Pre-activation WRN-16-1: each block's second BN follows its first conv; the first block's first
+    BN follows the stem conv; every other block-input BN and the final BN follow a residual sum."""
+    model = _wrn()
+    pairs = {(p.conv, p.bn) for p in conv_bn_pairs(model)}
+    blocks = [f"net.block{g}.layer.{i}" for g in (1, 2, 3) for i in (0, 1)]
+    assert pairs == {("net.conv1", "net.block1.layer.0.bn1")} | {(f"{b}.conv1", f"{b}.bn2") for b in blocks}
+    assert set(bn_after_sum(model)) == {f"{b}.bn1" for b in blocks[1:]} | {"net.bn1"}
+    assert len(pairs) + len(bn_after_sum(model)) == len(batch_norms(model))  # every BN is one or the other
+
+
+def test_masks_change_exactly_the_named_channels_and_leave_the_model_as_it_was():
+    model, x = _wrn(), torch.rand(4, 3, 32, 32)
+    before, logits = _bn_outputs(model, x)
+    name = "net.block2.layer.0.bn2"
+    with NeuronMasks(model) as masks:
+        assert {p.data_ptr() for p in masks.parameters()}.isdisjoint(p.data_ptr() for p in model.parameters())
+        with torch.no_grad():
+            masks.weight[name.replace(".", "/")][[3, 7]] = 0
+            masks.bias[name.replace(".", "/")][[3, 7]] = 0
+        during, _ = _bn_outputs(model, x)
+    # The masked BN: channels 3 and 7 are zero, the others as before (its input is upstream of it).
+    out = during[name]
+    assert torch.equal(out[:, [3, 7]], torch.zeros_like(out[:, [3, 7]]))
+    keep = [c for c in range(out.shape[1]) if c not in (3, 7)]
+    assert torch.allclose(out[:, keep], before[name][:, keep], atol=1e-6)
+    # Upstream BNs are untouched; on exit the model computes exactly what it did.
+    assert torch.equal(during["net.block1.layer.0.bn2"], before["net.block1.layer.0.bn2"])
+    assert torch.equal(_bn_outputs(model, x)[1], logits)
+    assert not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+def test_folded_masks_and_pruning_equal_the_masked_model():
+    model, x = _wrn(), torch.rand(4, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    masks = NeuronMasks(model)
+    with torch.no_grad():
+        for p in masks.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen))
+    masked = _bn_outputs(model, x)[1]
+    folded = masks.fold()
+    assert not any("parametrizations" in n for n, _ in folded.named_parameters())
+    assert torch.allclose(_bn_outputs(folded, x)[1], masked, atol=1e-5)
+
+    # prune_bn is a 0/1 mask folded in.
+    model, chosen = _wrn(), {"net.block1.layer.1.bn2": [0, 5], "net.bn1": [2]}
+    with NeuronMasks(model) as masks:
+        with torch.no_grad():
+            for name, idx in chosen.items():
+                masks.weight[name.replace(".", "/")][idx] = 0
+                masks.bias[name.replace(".", "/")][idx] = 0
+        masked = _bn_outputs(model, x)[1]
+    assert torch.allclose(_bn_outputs(prune_bn(model, chosen), x)[1], masked, atol=1e-6)
+
+
+def test_channel_lipschitz_is_the_scaled_spectral_norm_of_each_filter():
+    conv, bn = nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(-2, 2), bn.running_var.uniform_(0.5, 2)
+    got = channel_lipschitz(conv, bn)
+    for k in range(6):
+        sigma = torch.linalg.svdvals(conv.weight[k].detach().reshape(4, -1))[0]
+        assert torch.isclose(got[k], sigma * abs(bn.weight[k].detach()) / (bn.running_var[k] + bn.eps).sqrt())
+
+
+def _ctx(**kw):
+    return DefenseContext(device=torch.device("cpu"), num_classes=10, student="wrn-16-1", teacher="wrn-16-1",
+                          seed=0, progress=False, **kw)
+
+
+def test_clp_reads_no_data_prunes_a_planted_channel_and_leaves_every_other_weight_bit_identical():
+    reg = get_registry()
+    model = _wrn()
+    conv = model.get_submodule("net.block2.layer.1.conv1")
+    with torch.no_grad():
+        conv.weight[9] *= 20  # a channel whose output jumps with its input: what a trigger channel looks like
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    class Spy(reg.defense("clp")):
+        def defend(self, model, clean, ctx):
+            seen.append(len(clean))
+            return super().defend(model, clean, ctx)
+
+    logged = {}
+    repaired, _ = apply_defense(Spy(), model, toy_split(64, 0), _ctx(
+        log_metric=lambda k, v, step=None: logged.setdefault(k, []).append(v)))
+    assert seen == [0]  # the core hands a data-free defense no image
+    state = repaired.model.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], original[k])}
+    pruned = {n: (bn.weight == 0).nonzero().flatten().tolist() for n, bn in batch_norms(repaired.model).items()
+              if (bn.weight == 0).any()}
+    assert 9 in pruned["net.block2.layer.1.bn2"]
+    assert changed == {f"{n}.{p}" for n in pruned for p in ("weight", "bias")}
+    for n, idx in pruned.items():  # within a pruned BN only the pruned channels changed
+        keep = [c for c in range(len(original[f"{n}.weight"])) if c not in idx]
+        assert torch.equal(state[f"{n}.weight"][keep], original[f"{n}.weight"][keep])
+        assert torch.equal(state[f"{n}.bias"][idx], torch.zeros(len(idx)))
+    assert logged["clp.pruned_total"] == [sum(map(len, pruned.values()))]
+    assert not set(pruned) & set(bn_after_sum(model))  # unpaired BNs are never pruned
+
+
+def test_sam_step_takes_two_passes_and_applies_the_gradient_at_the_ascended_point(monkeypatch):
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")  # compared with a float32 computation by hand
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    data = toy_split(8, 0)
+    data = type(data)(data.images[:, :, :2, :2], data.labels % 3)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    forwards = []
+    model.register_forward_hook(lambda *a: forwards.append(1))
+    step = SAMStep(rho=0.5, adaptive=True)
+    opt = Optim(epochs=1, lr=0.1, batch_size=8, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="step")
+    train(model, data, opt, seed=0, step=step, progress=False)
+    assert step.passes == 2 and len(forwards) == 2  # one batch: two forward-backward passes
+
+    # By hand: g at w0, e = rho |w|^2 g / ||w g||, gradient at w0 + e, applied at w0.
+    ref = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = data.images.float() / 255
+    with torch.no_grad():
+        for p, w in zip(ref.parameters(), w0):
+            p.copy_(w)
+    nn.functional.cross_entropy(ref(x), data.labels).backward()
+    g = [p.grad.clone() for p in ref.parameters()]
+    norm = torch.sqrt(sum(((w.abs() * gi) ** 2).sum() for w, gi in zip(w0, g)))
+    with torch.no_grad():
+        for p, w, gi in zip(ref.parameters(), w0, g):
+            p.copy_(w + 0.5 * w.pow(2) * gi / norm)
+            p.grad = None
+    nn.functional.cross_entropy(ref(x), data.labels).backward()
+    for p, w, r in zip(model.parameters(), w0, ref.parameters()):
+        assert torch.allclose(p.detach(), w - 0.1 * r.grad, atol=1e-6)
+
+
+def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
+    """ANP's step moves the masks alone (the network's parameters are bit-identical after mask
+    training); the repaired model differs from the original only in zeroed BN weights."""
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    reg = get_registry()
+    anp = reg.defense("anp")
+    from nadbench.plugins.defenses.anp import ANPStep
+
+    model = _wrn()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = NeuronMasks(model, bias=False)
+    opt = Optim(epochs=1, lr=0.2, batch_size=16, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="step")
+    train(model, toy_split(32, 0), opt, seed=0, step=ANPStep(masks, anp.Config(), 0), progress=False)
+    moved = torch.cat([m.flatten() for m in masks.values().values()])
+    assert (moved < 1).any() and (moved >= 0).all() and (moved <= 1).all()
+    masks.remove()
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+    model = _wrn()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    defense = anp.from_overrides({"iterations": "4", "batch_size": "16", "rule": "threshold", "threshold": "0.99"})
+    repaired, _ = apply_defense(defense, model, toy_split(32, 0), _ctx())
+    state = repaired.model.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], original[k])}
+    assert changed and all(k.endswith(".weight") and k.rsplit(".", 1)[0] in batch_norms(model) for k in changed)
+    for k in changed:
+        diff = state[k] != original[k]
+        assert (state[k][diff] == 0).all()
+
+
+def test_fst_reinitialises_the_head_and_keeps_its_norm(monkeypatch):
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    model = _wrn()
+    head = model.get_submodule("net.fc")
+    original = head.weight.detach().clone()
+    defense = get_registry().defense("fst").from_overrides({"epochs": "1", "batch_size": "16"})
+    repaired, _ = apply_defense(defense, model, toy_split(32, 0), _ctx(classifier_layer="net.fc"))
+    new = repaired.model.get_submodule("net.fc").weight.detach()
+    cos = float((new * original).sum() / (new.norm() * original.norm()))
+    assert abs(cos) < 0.3, cos  # a fresh head (a finetuned one keeps cos ~ 1 after one epoch)
+    assert torch.isclose(new.norm(), original.norm(), rtol=1e-4)
