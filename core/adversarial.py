@@ -1,4 +1,5 @@
-"""Input-space optimisation against a fixed model: the project's one PGD, and neuron-driven triggers.
+"""Input-space optimisation against a fixed model: the project's one PGD, neuron-driven triggers,
+targeted DeepFool and universal perturbations, and Neural Cleanse's trigger inversion.
 
 Everything here works on float images in [0, 1] (the input space of every nadbench model, see
 :class:`nadbench.models.Normalized`), runs the model in eval mode, and takes gradients with
@@ -177,3 +178,101 @@ def smooth_universal_perturbation(model: nn.Module, images: torch.Tensor, target
             if rate >= fooling_rate or (len(rates) >= 5 and max(rates[-5:]) - min(rates[-5:]) < 0.01):
                 break
     return best, rates
+
+
+def invert_trigger(model: nn.Module, images: torch.Tensor, target: int, *, epochs: int = 80,
+                   batch_size: int = 256, lr: float = 0.1, init_cost: float = 1e-3,
+                   success: float = 0.98, patience: int = 5, multiplier: float = 2.0,
+                   early_stop_patience: int = 25, generator: torch.Generator | None = None,
+                   progress: bool = False) -> dict:
+    """Neural Cleanse's trigger inversion (Wang et al., S&P 2019): the smallest mask m (H, W) and
+    pattern p (C, H, W), both in [0, 1] through a tanh, such that ``(1 - m) x + m p`` sends the
+    float ``images`` (N, C, H, W in [0, 1]) to ``target``. Adam (betas 0.5, 0.9) on cross-entropy
+    + cost * |m|_1, over ``epochs`` passes of shuffled batches; the cost starts at 0 and is set to
+    ``init_cost`` once the attack succeeds on ``success`` of the images for ``patience`` epochs,
+    then multiplied by ``multiplier`` after ``patience`` successful epochs and divided by
+    ``multiplier ** 1.5`` after as many failed ones; the search stops after
+    ``early_stop_patience`` epochs without a 1 % smaller mask. Returns the best (smallest L1 among
+    the successful) ``{"mask", "pattern", "l1", "success"}``; if no epoch succeeded, the last."""
+    from .train import _autocast, precision
+
+    device = images.device
+    autocast = lambda: _autocast(device, precision(device) == "bf16")  # noqa: E731 — the run's precision
+    h, w = images.shape[-2:]
+    eps = 1e-7
+    start = lambda shape: torch.atanh((_uniform(shape, generator, device) - 0.5) * (2 - eps))  # noqa: E731
+    mask_t = start((h, w)).requires_grad_(True)
+    pattern_t = start(images.shape[1:]).requires_grad_(True)
+    opt = torch.optim.Adam([mask_t, pattern_t], lr=lr, betas=(0.5, 0.9))
+    labels = torch.full((batch_size,), target, device=device)
+    cost, best, counters = 0.0, None, {"set": 0, "up": 0, "down": 0, "stop": 0}
+    best_l1 = float("inf")
+    with eval_mode(model):
+        for _ in tqdm(range(epochs), desc=f"invert {target}", disable=not progress, leave=False):
+            order = torch.randperm(len(images), generator=generator, device=generator.device if generator else device)
+            hits, seen, l1 = 0, 0, 0.0
+            for i in range(0, len(images), batch_size):
+                x = images[order[i:i + batch_size].to(device)]
+                m = torch.tanh(mask_t) / (2 - eps) + 0.5
+                p = torch.tanh(pattern_t) / (2 - eps) + 0.5
+                with autocast():
+                    logits = model((1 - m) * x + m * p).float()
+                ce = F.cross_entropy(logits, labels[:len(x)])
+                loss = ce + cost * m.abs().sum()
+                mask_t.grad, pattern_t.grad = torch.autograd.grad(loss, [mask_t, pattern_t])
+                opt.step()
+                hits += int((logits.argmax(1) == target).sum())
+                seen += len(x)
+                l1 = float(m.detach().abs().sum())
+            rate = hits / seen
+            if rate >= success and l1 < best_l1:
+                best = {"mask": m.detach().clone(), "pattern": p.detach().clone(), "l1": l1, "success": rate}
+            # early stop: no 1 % improvement of the best L1 for early_stop_patience epochs, once the cost is set
+            counters["stop"] = 0 if l1 < 0.99 * best_l1 or cost == 0 else counters["stop"] + 1
+            if rate >= success:
+                best_l1 = min(best_l1, l1)
+            if cost > 0 and counters["stop"] >= early_stop_patience:
+                break
+            if cost == 0:  # the cost starts once the attack succeeds
+                counters["set"] = counters["set"] + 1 if rate >= success else 0
+                if counters["set"] >= patience:
+                    cost, counters["up"], counters["down"] = init_cost, 0, 0
+                continue
+            counters["up"], counters["down"] = ((counters["up"] + 1, 0) if rate >= success
+                                                else (0, counters["down"] + 1))
+            if counters["up"] >= patience:
+                cost, counters["up"] = cost * multiplier, 0
+            elif counters["down"] >= patience:
+                cost, counters["down"] = cost / multiplier ** 1.5, 0
+    if best is None:
+        best = {"mask": m.detach(), "pattern": p.detach(), "l1": l1, "success": rate}
+    return best
+
+
+def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
+    """Neural Cleanse's anomaly index of each class's trigger L1 norm: its distance from the median
+    in units of the consistent median absolute deviation (1.4826 x MAD). A class is flagged when
+    its norm is *below* the median and its index exceeds 2."""
+    median = norms.median()
+    mad = 1.4826 * (norms - median).abs().median()
+    return (norms - median).abs() / mad.clamp_min(1e-12)
+
+
+def universal_ascent(model: nn.Module, images: torch.Tensor, *, lr: float = 10.0, reg: float = 1e-3,
+                     batch_size: int = 100, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An untargeted universal perturbation (1, C, H, W) by one pass of SGD over ``images`` (float
+    [0, 1], in shuffled batches): maximise the cross-entropy of the model's own predictions on the
+    clean images, less ``reg * ||delta||^2`` (I-BAU's inner problem; unclipped, as there)."""
+    delta = torch.zeros((1, *images.shape[1:]), device=images.device, requires_grad=True)
+    opt = torch.optim.SGD([delta], lr=lr)
+    order = torch.randperm(len(images), generator=generator,
+                           device=generator.device if generator is not None else images.device)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            x = images[order[i:i + batch_size].to(images.device)]
+            with torch.no_grad():
+                pseudo = model(x).argmax(1)
+            loss = -F.cross_entropy(model(x + delta), pseudo) + reg * delta.pow(2).sum()
+            (delta.grad,) = torch.autograd.grad(loss, [delta])
+            opt.step()
+    return delta.detach()

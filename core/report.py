@@ -79,3 +79,15 @@ def line_figure(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, *,
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def triggers_figure(triggers: list[tuple[str, torch.Tensor]], title: str = ""):
+    """One row of float (C, H, W) images in [0, 1] with their titles (e.g. each class's inverted
+    trigger, mask x pattern)."""
+    fig, axes = plt.subplots(1, len(triggers), figsize=(1.6 * len(triggers), 2.0), squeeze=False)
+    for ax, (label, img) in zip(axes[0], triggers):
+        _show(ax, img.clamp(0, 1), label)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -249,3 +249,25 @@ def test_a_data_free_defense_runs_without_clean_data_and_the_others_say_they_nee
                          str(tiny / "clean"), cwd=tiny), "--clean is required", "clp")
     _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "clp", cwd=tiny),
                     "give --test")
+
+
+# The shortest run of each built-in defense; a defense added without an entry here fails the test.
+SHORTEST = {"finetune": {"epochs": "1"}, "nad": {"epochs": "1", "teacher_epochs": "1"},
+            "fine-pruning": {"epochs": "1"}, "mcr": {"epochs": "1", "curve_epochs": "1", "curve_points": "0"},
+            "clp": {}, "ft-sam": {"epochs": "1"}, "fst": {"epochs": "1"}, "anp": {"iterations": "2"},
+            "neural-cleanse": {"epochs": "1", "unlearn_epochs": "1"}, "i-bau": {"rounds": "1"}}
+
+
+def test_bench_defend_runs_every_built_in_defense(tiny):
+    reg = get_registry()
+    built_in = [n for n in reg.names("defenses") if reg.defense(n).provider.startswith("nadbench ")]
+    assert set(built_in) == set(SHORTEST)
+    clean = load_user_data(reg, str(tiny / "clean"), train=True, image_size=32, seed=0)
+    for name in built_in:
+        report = defend_file(reg, model_path=tiny / "model.safetensors", arch="wrn-16-1",
+                             clean=clean if reg.defense(name).uses_clean_data else None, defense_name=name,
+                             overrides=SHORTEST[name], mean=None, std=None,
+                             test=None if reg.defense(name).uses_clean_data else clean, triggered=None, target=None,
+                             teacher_path=None, teacher_arch=None, seed=0, device=torch.device("cpu"),
+                             out=tiny / f"{name}.safetensors", progress=False)
+        assert (tiny / f"{name}.safetensors").exists() and "acc" in report["after"], name

@@ -213,3 +213,105 @@ def test_fst_reinitialises_the_head_and_keeps_its_norm(monkeypatch):
     cos = float((new * original).sum() / (new.norm() * original.norm()))
     assert abs(cos) < 0.3, cos  # a fresh head (a finetuned one keeps cos ~ 1 after one epoch)
     assert torch.isclose(new.norm(), original.norm(), rtol=1e-4)
+
+
+class _PlantedPatch(nn.Module):
+    """A toy classifier of 3x8x8 images with a planted backdoor: random linear logits for 6 classes
+    (rows centred, so that the classes share the images), and class 5 wins whenever the 2x2 top-left
+    patch is near white (a smooth step, so that the inversion has a gradient to follow)."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.randn(6, 192, generator=torch.Generator().manual_seed(0))
+        self.w = nn.Parameter(0.5 * (w - w.mean(1, keepdim=True)))
+
+    def forward(self, x):
+        patch = x[:, :, :2, :2].mean((1, 2, 3))
+        bonus = torch.zeros(len(x), 6, device=x.device)
+        bonus[:, 5] = 30 * torch.sigmoid(15 * (patch - 0.75))
+        return x.flatten(1) @ self.w.T + bonus
+
+
+def test_trigger_inversion_recovers_a_planted_patch_and_flags_its_class(monkeypatch):
+    from nadbench.adversarial import anomaly_indices, invert_trigger
+
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    model, gen = _PlantedPatch(), torch.Generator().manual_seed(0)
+    images = torch.rand(256, 3, 8, 8, generator=gen)
+    found = [invert_trigger(model, images, c, epochs=60, batch_size=64, generator=gen) for c in range(6)]
+    mask = found[5]["mask"]
+    assert found[5]["success"] >= 0.98
+    assert mask[:2, :2].sum() > 0.6 * mask.sum()  # the mass of the target's mask is on the patch
+    norms = torch.tensor([f["l1"] for f in found])
+    index = anomaly_indices(norms)
+    print("L1 per class", norms.tolist(), "anomaly index", index.tolist())
+    assert int(norms.argmin()) == 5 and index[5] > 2
+
+
+def test_anomaly_index_is_the_distance_from_the_median_in_consistent_mads():
+    from nadbench.adversarial import anomaly_indices
+
+    index = anomaly_indices(torch.tensor([10.0, 11.0, 12.0, 13.0, 2.0]))
+    # median 11, |x - 11| = 1 0 1 2 9, MAD 1, scaled 1.4826
+    assert torch.allclose(index, torch.tensor([1, 0, 1, 2, 9]) / 1.4826)
+
+
+def test_neural_cleanse_logs_the_anomaly_index_and_the_inverted_triggers_and_unlearns_the_flagged_class(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from nadbench import Split
+
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    gen = torch.Generator().manual_seed(0)
+    clean = Split(torch.randint(0, 256, (256, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(256) % 6)
+    logged, figures, trained = {}, [], []
+    import nadbench.plugins.defenses.neural_cleanse as nc
+
+    monkeypatch.setattr(nc, "train", lambda model, data, opt, **kw: trained.append(data) or model)
+    defense = get_registry().defense("neural-cleanse").from_overrides({"epochs": "60", "batch_size": "64"})
+    ctx = DefenseContext(device=torch.device("cpu"), num_classes=6, student="toy", teacher="toy", seed=0, progress=False,
+                         log_metric=lambda k, v, step=None: logged.setdefault(k, []).append(v),
+                         log_figure=lambda fig, path: figures.append(path) or plt.close(fig))
+    apply_defense(defense, _PlantedPatch(), clean, ctx)
+    assert logged["nc.flagged"] == [1] and len(logged["nc.anomaly_index"]) == 6
+    assert logged["nc.anomaly_index"][5] > 2 and figures == ["nc_triggers.png"]
+    (data,) = trained  # unlearning: 20 % of the images stamped with class 5's trigger, labels kept
+    changed = (data.images != clean.images).flatten(1).any(1)
+    assert int(changed.sum()) == round(0.2 * 256) and torch.equal(data.labels, clean.labels)
+    with torch.no_grad():  # stamped with class 5's inverted trigger: the backdoored model sends them there
+        assert (_PlantedPatch()(data.images[changed].float() / 255).argmax(1) == 5).float().mean() > 0.9
+
+
+def test_the_implicit_hypergradient_matches_finite_differences():
+    """Inner solution w*(theta) = tanh(B theta), the fixed point of a gradient step on
+    0.5 ||w - tanh(B theta)||^2; outer f(w, theta) depends on both. The hypergradient at w* equals
+    central finite differences of f(w*(theta), theta); without the implicit term (K = 0) it does not."""
+    from nadbench.implicit import fixed_point_hypergradient
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    theta = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    solution = lambda th: torch.tanh(B @ th)  # noqa: E731
+    fp_map = lambda w, th: [w[0] - 0.5 * (w[0] - solution(th[0]))]  # noqa: E731
+    outer = lambda w, th: torch.sin(w[0]).sum() + (w[0] * (B @ th[0])).sum() + 0.5 * th[0].pow(2).sum()  # noqa: E731
+    (got,) = fixed_point_hypergradient([solution(theta).detach()], [theta], 40, fp_map, outer)
+    h, eye = 1e-6, torch.eye(3, dtype=torch.float64)
+    with torch.no_grad():
+        f = lambda th: outer([solution(th)], [th])  # noqa: E731
+        fd = torch.stack([(f(theta + h * e) - f(theta - h * e)) / (2 * h) for e in eye])
+    assert torch.allclose(got, fd, atol=1e-7), (got, fd)
+    (plain,) = fixed_point_hypergradient([solution(theta).detach()], [theta], 0, fp_map, outer)
+    assert not torch.allclose(plain, fd, atol=1e-3)
+
+
+def test_i_bau_updates_the_model_with_its_own_adam_through_the_implicit_gradient(monkeypatch):
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    model = _wrn()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logged = {}
+    defense = get_registry().defense("i-bau").from_overrides({"rounds": "2", "batch_size": "16"})
+    repaired, _ = apply_defense(defense, model, toy_split(32, 0), _ctx(
+        log_metric=lambda k, v, step=None: logged.setdefault(k, []).append(v)))
+    assert len(logged["defense.loss"]) == 2  # one loop epoch per round
+    moved = [n for n, p in repaired.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)  # Adam moved every parameter (the loop's SGD holds none)
