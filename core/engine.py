@@ -255,9 +255,9 @@ class Runner:
                  attack=None, index=None):
         """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` (a callable,
         so that a cache hit builds nothing), with ``attack``'s training step when it gives one
-        (``index``: the poisoned rows) and its own epochs when its config sets ``epochs``. What an attack that learns its trigger learnt, and the ASR set
-        made with it, are stored with the model and put back into ``attack`` on a hit. Returns
-        (model in eval mode, cache hit)."""
+        (``index``: the poisoned rows) and its own epochs when its config sets ``epochs``. What an
+        attack that learns its trigger learnt, and the ASR set made with it, are stored with the model
+        and put back into ``attack`` on a hit. Returns (model in eval mode, cache hit)."""
         key, text = stage
         spec, _, test_set = self.data(dataset)
         torch.manual_seed(seed)

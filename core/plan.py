@@ -48,8 +48,8 @@ def configured(registry: Registry, kind: str, name: str, overrides: dict[str, di
     Raises ``ConfigError`` for an invalid value."""
     cls, overrides = registry.get(kind, name), overrides or {}
     variant = name.partition("@")[2]
-    values = {**by_profile(getattr(cls, "variant_defaults", {}).get(variant) or {}, prof), **profile_values(cls, prof),
-              **overrides_for(overrides, registry, kind, cls.name)}
+    variant_values = by_profile(getattr(cls, "variant_defaults", {}).get(variant) or {}, prof)
+    values = {**variant_values, **profile_values(cls, prof), **overrides_for(overrides, registry, kind, cls.name)}
     if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
         values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))
     obj = cls.from_overrides(values)
