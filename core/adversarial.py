@@ -1,5 +1,6 @@
-"""Input-space optimisation against a fixed model: the project's one PGD, neuron-driven triggers,
-targeted DeepFool and universal perturbations, and Neural Cleanse's trigger inversion.
+"""Input-space optimisation against a fixed model: the project's one PGD (targeted or not, L-inf or
+L2), neuron-driven triggers, targeted DeepFool and universal perturbations, and Neural Cleanse's
+trigger inversion.
 
 Everything here works on float images in [0, 1] (the input space of every nadbench model, see
 :class:`nadbench.models.Normalized`), runs the model in eval mode, and takes gradients with
@@ -37,28 +38,49 @@ def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float = 8 / 255,
         step: float = 1.5 / 255, steps: int = 100, batch_size: int = 256,
-        generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """Untargeted L-inf PGD (Madry et al.): maximise the cross-entropy of the true labels.
+        generator: torch.Generator | None = None, progress: bool = False, *,
+        targets: torch.Tensor | None = None, norm: str = "linf") -> torch.Tensor:
+    """PGD (Madry et al.): by default untargeted L-inf, maximising the cross-entropy of the true labels.
 
     ``images`` are float in [0, 1] (N, C, H, W). Each batch starts at a uniform random point of the
-    eps-ball, takes ``steps`` sign-gradient steps of size ``step``, and after every step is
-    projected back onto the ball and clamped to [0, 1]. Returns the perturbed images (a new tensor).
+    eps-ball, takes ``steps`` steps of size ``step``, and after every step is projected back onto the
+    ball and clamped to [0, 1]. ``targets`` (N,): a targeted attack, minimising the cross-entropy of
+    those labels instead. ``norm="l2"``: the ball is L2 (per image, radius ``eps``), the start a
+    random point of it, and each step ``step`` along the L2-normalised gradient (L-inf: its sign).
+    Returns the perturbed images (a new tensor).
     """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"pgd(norm={norm!r}): valid: linf, l2")
     out = torch.empty_like(images)
     starts = range(0, len(images), batch_size)
+    sign = -1.0 if targets is not None else 1.0  # descend the target's loss, ascend the label's
     with eval_mode(model):
         for start in tqdm(starts, desc="PGD", unit="batch", disable=not progress, leave=False):
             x0 = images[start:start + batch_size]
-            y = labels[start:start + batch_size].to(x0.device)
-            lo, hi = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
-            x = (x0 + (2 * _uniform(x0.shape, generator, x0.device) - 1) * eps).clamp(lo, hi)
+            y = (targets if targets is not None else labels)[start:start + batch_size].to(x0.device)
+            if norm == "linf":
+                lo, hi = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
+                x = (x0 + (2 * _uniform(x0.shape, generator, x0.device) - 1) * eps).clamp(lo, hi)
+            else:
+                x = _project_l2(x0, x0 + (2 * _uniform(x0.shape, generator, x0.device) - 1) * eps, eps)
             for _ in range(steps):
                 x.requires_grad_(True)
                 loss = F.cross_entropy(model(x), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, x)
-                x = (x.detach() + step * grad.sign()).clamp(lo, hi)
+                if norm == "linf":
+                    x = (x.detach() + sign * step * grad.sign()).clamp(lo, hi)
+                else:
+                    unit = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                    x = _project_l2(x0, x.detach() + sign * step * unit, eps)
             out[start:start + batch_size] = x.detach()
     return out
+
+
+def _project_l2(x0: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` moved onto the per-image L2 ball of radius ``eps`` around ``x0``, then clamped to [0, 1]."""
+    delta = x - x0
+    norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return (x0 + delta * (eps / norms.clamp_min(eps))).clamp(0, 1)
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -315,3 +315,21 @@ def test_i_bau_updates_the_model_with_its_own_adam_through_the_implicit_gradient
     assert len(logged["defense.loss"]) == 2  # one loop epoch per round
     moved = [n for n, p in repaired.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) == len(before)  # Adam moved every parameter (the loop's SGD holds none)
+
+
+def test_targeted_pgd_reaches_its_target_within_its_ball_in_both_norms():
+    from nadbench.adversarial import pgd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 4, 4, generator=gen)
+    labels = model(x).argmax(1)
+    targets = (labels + 1) % 5
+    for norm, eps, step in (("linf", 0.3, 0.02), ("l2", 3.0, 0.2)):
+        adv = pgd(model, x, labels, eps=eps, step=step, steps=60, targets=targets, norm=norm, generator=gen)
+        hit = (model(adv).argmax(1) == targets).float().mean()
+        size = (adv - x).flatten(1).abs().amax(1) if norm == "linf" else (adv - x).flatten(1).norm(dim=1)
+        assert hit > 0.9 and bool((size <= eps + 1e-5).all()) and adv.min() >= 0 and adv.max() <= 1, (norm, hit)
+    untargeted = pgd(model, x, labels, eps=0.3, step=0.02, steps=60, generator=gen)
+    assert (model(untargeted).argmax(1) != labels).float().mean() > 0.9
