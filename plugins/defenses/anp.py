@@ -21,7 +21,9 @@ paper's fixed 0.2 instead. The paper's threshold pruned 21 % of WRN-16-1's 464 n
 fixture's BadNets model and took its ACC from 71 to 26 % (ASR 100 to 0.6; 1,000 iterations),
 which is why the held-out rule is the default. On that fixture (500 iterations, eps 0.4 or 0.1)
 pruning even below 0.05 costs more than 10 % of held-out accuracy, so the held-out rule prunes
-nothing there: on a small network, many neurons clean accuracy needs get masks near 0. ``quick`` runs 500 iterations (~2 min per cell
+nothing there: on a small network, many neurons clean accuracy needs get masks near 0
+(``python benchmarks/defenses_fixture.py``, ``benchmarks/results/defenses-fixture.md``).
+``quick`` runs 500 iterations (~2 min per cell
 on the bf16 CPU); ``paper`` keeps 2,000. The official noise is not clipped after its ascent step,
 nor is it here.
 """

@@ -10,10 +10,12 @@ pass, regulariser 0.001 ||delta||^2; the fixed-point map a gradient step of 0.1 
 with K = 5 iterations; the outer step Adam at lr 0.001, batch 100, with the perturbation on 1 % of
 each batch; the model in eval mode throughout (as there); no augmentation. The authors unlearn with
 5,000 images (half the test set); here the grid's clean share. Where we differ: the official fixed-
-point map always reads the first batch, ours the current one. A round costs ~14 s per 1,000 clean
+point map always reads the first batch, ours the current one. A round costs ~13 s per 1,000 clean
 images on the bf16 CPU, so ``quick`` runs 3 rounds (~2 min per cell with 2,500 images); ``paper``
 keeps 5. On the test fixture (BadNets; 1,000 clean images, bf16) 5 rounds took ASR from 100 to
-5.9 % at ACC 65.3 (from 71.1) in 70 s; 2 rounds to 48.9 % at 58.0. The rounds run on the one training loop as its epochs (``IBAUStep``:
+5.9 % at ACC 65.3 (from 71.1) in 63 s; 2 rounds to 48.9 % at 58.0
+(``python benchmarks/defenses_fixture.py``, ``benchmarks/results/defenses-fixture.md``).
+The rounds run on the one training loop as its epochs (``IBAUStep``:
 the outer step with its own Adam, the next round's perturbation after each epoch).
 """
 from dataclasses import dataclass
@@ -75,17 +77,18 @@ class IBAUStep(Step):
         carry = torch.zeros(len(x), 1, 1, 1, device=x.device)
         carry[rows.to(x.device)] = 1
 
+        seen = []  # the outer loss, for the progress bar: the hypergradient computes it once
+
         def outer_loss(delta, _):
-            return F.cross_entropy(model(x + carry * delta[0]), y)
+            seen.append(F.cross_entropy(model(x + carry * delta[0]), y))
+            return seen[-1]
 
         with eval_mode(model):
             grads = fixed_point_hypergradient([self.delta], self.params, cfg.fixed_point_steps, fp_map, outer_loss)
-            with torch.no_grad():
-                loss = F.cross_entropy(model(x + carry * self.delta), y)
         for p, g in zip(self.params, grads):
             p.grad = g
         self.adam.step()
-        return loss
+        return seen[-1].detach()
 
 
 class IBAU(Defense):

@@ -13,7 +13,9 @@ of inversion per class, batch 256; unlearning 20 % of the clean subset, 100 epoc
 epoch. ``quick`` runs 10 inversion epochs per class and 10 unlearning epochs (~2 min per cell on the
 bf16 CPU); ``paper`` keeps BackdoorBench's. On the test fixture (BadNets, target 5; 1,000 clean
 images, bf16): 20 inversion epochs flagged classes 5 (anomaly index 7.4) and 1 (3.3), and
-unlearning took ASR from 100 to 7.3 % at ACC 68.9 (from 71.1), in 103 s; 5 epochs flagged none. Logged: each class's trigger norm and anomaly index
+unlearning took ASR from 100 to 7.3 % at ACC 68.9 (from 71.1), in 97 s; 5 epochs flagged none
+(``python benchmarks/defenses_fixture.py``, ``benchmarks/results/defenses-fixture.md``).
+Logged: each class's trigger norm and anomaly index
 (``nc.l1``, ``nc.anomaly_index``, step = class), the flagged classes (``nc.flagged``) and the
 inverted triggers as an image (``defense/nc_triggers.png``).
 """
