@@ -1,6 +1,6 @@
 """Input-space optimisation against a fixed model: the project's one PGD (targeted or not, L-inf or
-L2), neuron-driven triggers, targeted DeepFool and universal perturbations, and Neural Cleanse's
-trigger inversion.
+L2), neuron-driven triggers, targeted DeepFool and universal perturbations, Neural Cleanse's
+trigger inversion, and adversarial examples shared by two models (SAU).
 
 Everything here works on float images in [0, 1] (the input space of every nadbench model, see
 :class:`nadbench.models.Normalized`), runs the model in eval mode, and takes gradients with
@@ -297,4 +297,37 @@ def universal_ascent(model: nn.Module, images: torch.Tensor, *, lr: float = 10.0
             loss = -F.cross_entropy(model(x + delta), pseudo) + reg * delta.pow(2).sum()
             (delta.grad,) = torch.autograd.grad(loss, [delta])
             opt.step()
+    return delta.detach()
+
+
+def shared_adversarial(model: nn.Module, reference: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                       eps: float = 0.2, step: float = 0.2, steps: int = 5, beta_adv: float = 0.01,
+                       beta_shared: float = 1.0) -> torch.Tensor:
+    """Shared adversarial examples of two models (Wei et al., NeurIPS 2023, SAU): a per-image L-inf
+    perturbation (returned, (N, C, H, W)) that makes *both* models leave their clean predictions
+    *and* agree on the wrong label. Signed descent on ``beta_adv * L_adv + beta_shared * L_shared``:
+    L_adv is minus the cross-entropy of the true labels, summed over the images each model still
+    classifies as before (averaged over the two models); L_shared the Jensen-Shannon divergence of
+    the two models' outputs on the images not yet shared. Starts at +eps everywhere and stops early
+    once every image is shared, as the authors' ``Shared_PGD`` (``init_type="max"``); like theirs,
+    the perturbed image is not clamped to [0, 1]."""
+    n = len(images)
+    with eval_mode(model), eval_mode(reference):
+        with torch.no_grad():
+            before, before_ref = model(images).argmax(1), reference(images).argmax(1)
+        delta = torch.full_like(images, eps)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits, logits_ref = model(images + delta).float(), reference(images + delta).float()
+            fooled, fooled_ref = logits.argmax(1) != before, logits_ref.argmax(1) != before_ref
+            shared = fooled & fooled_ref & (logits.argmax(1) == logits_ref.argmax(1))
+            adv = -((F.cross_entropy(logits, labels, reduction="none") * ~fooled).sum()
+                    + (F.cross_entropy(logits_ref, labels, reduction="none") * ~fooled_ref).sum()) / (2 * n)
+            p, q = logits.softmax(1).clamp_min(1e-8), logits_ref.softmax(1).clamp_min(1e-8)
+            m = (p + q) / 2
+            js = 0.5 * (p * (p.log() - m.log()) + q * (q.log() - m.log())).sum(1)
+            (grad,) = torch.autograd.grad(beta_adv * adv + beta_shared * (js * ~shared).sum() / n, [delta])
+            delta = (delta.detach() - step * grad.sign()).clamp(-eps, eps)
+            if bool(shared.all()):
+                break
     return delta.detach()

@@ -13,6 +13,7 @@ neurons (ANP, RNP) use every BN.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from torch.fx import symbolic_trace
 from torch.nn.utils import parametrize
 
 from .augment import augment, to_float
+from .evaluate import accuracy
 
 BATCH_NORMS = (nn.BatchNorm2d,)
 
@@ -211,6 +213,24 @@ def largest_within_drop(curve: list[tuple[float, float]], acc_drop: float):
             break
         chosen = k
     return chosen
+
+
+MASK_THRESHOLDS = tuple(round(i * 0.05, 2) for i in range(19))  # ANP's and RNP's prune scripts: 0 to 0.9
+
+
+def below(values: dict[str, torch.Tensor], threshold: float, inclusive: bool = False) -> dict[str, torch.Tensor]:
+    """BN name -> the neurons whose mask is below ``threshold`` (``inclusive``: or equal to it)."""
+    return {n: (m <= threshold if inclusive else m < threshold).nonzero().flatten() for n, m in values.items()}
+
+
+def held_out_threshold(model: nn.Module, values: dict[str, torch.Tensor], held, acc_drop: float,
+                       inclusive: bool = False) -> tuple[float, list[tuple[float, float]]]:
+    """(threshold, curve): the largest of ``MASK_THRESHOLDS`` whose pruning of ``model`` (BN weights of
+    the neurons :func:`below` it zeroed) keeps the accuracy on ``held`` within ``acc_drop`` of the
+    unpruned model's (:func:`largest_within_drop`); ``curve`` is [(threshold, held-out accuracy)]."""
+    curve = [(t, accuracy(prune_bn(copy.deepcopy(model), below(values, t, inclusive), bias=False), held))
+             for t in MASK_THRESHOLDS]
+    return largest_within_drop(curve, acc_drop), curve
 
 
 @torch.no_grad()

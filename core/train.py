@@ -71,7 +71,8 @@ class Step:
     - :meth:`update` — forward, backward and optimiser step(s), e.g. two passes (SAM) or another
       module's optimiser beside the model's (it reads the loop's lr from ``optimizer``);
     - :meth:`parameters` — what the loop's SGD optimises (e.g. only masks);
-    - :meth:`end_epoch` — after each epoch.
+    - :meth:`end_epoch` — after each epoch; returning True ends training there (an early stop,
+      e.g. RNP's unlearning, which stops once clean accuracy has collapsed).
 
     A step whose ``loss`` and ``update`` are the defaults trains the model as plain cross-entropy,
     which the loop may run channels-last or compiled (see :func:`channels_last`, :func:`compiled`).
@@ -102,8 +103,8 @@ class Step:
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def end_epoch(self, epoch: int) -> None:
-        pass
+    def end_epoch(self, epoch: int) -> bool | None:
+        return None
 
     def plain(self) -> bool:
         return type(self).loss is Step.loss and type(self).update is Step.update
@@ -227,9 +228,11 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
                 bar.update()
             mean_loss = float(total) / seen
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
-            step.end_epoch(epoch)
+            stop = step.end_epoch(epoch)
             if on_epoch is not None:
                 on_epoch(epoch, mean_loss)
+            if stop:
+                break
     model.eval()
     return model
 

@@ -12,7 +12,7 @@ from nadbench.defending import apply_defense
 from nadbench.models import build
 from nadbench.registry import get_registry
 from nadbench.steps import SAMStep
-from nadbench.train import Optim, train
+from nadbench.train import Optim, Step, train
 
 
 def _wrn(seed=0):
@@ -333,3 +333,40 @@ def test_targeted_pgd_reaches_its_target_within_its_ball_in_both_norms():
         assert hit > 0.9 and bool((size <= eps + 1e-5).all()) and adv.min() >= 0 and adv.max() <= 1, (norm, hit)
     untargeted = pgd(model, x, labels, eps=0.3, step=0.02, steps=60, generator=gen)
     assert (model(untargeted).argmax(1) != labels).float().mean() > 0.9
+
+
+def test_shared_adversarial_examples_make_both_models_agree_on_the_wrong_label():
+    """Among images that both models misclassify, the shared attack makes them agree on the label far
+    more often than PGD against one of them; it stays in its ball and leaves the models' grads alone."""
+    from nadbench.adversarial import pgd, shared_adversarial
+
+    agree = {"shared": [0, 0], "pgd": [0, 0]}
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a, b = (nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).eval() for _ in range(2))
+        with torch.no_grad():  # a related model, as the repaired one is to the original
+            b[1].weight.copy_(a[1].weight + 0.5 * a[1].weight.std() * torch.randn_like(a[1].weight))
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.rand(256, 3, 4, 4, generator=gen)
+        y = a(x).argmax(1)
+        delta = shared_adversarial(a, b, x, y, eps=0.1, step=0.1, steps=5)
+        assert delta.abs().max() <= 0.1 + 1e-6 and all(p.grad is None for p in [*a.parameters(), *b.parameters()])
+        for name, d in (("shared", delta), ("pgd", pgd(a, x, y, eps=0.1, step=0.025, steps=20, generator=gen) - x)):
+            pa, pb = a(x + d).argmax(1), b(x + d).argmax(1)
+            both = (pa != y) & (pb != b(x).argmax(1))
+            agree[name][0] += int((both & (pa == pb)).sum())
+            agree[name][1] += int(both.sum())
+    shared, single = (agree[k][0] / agree[k][1] for k in ("shared", "pgd"))
+    assert shared > 0.85 and shared > single + 0.1, (shared, single)
+
+
+def test_a_step_can_end_training_early():
+    class StopAfterTwo(Step):
+        def end_epoch(self, epoch):
+            return epoch == 1
+
+    seen = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    train(model, toy_split(16, 0), Optim(epochs=5, batch_size=8), seed=0, step=StopAfterTwo(), progress=False,
+          on_epoch=lambda e, loss: seen.append(e))
+    assert seen == [0, 1]

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, hookimpl, param
-from nadbench.channels import NeuronMasks, hold_out, largest_within_drop, prune_bn
-from nadbench.evaluate import accuracy
+from nadbench.channels import NeuronMasks, below, held_out_threshold, hold_out, prune_bn
 from nadbench.train import Optim, Step, train
 
 
@@ -110,18 +109,12 @@ class ANP(Defense):
         train(work, rest, optim, seed=ctx.seed, step=ANPStep(masks, cfg, ctx.seed), desc="anp masks",
               progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
         values = masks.values()
-
-        def pruned(threshold):
-            return {n: (m < threshold).nonzero().flatten() for n, m in values.items()}
-
         threshold = cfg.threshold
-        if cfg.rule == "held-out":  # the official sweep (0 to 0.9 by 0.05), chosen on held-out clean data
-            curve = [(t, accuracy(prune_bn(copy.deepcopy(model), pruned(t), bias=False), held))
-                     for t in [i * 0.05 for i in range(19)]]
-            threshold = largest_within_drop(curve, cfg.acc_drop)
+        if cfg.rule == "held-out":  # the official sweep, chosen on held-out clean data
+            threshold, curve = held_out_threshold(model, values, held, cfg.acc_drop)
             for i, (t, acc) in enumerate(curve):
                 ctx.log_metric("anp.held_out_acc", acc, i)
-        chosen = pruned(threshold)
+        chosen = below(values, threshold)
         prune_bn(model, chosen, bias=False)
         n = sum(len(i) for i in chosen.values())
         ctx.log_metric("anp.threshold", threshold)
