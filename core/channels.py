@@ -227,9 +227,11 @@ def held_out_threshold(model: nn.Module, values: dict[str, torch.Tensor], held, 
                        inclusive: bool = False) -> tuple[float, list[tuple[float, float]]]:
     """(threshold, curve): the largest of ``MASK_THRESHOLDS`` whose pruning of ``model`` (BN weights of
     the neurons :func:`below` it zeroed) keeps the accuracy on ``held`` within ``acc_drop`` of the
-    unpruned model's (:func:`largest_within_drop`); ``curve`` is [(threshold, held-out accuracy)]."""
-    curve = [(t, accuracy(prune_bn(copy.deepcopy(model), below(values, t, inclusive), bias=False), held))
-             for t in MASK_THRESHOLDS]
+    unpruned model's (:func:`largest_within_drop`), or -1 (prunes nothing) when none does; ``curve``
+    is [(threshold, held-out accuracy)], starting with (-1, the unpruned model's)."""
+    curve = [(-1.0, accuracy(model, held))]
+    curve += [(t, accuracy(prune_bn(copy.deepcopy(model), below(values, t, inclusive), bias=False), held))
+              for t in MASK_THRESHOLDS]
     return largest_within_drop(curve, acc_drop), curve
 
 

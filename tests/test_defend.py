@@ -255,7 +255,8 @@ def test_a_data_free_defense_runs_without_clean_data_and_the_others_say_they_nee
 SHORTEST = {"finetune": {"epochs": "1"}, "nad": {"epochs": "1", "teacher_epochs": "1"},
             "fine-pruning": {"epochs": "1"}, "mcr": {"epochs": "1", "curve_epochs": "1", "curve_points": "0"},
             "clp": {}, "ft-sam": {"epochs": "1"}, "fst": {"epochs": "1"}, "anp": {"iterations": "2"},
-            "neural-cleanse": {"epochs": "1", "unlearn_epochs": "1"}, "i-bau": {"rounds": "1"}}
+            "neural-cleanse": {"epochs": "1", "unlearn_epochs": "1"}, "i-bau": {"rounds": "1"},
+            "sau": {"rounds": "1"}, "rnp": {"unlearning_epochs": "1", "recovering_epochs": "1"}}
 
 
 def test_bench_defend_runs_every_built_in_defense(tiny):

@@ -370,3 +370,63 @@ def test_a_step_can_end_training_early():
     train(model, toy_split(16, 0), Optim(epochs=5, batch_size=8), seed=0, step=StopAfterTwo(), progress=False,
           on_epoch=lambda e, loss: seen.append(e))
     assert seen == [0, 1]
+
+
+def test_rnp_unlearns_until_its_window_accuracy_falls_then_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    from nadbench.plugins.defenses.rnp import RecoverStep, UnlearnStep
+
+    model = _wrn()
+    step = UnlearnStep(floor=1.0, window=32)  # every window is at most 100 %: stop after the first
+    seen = []
+    train(model, toy_split(64, 0), Optim(epochs=5, batch_size=16), seed=0, step=step, progress=False,
+          on_epoch=lambda e, loss: seen.append(e))
+    assert step.stopped and seen == [0]
+
+    model = _wrn()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = NeuronMasks(model.requires_grad_(False), bias=False)
+    opt = Optim(epochs=1, lr=0.2, batch_size=16, momentum=0.9, nesterov=False, weight_decay=0.0)
+    train(model, toy_split(32, 0), opt, seed=0, step=RecoverStep(masks, 0.2), progress=False)
+    moved = torch.cat([m.flatten() for m in masks.values().values()])
+    assert (moved < 1).any() and (moved >= 0).all() and (moved <= 1).all()
+    masks.remove()
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+    model = _wrn()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    defense = get_registry().defense("rnp").from_overrides(
+        {"unlearning_epochs": "1", "recovering_epochs": "4", "batch_size": "16", "rule": "threshold",
+         "threshold": "0.999"})
+    repaired, _ = apply_defense(defense, model, toy_split(32, 0), _ctx())
+    state = repaired.model.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], original[k])}
+    assert changed and all(k.endswith(".weight") and k.rsplit(".", 1)[0] in batch_norms(model) for k in changed)
+    assert all((state[k][state[k] != original[k]] == 0).all() for k in changed)
+
+
+def test_sau_unlearns_shared_adversarial_examples_against_the_frozen_original_in_eval_mode(monkeypatch):
+    """Each step attacks the model and an unchanged copy of the original; BN statistics stay as they
+    were (both in eval mode, as the authors run them), and Adam moves every other parameter."""
+    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    import nadbench.plugins.defenses.sau as sau
+    from nadbench.adversarial import shared_adversarial
+
+    model = _wrn()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def spy(m, reference, x, y, **kw):
+        calls.append(all(torch.equal(v, original[k]) for k, v in reference.state_dict().items())
+                     and m is not reference and not m.training)
+        return shared_adversarial(m, reference, x, y, **kw)
+
+    monkeypatch.setattr(sau, "shared_adversarial", spy)
+    defense = get_registry().defense("sau").from_overrides({"rounds": "2", "batch_size": "16", "lr": "0.01"})
+    repaired, _ = apply_defense(defense, model, toy_split(32, 0), _ctx())
+    assert calls == [True] * 4  # 2 rounds x 2 batches
+    state = repaired.model.state_dict()
+    stats = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(state[k], original[k]) for k in stats)
+    params = dict(repaired.model.named_parameters())
+    assert all(not torch.equal(p, original[n]) for n, p in params.items())
