@@ -342,12 +342,15 @@ def _command() -> str:
 def _table(results: list[dict]) -> str:
     from .engine import Cell
 
-    rows = [("cell", "clean ACC", "ACC before", "ASR before", "ACC after", "ASR after", "defense s", "")]
+    rows = [("cell", "clean ACC", "ACC before", "ASR before", "RA before", "ACC after", "ASR after", "RA after",
+             "DER", "defense s", "")]
+
+    def pct(phase: dict, k: str) -> str:
+        return f"{100 * phase[k]:.2f}" if k in phase else "-"  # no RA, DER in results recorded before them
     for r in results:
         clean = f"{100 * r['clean_model']['acc']:.2f}" if r.get("clean_model") else "-"
-        rows.append((Cell(**r["cell"]).label, clean,
-                     f"{100 * r['before']['acc']:.2f}", f"{100 * r['before']['asr']:.2f}",
-                     f"{100 * r['after']['acc']:.2f}", f"{100 * r['after']['asr']:.2f}",
+        rows.append((Cell(**r["cell"]).label, clean, *(pct(r["before"], k) for k in ("acc", "asr", "ra")),
+                     *(pct(r["after"], k) for k in ("acc", "asr", "ra", "der")),
                      f"{r['time_defense_s']:.0f}", "(recorded before)" if r.get("reused_from") else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
@@ -362,16 +365,20 @@ def _table(results: list[dict]) -> str:
 @click.option("--paired", default=None, metavar="A,B",
               help="Also compare defense A with B on the same backdoored models (paired by seed): mean "
                    "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
+@click.option("--metrics", default="asr,acc", show_default=True, metavar="M,...",
+              help="What each cell shows, of asr, acc, ra (robust accuracy: triggered images classified as "
+                   "their true label) and der (defense effectiveness rating, after a defense only).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
 @click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
               help="MLflow store [default: sqlite:///./nadbench.db].")
 @click.option("--experiment", default="nadbench", show_default=True)
-def table(run_id, fmt, paper, paired, output, tracking_uri, experiment):
-    """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense, mean ± std
-    over seeds, with an average and a deviation row.
+def table(run_id, fmt, paper, paired, metrics, output, tracking_uri, experiment):
+    """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense (or the
+    --metrics chosen), mean ± std over seeds, with an average and a deviation row.
 
     \b
     Example:  bench table --paper --format markdown --output table1.md
+              bench table --metrics asr,acc,ra,der
     """
     from . import table as tablemod
     from .tracking import Tracker, TrackingError
@@ -382,7 +389,10 @@ def table(run_id, fmt, paper, paired, output, tracking_uri, experiment):
         raise click.ClickException(str(exc)) from None
     if not results:
         raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
-    built = tablemod.build(results, paper=paper)
+    try:
+        built = tablemod.build(results, paper=paper, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from None
     text = tablemod.render(built, fmt)
     if paired:
         a, _, b = (x.strip() for x in paired.partition(","))
@@ -655,8 +665,12 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     rows = [("", "before", "after"), ("ACC", report["before"]["acc"], report["after"]["acc"])]
     if "asr" in report["before"]:
         rows.append(("ASR", report["before"]["asr"], report["after"]["asr"]))
+        rows.append(("RA", report["before"]["ra"], report["after"]["ra"]))
     for name, b, a in rows:
         click.echo(f"{name:<4} {b:>8}  {a:>8}" if not name else f"{name:<4} {100 * b:>7.2f}%  {100 * a:>7.2f}%")
+    if "der" in report["after"]:
+        click.echo(f"DER  {100 * report['after']['der']:.2f}  (defense effectiveness: 50 = no change, 100 = "
+                   "backdoor removed at no accuracy cost)")
     click.echo(f"{defense_name} took {report['time_defense_s']:.0f} s ({report['time_total_s']:.0f} s in all); "
                f"wrote {out}, {out.with_suffix('.report.json')}"
                + (f", {report['attention']}" if report.get("attention") else ""))

@@ -11,6 +11,7 @@ import torch
 
 from .api import Defended, DefenseContext, Split
 from .config import PluginError
+from .evaluate import defense_effectiveness
 
 # Metric prefixes the engine logs itself; a defense's named side models take others.
 RESERVED_PREFIXES = ("before", "after", "clean", "time", "defense")
@@ -40,13 +41,21 @@ def apply_defense(defense, model: torch.nn.Module, clean: Split, ctx: DefenseCon
     return defended, time.perf_counter() - start
 
 
-def measure_defended(repaired: Defended, measure: Callable[[torch.nn.Module], dict]) -> dict:
+def measure_defended(repaired: Defended, measure: Callable[[torch.nn.Module], dict],
+                     before: dict | None = None) -> dict:
     """``after`` (the repaired model), and, when the defense returned them, ``extras`` (models along
     its axis, e.g. MCR's points along t) and ``models`` (named side models, e.g. NAD's teacher),
-    each measured by ``measure`` where the test data is: the defense never sees it."""
-    out = {"after": measure(repaired.model)}
+    each measured by ``measure`` where the test data is: the defense never sees it. With ``before``
+    (the backdoored model's ``acc`` and ``asr``), the repaired model and the extras get ``der``."""
+    def rated(m):
+        out = measure(m)
+        if before is not None and "asr" in before and "asr" in out:
+            out["der"] = defense_effectiveness(before, out)
+        return out
+
+    out = {"after": rated(repaired.model)}
     if repaired.extras:
-        out["extras"] = {"axis": repaired.axis, "points": [{repaired.axis: x, **measure(m)}
+        out["extras"] = {"axis": repaired.axis, "points": [{repaired.axis: x, **rated(m)}
                                                            for x, m in sorted(repaired.extras.items())]}
     if repaired.models:
         out["models"] = {n: measure(m) for n, m in repaired.models.items()}

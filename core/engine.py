@@ -384,7 +384,7 @@ class Runner:
             original = copy.deepcopy(model)
             ctx = self.defense_context(plan, log, run_id)
             repaired, t_defense = apply_defense(plan.defense, model, clean, ctx)
-            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets))
+            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets), before)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED"}

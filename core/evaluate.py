@@ -1,4 +1,4 @@
-"""The one evaluation: predictions, ACC and ASR, as every grid cell, `bench defend` and the tests
+"""The one evaluation: predictions, ACC, ASR, RA and DER, as every grid cell, `bench defend` and the tests
 measure them. A module of its own (not part of ``train``), so that stage keys can tell an edit to
 the evaluation (cells are evaluated again) from an edit to the training loop (models are retrained).
 """
@@ -35,17 +35,37 @@ def accuracy(model: nn.Module, split: Split) -> float:
     return float((preds == split.labels.to(preds.device)).float().mean())
 
 
-def attack_success_rate(model: nn.Module, triggered: Split, targets: int | torch.Tensor) -> float:
-    """Share of triggered images classified as their target: one label (all-to-one) or one per
-    image (all-to-all). No image of ``triggered`` may have its target as its true label
-    (``Attack.trigger_test`` builds it so)."""
+def _check_targets(triggered: Split, targets: int | torch.Tensor) -> torch.Tensor:
     targets = torch.as_tensor(targets, device=triggered.labels.device).expand(len(triggered))
     if bool((triggered.labels == targets).any()):
         raise ValueError("the ASR set must not contain images whose target is their own label")
+    return targets
+
+
+def backdoor_metrics(model: nn.Module, triggered: Split, targets: int | torch.Tensor) -> dict[str, float]:
+    """On the triggered images (none of which has its target as its true label; ``Attack.trigger_test``
+    builds them so), with one pass of predictions: ``asr``, the share classified as their target
+    (one label, all-to-one, or one per image, all-to-all), and ``ra``, BackdoorBench's robust
+    accuracy, the share classified as their *true* label. A defense that turns triggered images
+    into garbage has a low ASR and a low RA; one that repairs the model has a high RA."""
+    targets = _check_targets(triggered, targets)
     preds = predict(model, triggered.images)
-    return float((preds == targets.to(preds.device)).float().mean())
+    return {"asr": float((preds == targets.to(preds.device)).float().mean()),
+            "ra": float((preds == triggered.labels.to(preds.device)).float().mean())}
+
+
+def attack_success_rate(model: nn.Module, triggered: Split, targets: int | torch.Tensor) -> float:
+    """Share of triggered images classified as their target (see :func:`backdoor_metrics`)."""
+    return backdoor_metrics(model, triggered, targets)["asr"]
+
+
+def defense_effectiveness(before: dict[str, float], after: dict[str, float]) -> float:
+    """BackdoorBench's defense effectiveness rating, DER = [max(0, dASR) - max(0, dACC) + 1] / 2 with
+    d = before - after as fractions: in [0, 1], 1 for a defense that removes a 100 % backdoor at no
+    accuracy cost, 0.5 for one that changes nothing (Wu et al., BackdoorBench, NeurIPS 2022)."""
+    return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["acc"] - after["acc"]) + 1) / 2
 
 
 def evaluate(model: nn.Module, test: Split, triggered: Split, targets: int | torch.Tensor) -> dict[str, float]:
-    """The engine's evaluation of every cell: ACC on the whole clean test set, and ASR."""
-    return {"acc": accuracy(model, test), "asr": attack_success_rate(model, triggered, targets)}
+    """The engine's evaluation of every cell: ACC on the whole clean test set, ASR and RA."""
+    return {"acc": accuracy(model, test), **backdoor_metrics(model, triggered, targets)}

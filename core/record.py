@@ -75,7 +75,7 @@ def figure_logger(tracker, run_id: str | None):
 
 
 def log_extras(tracker, run_id: str, extras: dict, title: str) -> None:
-    """The engine's evaluation of a defense's extra models: metrics ``<axis>.acc``/``<axis>.asr``
+    """The engine's evaluation of a defense's extra models: metrics ``<axis>.acc``/``<axis>.asr`` (and RA, DER)
     (step = point index), the points as JSON and a plot of ACC and ASR over the axis."""
     from .report import line_figure
 
@@ -106,10 +106,10 @@ def cell_params(runner, cell: Cell, defense) -> dict[str, Any]:
 
 def record_backdoor(t, run_id: str, p, before: dict, hits: dict, n_train: int, n_test: int, t_backdoor: float,
                     clean_ref: dict | None) -> None:
-    """The poison and train stages' outcome: the attack's config, cache hits, ACC/ASR before the defense."""
+    """The poison and train stages' outcome: the attack's config, cache hits, ACC/ASR/RA before the defense."""
     t.params(run_id, {**cfgmod.flatten(p.attack.config, "attack"), "attack.n_poisoned": len(p.index),
                       "poison.cache_hit": p.hit, **hits, "data.n_train": n_train, "data.n_test": n_test})
-    t.metrics(run_id, {"before.acc": before["acc"], "before.asr": before["asr"], "time.backdoor_s": t_backdoor,
+    t.metrics(run_id, {**{f"before.{k}": v for k, v in before.items()}, "time.backdoor_s": t_backdoor,
                        **({"clean.acc": clean_ref["acc"]} if clean_ref else {})})
     for path, image in p.images.items():
         t.image(run_id, image, f"attack/{path}")
@@ -123,7 +123,7 @@ def record_result(t, run_id: str, plan, result: dict, p, repaired, original, tra
     cell = plan.cell
     asr_index = (p.attack.targets(test_set.labels) != test_set.labels).nonzero().flatten()  # the ASR set's images
     after = result["after"]
-    t.metrics(run_id, {"after.acc": after["acc"], "after.asr": after["asr"],
+    t.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()},
                        "time.defense_s": result["time_defense_s"], **side_metrics(result.get("models"))})
     if repaired.extras:
         log_extras(t, run_id, result["extras"], cell.label)

@@ -26,7 +26,7 @@ from .plan import NO_DEFENSE
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import build, classifier_name, save_weights
 from .registry import Registry
-from .evaluate import accuracy, attack_success_rate
+from .evaluate import accuracy, backdoor_metrics
 
 HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is given
 
@@ -168,7 +168,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     def measure(m) -> dict[str, float]:
         result = {"acc": accuracy(m, test_dev)}
         if asr_dev is not None:
-            result["asr"] = attack_success_rate(m, asr_dev, asr_targets)
+            result.update(backdoor_metrics(m, asr_dev, asr_targets))
         return result
 
     tracker = make_tracker() if make_tracker else None
@@ -204,7 +204,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         original = copy.deepcopy(model)
         repaired, seconds = apply_defense(defense, model, clean_dev, ctx)
         defended = repaired.model
-        measured = measure_defended(repaired, measure)  # after, and extras / side models if any
+        measured = measure_defended(repaired, measure, before)  # after (with DER), extras, side models
         after = measured["after"]
         save_weights(defended, out, {
             "nadbench.version": __version__, "defense": defense_name,

@@ -15,6 +15,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from .evaluate import defense_effectiveness
+
 # Table 1 of Li et al. (ICLR 2021), (ASR, ACC) in %; Refool on GTSRB, the rest CIFAR-10 / WRN-16-1.
 PAPER = {
     "badnets": {"none": (100, 85.65), "finetune": (17.18, 81.22), "fine-pruning": (99.73, 81.14),
@@ -37,7 +39,8 @@ PAPER_SETTING = {"student": {"wrn-16-1"}, "teacher": {"wrn-16-1"}, "teacher_sour
                  "clean_share": {None, 0.05}}
 PAPER_DATASET = {"refool": "gtsrb"}  # else cifar10
 NONE = "none"
-METRICS = ("asr", "acc")
+METRICS = ("asr", "acc")  # the paper's layout, the default
+ALL_METRICS = ("asr", "acc", "ra", "der")  # RA: robust accuracy; DER: defense effectiveness (after only)
 COLUMNS = ("finetune", "fine-pruning", "mcr", "nad")  # the paper's column order; other defenses follow
 FORMATS = ("text", "markdown", "csv", "json")
 # Grid axes that split rows when they take more than one value in a grid (cell field, header).
@@ -52,6 +55,9 @@ class Stat:
 
     values: dict[int, float] = field(default_factory=dict)
 
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
     @property
     def mean(self) -> float:
         return statistics.fmean(self.values.values())
@@ -61,6 +67,8 @@ class Stat:
         return statistics.stdev(self.values.values()) if len(self.values) > 1 else 0.0
 
     def text(self) -> str:
+        if not self.values:
+            return "-"  # not measured (RA in results recorded before it was; DER of no defense)
         return f"{self.mean:.2f} ± {self.std:.2f}" if len(self.values) > 1 else f"{self.mean:.2f}"
 
 
@@ -68,13 +76,14 @@ class Stat:
 class Table:
     axes: list[str]                                   # headers of the row-splitting axes
     defenses: list[str]                               # columns, "none" first
-    rows: dict[tuple, dict[str, dict[str, Stat]]]     # (dataset, attack, *axis values) -> defense -> asr/acc
+    rows: dict[tuple, dict[str, dict[str, Stat]]]     # (dataset, attack, *axis values) -> defense -> metric
     paper: bool = False
     # row -> PAPER_SETTING's fields -> the values its cells have (teacher: of cells with a teacher only)
     settings: dict[tuple, dict[str, set]] = field(default_factory=dict)
+    metrics: tuple[str, ...] = METRICS
 
     def seeds(self, row: tuple) -> int:
-        return max(len(s["asr"].values) for s in self.rows[row].values())
+        return max(len(stat.values) for s in self.rows[row].values() for stat in s.values())
 
     def summary(self) -> dict[str, dict]:
         """Per defense: "average", the average over the rows it has of its mean per metric, with
@@ -84,9 +93,11 @@ class Table:
         out = {}
         for d in self.defenses:
             have = [r for r in self.rows.values() if d in r]
-            avg = {m: _mean([r[d][m].mean for r in have]) for m in METRICS}
-            base = {m: _mean([r[NONE][m].mean for r in have]) for m in METRICS}  # no defense, same rows
-            dev = None if d == NONE else {m: None if avg[m] is None else avg[m] - base[m] for m in METRICS}
+            avg = {m: _mean([r[d][m].mean for r in have if r[d][m]]) for m in self.metrics}
+            base = {m: _mean([r[NONE][m].mean for r in have if r[NONE][m]])  # no defense, same rows
+                    for m in self.metrics}
+            dev = None if d == NONE else {m: None if avg[m] is None or base[m] is None else avg[m] - base[m]
+                                          for m in self.metrics}
             out[d] = {"average": {**avg, "rows": len(have)}, "deviation": dev}
         return out
 
@@ -95,9 +106,13 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def build(results: list[dict], paper: bool = False) -> Table:
-    """Aggregate cell results (``Runner.run_cell``'s dicts) into a table; "no defense" is the
-    backdoored model of each (dataset, attack, student, seed), counted once."""
+def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = METRICS) -> Table:
+    """Aggregate cell results (``Runner.run_cell``'s dicts) into a table of ``metrics`` (of
+    ``ALL_METRICS``); "no defense" is the backdoored model of each (dataset, attack, student, seed),
+    counted once. A metric a result lacks (RA before it was measured) stays empty."""
+    unknown = [m for m in metrics if m not in ALL_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ALL_METRICS)}")
     from .grid import Cell
 
     cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
@@ -121,12 +136,24 @@ def build(results: list[dict], paper: bool = False) -> Table:
                 if k != "teacher" or cell.teacher_source:
                     setting[k].add(getattr(cell, k))
             for defense, phase in ((NONE, "before"), (cell.defense, "after")):
-                stats = entry.setdefault(defense, {"asr": Stat(), "acc": Stat()})
-                for metric in ("asr", "acc"):
-                    stats[metric].values[cell.seed] = 100 * r[phase][metric]
+                stats = entry.setdefault(defense, {m: Stat() for m in metrics})
+                for metric in metrics:
+                    value = _metric(r, phase, metric)
+                    if value is not None:
+                        stats[metric].values[cell.seed] = 100 * value
     order = {d: i for i, d in enumerate(defenses)}
     rows = {k: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for k, v in rows.items()}
-    return Table([h for _, h in axes], defenses, rows, paper, settings)
+    return Table([h for _, h in axes], defenses, rows, paper, settings, tuple(metrics))
+
+
+def _metric(result: dict, phase: str, metric: str) -> float | None:
+    """A cell's metric before or after the defense; DER (after only) from ASR and ACC where a result
+    recorded before DER was has none."""
+    if metric == "der":
+        if phase == "before":
+            return None
+        return result[phase].get("der", defense_effectiveness(result["before"], result[phase]))
+    return result[phase].get(metric)
 
 
 def _axis(cell, name: str):
@@ -169,14 +196,20 @@ def _body(t: Table, cell_text) -> list[list[str]]:
 
 
 def _values(s: dict[str, Stat], seeds: int) -> str:
-    """ASR / ACC of one cell, marked when fewer seeds finished than in its row (an interrupted grid)."""
-    n = len(s["asr"].values)
-    return f"{s['asr'].text()} / {s['acc'].text()}" + (f" (n={n})" if n < seeds else "")
+    """The metrics of one cell (ASR / ACC by default), marked when fewer seeds finished than in its
+    row (an interrupted grid)."""
+    n = max(len(stat.values) for stat in s.values())
+    return " / ".join(stat.text() for stat in s.values()) + (f" (n={n})" if n < seeds else "")
 
 
 def _pair(values: dict, signed: bool = False) -> str:
     fmt = "{:+.2f}" if signed else "{:.2f}"
-    return " / ".join("-" if values[m] is None else fmt.format(values[m]) for m in ("asr", "acc"))
+    return " / ".join("-" if v is None else fmt.format(v) for k, v in values.items() if k != "rows")
+
+
+def _names(t: Table) -> str:
+    """"ASR / ACC in %" for the table's metrics."""
+    return " / ".join(m.upper() for m in t.metrics) + " in %"
 
 
 def render(t: Table, fmt: str = "text") -> str:
@@ -187,23 +220,32 @@ def render(t: Table, fmt: str = "text") -> str:
         return json.dumps(to_json(t), indent=2)
     if fmt == "csv":
         return _csv(t)
+    paper_asr_acc = t.metrics[:2] == METRICS  # the paper's numbers stand beside its own layout only
     if fmt == "markdown":
         def cell(s, paper, seeds):
-            return _values(s, seeds) + (f" <br>*{paper[0]} / {paper[1]}*" if paper else "")
+            return _values(s, seeds) + (f" <br>*{paper[0]} / {paper[1]}*" if paper and paper_asr_acc else "")
         lines = [_header(t)] + _body(t, cell)
         out = ["| " + " | ".join(lines[0]) + " |", "|" + " --- |" * len(lines[0])]
         out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
-        note = "ASR / ACC in %, mean ± standard deviation over seeds"
+        note = f"{_names(t)}, mean ± standard deviation over seeds"
         note += "; the paper's Table 1 in italics." if t.paper else "."
-        return note + " Deviation: the average's change against no defense.\n\n" + "\n".join(out) + "\n"
+        return note + " Deviation: the average's change against no defense." + _der_note(t) + "\n\n" + \
+            "\n".join(out) + "\n"
 
     def cell(s, paper, seeds):
-        return _values(s, seeds) + (f" (paper {paper[0]} / {paper[1]})" if paper else "")
+        return _values(s, seeds) + (f" (paper {paper[0]} / {paper[1]})" if paper and paper_asr_acc else "")
     lines = [_header(t)] + _body(t, cell)
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
             for line in lines]
-    return "ASR / ACC in %, mean ± std over seeds\n" + "\n".join(text) + "\n"
+    return f"{_names(t)}, mean ± std over seeds{_der_note(t)}\n" + "\n".join(text) + "\n"
+
+
+def _der_note(t: Table) -> str:
+    if not {"ra", "der"} & set(t.metrics):
+        return ""
+    return (" RA: robust accuracy, triggered images classified as their true label. DER: defense effectiveness"
+            " rating, 100 x [max(0, ASR drop) - max(0, ACC drop) + 1] / 2 (50: no change).")
 
 
 def to_json(t: Table) -> dict:
@@ -212,12 +254,12 @@ def to_json(t: Table) -> dict:
         item = {"dataset": row[0], "attack": row[1], **dict(zip(t.axes, row[2:])), "seeds": t.seeds(row)}
         for d, s in entry.items():
             item[d] = {m: {"mean": s[m].mean, "std": s[m].std, "n": len(s[m].values),
-                           "values": s[m].values} for m in ("asr", "acc")}
+                           "values": s[m].values} for m in t.metrics if s[m]}
             if _paper(t, row, d):
                 item[d]["paper"] = dict(zip(METRICS, _paper(t, row, d)))
         rows.append(item)
     summary = t.summary()
-    return {"metrics": "ASR and ACC in %", "axes": t.axes, "defenses": t.defenses, "rows": rows,
+    return {"metrics": _names(t), "axes": t.axes, "defenses": t.defenses, "rows": rows,
             "average": {d: s["average"] for d, s in summary.items()},  # "rows": how many rows it is over
             "deviation": {d: {**s["deviation"], "rows": s["average"]["rows"]}
                           for d, s in summary.items() if d != NONE}}
@@ -226,13 +268,14 @@ def to_json(t: Table) -> dict:
 def _csv(t: Table) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["dataset", "attack", *t.axes, "defense", "seeds", "asr_mean", "asr_std", "acc_mean", "acc_std"]
+    stats = [f"{m}_{k}" for m in t.metrics for k in ("mean", "std")]
+    w.writerow(["dataset", "attack", *t.axes, "defense", "seeds", *stats]
                + (["paper_asr", "paper_acc"] if t.paper else []))
     for row, entry in t.rows.items():
         for d, s in entry.items():
             paper = _paper(t, row, d)
-            w.writerow([*row, d, len(s["asr"].values), f"{s['asr'].mean:.4f}", f"{s['asr'].std:.4f}",
-                        f"{s['acc'].mean:.4f}", f"{s['acc'].std:.4f}"]
+            values = [v for m in t.metrics for v in ((f"{s[m].mean:.4f}", f"{s[m].std:.4f}") if s[m] else ("", ""))]
+            w.writerow([*row, d, max(len(stat.values) for stat in s.values()), *values]
                        + ([*(paper or ("", ""))] if t.paper else []))
     return buf.getvalue()
 

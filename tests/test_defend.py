@@ -235,6 +235,9 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store):
     assert asr[0] >= 0.9 and asr[1] <= asr[0] / 2, asr      # most of the backdoor is gone
     assert acc[1] >= acc[0] - 0.10, acc                    # within 10 points of ACC
     assert (tmp_path / "repaired.report.json").exists() and (tmp_path / "repaired.attention.png").exists()
+    report = json.loads((tmp_path / "repaired.report.json").read_text())
+    assert {"acc", "asr", "ra"} <= set(report["before"]) and 0.5 < report["after"]["der"] <= 1
+    assert "RA " in out.stdout and "DER " in out.stdout  # bench defend's printed report
 
 
 def test_a_data_free_defense_runs_without_clean_data_and_the_others_say_they_need_it(tiny):

@@ -221,6 +221,7 @@ def test_the_engine_evaluates_and_logs_a_defenses_extra_models(toy_registry, tmp
     points = result["extras"]["points"]
     assert result["extras"]["axis"] == "s" and [p["s"] for p in points] == [0.0, 1.0]
     assert points[0]["acc"] == result["before"]["acc"] and points[0]["asr"] == result["before"]["asr"]
+    assert points[0]["der"] == 0.5  # the unchanged model: DER's "no change"
     run = tracker.client.search_runs([tracker.experiment_id])[0]
     history = tracker.client.get_metric_history(run.info.run_id, "s.asr")
     assert [m.step for m in history] == [0, 1]
@@ -295,7 +296,7 @@ def test_nads_teacher_is_measured_and_is_the_finetuning_baselines_model(toy_regi
     assert all(torch.equal(finetuned[k], teacher[k]) for k in finetuned)
     assert not all(torch.equal(finetuned[k], v) for k, v in models["nad"].model.state_dict().items())
     nad = runner.run_cell(Cell("toy", "badnets", "nad", "wrn-16-1", "wrn-16-1", 0))
-    assert set(nad["models"]["teacher"]) == {"acc", "asr"}  # measured by the engine
+    assert set(nad["models"]["teacher"]) == {"acc", "asr", "ra"}  # measured by the engine
 
 
 def test_a_third_party_spec_declares_its_classifier(toy_registry):

@@ -52,6 +52,10 @@ def test_results_file_and_table(grid):
     # a defense that does nothing keeps ASR 100, one that wrecks the model falls to ~10 ACC: both fail.
     assert nad["asr"] <= before["asr"] - 0.5, (before, nad)  # NAD removes most of it
     assert nad["acc"] >= before["acc"] - 0.15, (before, nad)
+    # RA: the triggered images NAD no longer sends to the target are mostly classified as their label
+    assert before["ra"] <= 1 - before["asr"] + 1e-9 and nad["ra"] <= 1 - nad["asr"] + 1e-9 and nad["ra"] > before["ra"]
+    drop = {k: max(0, before[k] - nad[k]) for k in ("asr", "acc")}
+    assert nad["der"] == pytest.approx((drop["asr"] - drop["acc"] + 1) / 2)
 
 
 def test_runs_read_back_from_sqlite(grid):
@@ -76,8 +80,8 @@ def test_runs_read_back_from_sqlite(grid):
             assert p[f"{part}.provider"].startswith("nadbench ") and len(p[f"{part}.source_hash"]) == 16
         assert p["nadbench.version"] and p["nadbench.git_commit"]
         assert run.data.tags["nadbench.pid"].isdigit() and run.data.tags["nadbench.host"]
-        assert {"before.acc", "before.asr", "after.acc", "after.asr", "time.backdoor_s",
-                "time.defense_s"} <= set(m)
+        assert {"before.acc", "before.asr", "before.ra", "after.acc", "after.asr", "after.ra", "after.der",
+                "time.backdoor_s", "time.defense_s"} <= set(m)
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"attention", "samples", "model"} <= files
         names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
