@@ -189,6 +189,10 @@ def main():
               help="Also write the results as JSON to this file.")
 @click.option("--clean-reference", is_flag=True,
               help="Also train (once, cached) a clean model per dataset/architecture/seed and log its ACC.")
+@click.option("--reactivation", is_flag=True,
+              help="After each defense, the retuning attack of Min et al. (NeurIPS 2024): finetune the repaired "
+                   "model 5 epochs on 1,000 training images, 5 of them poisoned, and measure the ASR it regains "
+                   "(reactivated.*), beside a clean model retuned alike.")
 @click.option("--tracking-timeout", type=float, default=5.0, show_default=True,
               envvar="NADBENCH_TRACKING_TIMEOUT", show_envvar=True,
               help="Seconds for the one reachability check of a tracking server before anything trains.")
@@ -215,7 +219,7 @@ def main():
               help="torch.compile the model for the plain cross-entropy phases.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
-        data_root, tracking_uri, experiment, output, clean_reference, tracking_timeout, rerun, workers,
+        data_root, tracking_uri, experiment, output, clean_reference, reactivation, tracking_timeout, rerun, workers,
         cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
@@ -273,7 +277,8 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
 
         torch.set_num_threads(threads)
     runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over,
-                    tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun)
+                    tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun,
+                    reactivation=reactivation)
     try:
         pool = executors.make(executor, workers, device=dev.type, threads=threads, cells_per_gpu=cells_per_gpu,
                               ray_address=ray_address)
@@ -358,10 +363,16 @@ def _table(results: list[dict]) -> str:
 
 
 @main.command()
-@click.option("--run-id", default=None, help="The parent run of a `bench run` (default: the newest in the experiment).")
+@click.option("--run-id", "run_ids", multiple=True,
+              help="The parent run of a `bench run` (default: the newest in the experiment); several with "
+                   "--leaderboard.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text",
               show_default=True)
 @click.option("--paper", is_flag=True, help="Put the NAD paper's Table 1 numbers beside ours.")
+@click.option("--leaderboard", is_flag=True,
+              help="Rank the defenses by DER (mean over attacks, mean ± std over seeds) with ACC drop, ASR and "
+                   "RA after, and reactivated ASR where measured; over one or several runs (--run-id ...), "
+                   "never pooling profiles or configurations.")
 @click.option("--paired", default=None, metavar="A,B",
               help="Also compare defense A with B on the same backdoored models (paired by seed): mean "
                    "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
@@ -372,7 +383,7 @@ def _table(results: list[dict]) -> str:
 @click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
               help="MLflow store [default: sqlite:///./nadbench.db].")
 @click.option("--experiment", default="nadbench", show_default=True)
-def table(run_id, fmt, paper, paired, metrics, output, tracking_uri, experiment):
+def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_uri, experiment):
     """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense (or the
     --metrics chosen), mean ± std over seeds, with an average and a deviation row.
 
@@ -383,12 +394,25 @@ def table(run_id, fmt, paper, paired, metrics, output, tracking_uri, experiment)
     from . import table as tablemod
     from .tracking import Tracker, TrackingError
 
+    if len(run_ids) > 1 and not leaderboard:
+        raise click.UsageError("several --run-id need --leaderboard (Table 1 is one grid's)")
     try:
-        parent, results = Tracker(tracking_uri, experiment).grid_results(run_id)
+        tracker = Tracker(tracking_uri, experiment)
+        grids = [tracker.grid_results(run_id) for run_id in run_ids or [None]]
     except TrackingError as exc:
         raise click.ClickException(str(exc)) from None
-    if not results:
-        raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
+    for parent, results in grids:
+        if not results:
+            raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
+    parent, results = grids[0]
+    if leaderboard:
+        text = tablemod.render_leaderboard(tablemod.leaderboard([r for _, rs in grids for r in rs]), fmt)
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+        click.echo(text, nl=False)
+        click.echo(f"{len(grids)} run(s): " + ", ".join(p.info.run_id for p, _ in grids), err=True)
+        return
     try:
         built = tablemod.build(results, paper=paper, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()))
     except ValueError as exc:

@@ -33,6 +33,7 @@ from .models import build, classifier_name
 from .plan import (CELL_CODE, KIND_PREFIX, POISON_CODE, TRAIN_CODE, Keys, Plan,  # noqa: F401 — re-exported
                    configured, overrides_for)
 from .poisoning import Poisoning
+from .reactivation import retune, retuning_set
 from .record import (cell_params, figure_logger, git_commit, log_extras, log_table,  # noqa: F401 — re-exported
                      provenance, record_backdoor, record_result, side_metrics)
 from .registry import PluginError, Registry
@@ -150,16 +151,18 @@ class Runner:
 
     def __init__(self, registry: Registry, prof: Profile, *, device: torch.device, data_root=None,
                  overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
-                 cache_dir: Path | None = None, clean_reference: bool = False, rerun: str | None = None):
+                 cache_dir: Path | None = None, clean_reference: bool = False, rerun: str | None = None,
+                 reactivation: bool = False):
         self.registry, self.profile, self.device = registry, prof, device
         self.data_root, self.tracker, self.progress = data_root, tracker, progress
         self.overrides = overrides or {}
         self.clean_reference = clean_reference
+        self.reactivation = reactivation  # the retuning check after each defense (nadbench.reactivation)
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
         self.store = Store(self.cache_root)
         self.keys = Keys(registry, prof, device.type, numerics(device), self.overrides, clean_reference,
-                         lambda name: self._load(name)[2])
+                         lambda name: self._load(name)[2], reactivation)
         self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
         self._data: dict[str, tuple] = {}
         self._poison: dict[str, Poisoning] = {}
@@ -333,6 +336,23 @@ class Runner:
             self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets)
         return Trained(model, self._metrics[plan.student[0]], hit)
 
+    def reactivated(self, plan: Plan, model: torch.nn.Module) -> dict:
+        """The reactivation check of a repaired ``model`` (:mod:`nadbench.reactivation`): ACC, ASR and RA
+        after the retuning attack, and under ``clean`` the same for the clean model of the student's
+        architecture retuned on the same images (computed once per poisoning)."""
+        c = plan.cell
+        _, _, test_set = self.data(c.dataset)
+        p = self.armed(plan)
+        data, positions = retuning_set(p.poisoned, p.index, c.seed)
+
+        def check(m):
+            retuned = retune(m, data, positions, p.attack, c.seed, self.profile.crop, self.profile.flip, self.progress)
+            return evaluate(retuned, test_set, p.triggered, p.targets)
+        ref = ("reactivated", plan.clean[0], plan.poison[0])
+        if ref not in self._metrics:
+            self._metrics[ref] = check(self.clean_model(plan).model)
+        return {**check(model), "clean": self._metrics[ref]}
+
     def forget(self, cells: list[Cell]) -> int:
         """Remove the stored stages these cells use (``--rerun all``), so each is recomputed once.
         Returns the number of keys removed."""
@@ -387,7 +407,12 @@ class Runner:
             measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets), before)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
-                      "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED"}
+                      "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED",
+                      "profile": self.profile.name, "defense_config": cfgmod.key_values(plan.defense.config)}
+            if self.reactivation:
+                start = time.perf_counter()
+                result["reactivated"] = self.reactivated(plan, repaired.model)
+                result["time_reactivation_s"] = time.perf_counter() - start
             if t:
                 record_result(t, run_id, plan, result, p, repaired, original, train_set, test_set,
                               ctx.student_layers)

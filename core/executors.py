@@ -40,6 +40,7 @@ class RunSpec:
     clean_reference: bool
     threads: int | None
     env: dict  # the driver's WORKER_ENV: plugin filter and numerics, so workers match the driver
+    reactivation: bool = False
 
 
 # Settings that reach the registry and the training loop through the environment (`bench run` sets them).
@@ -51,7 +52,7 @@ def spec_of(runner, threads: int | None) -> RunSpec:
     # the grid's stored stages, so workers compute each stage once, as usual.
     return RunSpec(runner.profile, runner.device.type, str(runner.data_root) if runner.data_root else None,
                    runner.overrides, str(runner.cache_root), runner.clean_reference, threads,
-                   {k: os.environ[k] for k in WORKER_ENV if k in os.environ})
+                   {k: os.environ[k] for k in WORKER_ENV if k in os.environ}, runner.reactivation)
 
 
 _RUNNERS: dict[str, Any] = {}
@@ -71,7 +72,8 @@ def _runner(spec: RunSpec):
         os.environ.update(spec.env)
         _RUNNERS[key] = Runner(get_registry(), spec.profile, device=torch.device(spec.device),
                                data_root=spec.data_root, overrides=spec.overrides, progress=False,
-                               cache_dir=spec.cache_dir, clean_reference=spec.clean_reference)
+                               cache_dir=spec.cache_dir, clean_reference=spec.clean_reference,
+                               reactivation=spec.reactivation)
     return _RUNNERS[key]
 
 

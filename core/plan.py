@@ -21,7 +21,7 @@ from .store import stage_key
 POISON_CODE = ("nadbench.poisoning",)
 NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench attack`)
 TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
-CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets")
+CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets", "nadbench.reactivation")
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
 
 Key = tuple[str, str]  # (digest, the canonical text it digests)
@@ -81,9 +81,11 @@ class Keys:
     digests, ``{"train": ..., "test": ...}``; the planner never loads data itself."""
 
     def __init__(self, registry: Registry, prof: Profile, device_type: str, numerics: str,
-                 overrides: dict[str, dict], clean_reference: bool, digests: Callable[[str], dict]):
+                 overrides: dict[str, dict], clean_reference: bool, digests: Callable[[str], dict],
+                 reactivation: bool = False):
         self.registry, self.profile, self.device_type, self.numerics = registry, prof, device_type, numerics
         self.overrides, self.clean_reference, self.digests = overrides, clean_reference, digests
+        self.reactivation = reactivation
         self._plans: dict[Cell, Plan] = {}
 
     def _data(self, name: str, *splits: str) -> dict[str, Any]:
@@ -135,8 +137,8 @@ class Keys:
             "teacher": [cell.teacher, cell.teacher_source, arch.provider, arch.source_hash],
             "teacher_model": teacher and teacher[0], "clean_share": share,
             "test": self._data(cell.dataset, "test"), "clean_reference": self.clean_reference,
-            "device": self.device_type})
+            "reactivation": self.reactivation, "device": self.device_type})
         plan = Plan(cell, attack, defense, poison, student, teacher, clean,
-                    self.clean_reference or attack.uses_clean_model, key, share)
+                    self.clean_reference or self.reactivation or attack.uses_clean_model, key, share)
         self._plans[cell] = plan
         return plan

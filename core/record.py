@@ -51,7 +51,9 @@ def side_metrics(models: dict[str, dict[str, float]] | None) -> dict[str, float]
 
 def log_table(tracker, run_id: str, results: list[dict], title: str) -> None:
     """Table 1 of a grid on its parent run: Markdown (also the run's description, which the MLflow
-    UI's Overview page renders), JSON and a bar chart of ASR and ACC with error bars."""
+    UI's Overview page renders), JSON and a bar chart of ASR and ACC with error bars; the defenses'
+    leaderboard (Markdown, JSON, a chart of DER) and its summary metrics per defense (``nad.der``,
+    ``nad.after.asr``, ...), so that the runs list compares grids without expanding them."""
     from . import table
 
     t = table.build(results)
@@ -60,6 +62,11 @@ def log_table(tracker, run_id: str, results: list[dict], title: str) -> None:
     tracker.text(run_id, markdown, "table/table1.md")
     tracker.text(run_id, table.render(t, "json"), "table/table1.json")
     tracker.figure(run_id, table.figure(t, title), "table/table1.png")
+    board = table.leaderboard(results)
+    tracker.text(run_id, table.render_leaderboard(board, "markdown"), "table/leaderboard.md")
+    tracker.text(run_id, table.render_leaderboard(board, "json"), "table/leaderboard.json")
+    tracker.figure(run_id, table.leaderboard_figure(board, title), "table/leaderboard.png")
+    tracker.metrics(run_id, table.summary_metrics(board))
 
 
 def figure_logger(tracker, run_id: str | None):
@@ -123,7 +130,10 @@ def record_result(t, run_id: str, plan, result: dict, p, repaired, original, tra
     cell = plan.cell
     asr_index = (p.attack.targets(test_set.labels) != test_set.labels).nonzero().flatten()  # the ASR set's images
     after = result["after"]
+    reactivated = result.get("reactivated") or {}
     t.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()},
+                       **{f"reactivated.{k}": v for k, v in reactivated.items() if k != "clean"},
+                       **{f"reactivated.clean.{k}": v for k, v in reactivated.get("clean", {}).items()},
                        "time.defense_s": result["time_defense_s"], **side_metrics(result.get("models"))})
     if repaired.extras:
         log_extras(t, run_id, result["extras"], cell.label)

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 
@@ -327,3 +328,112 @@ def figure(t: Table, title: str = ""):
         axes[0].set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------ leaderboard
+
+def leaderboard(results: list[dict]) -> list[dict]:
+    """The defenses of one or more grids ranked by DER: per seed, a defense's DER averaged over the
+    rows (attacks, and other axes) it ran on; then mean ± std over seeds. Beside it, averaged over
+    its cells: the ACC drop (points, before - after), ASR and RA after, and where the reactivation
+    check ran, the ASR it regained and the clean model's after the same retuning. A defense is
+    grouped by name, profile and configuration: cells of different profiles or configurations are
+    never pooled (they get entries of their own, "nad [paper]", "nad #2")."""
+    cells = [r for r in results if r.get("status", "FINISHED") == "FINISHED"]
+
+    def group(r):  # results recorded before they carried profile and config group by name alone
+        return r["cell"]["defense"], r.get("profile"), json.dumps(r.get("defense_config"), sort_keys=True)
+    groups = list(dict.fromkeys(group(r) for r in cells))
+    board = []
+    for g in groups:
+        d, prof, config = g
+        mine = [r for r in cells if group(r) == g]
+        per_seed: dict[int, list[float]] = {}
+        for r in mine:
+            per_seed.setdefault(r["cell"]["seed"], []).append(100 * _metric(r, "after", "der"))
+        ders = Stat({s: statistics.fmean(v) for s, v in per_seed.items()})
+        react = [r["reactivated"] for r in mine if r.get("reactivated")]
+        label = d  # several profiles or configs of one defense are never pooled: told apart
+        if len({h[1] for h in groups if h[0] == d}) > 1:
+            label += f" [{prof}]"
+        siblings = [h for h in groups if h[:2] == (d, prof)]
+        if len(siblings) > 1:
+            label += f" #{siblings.index(g) + 1}"
+        board.append({
+            "defense": label, "profile": prof, "config": json.loads(config),
+            "der": {"mean": ders.mean, "std": ders.std, "seeds": len(ders.values)},
+            "rows": len({(r["cell"]["dataset"], r["cell"]["attack"]) for r in mine}),
+            "acc_drop": statistics.fmean(100 * (r["before"]["acc"] - r["after"]["acc"]) for r in mine),
+            "asr_after": statistics.fmean(100 * r["after"]["asr"] for r in mine),
+            "ra_after": _mean([100 * r["after"]["ra"] for r in mine if "ra" in r["after"]]),
+            "reactivated_asr": _mean([100 * x["asr"] for x in react]),
+            "reactivated_clean_asr": _mean([100 * x["clean"]["asr"] for x in react])})
+    board.sort(key=lambda e: -e["der"]["mean"])
+    for rank, e in enumerate(board, 1):
+        e["rank"] = rank
+    return board
+
+
+def render_leaderboard(board: list[dict], fmt: str = "text") -> str:
+    """The leaderboard as ``text``, ``markdown``, ``csv`` or ``json``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(board, indent=2)
+
+    def num(v):
+        return "-" if v is None else f"{v:.2f}"
+    header = ["rank", "defense", "DER", "seeds", "rows", "ACC drop", "ASR after", "RA after", "reactivated ASR",
+              "clean model reactivated ASR"]
+    lines = [[str(e["rank"]), e["defense"],
+              f"{e['der']['mean']:.2f} ± {e['der']['std']:.2f}" if e["der"]["seeds"] > 1 else num(e["der"]["mean"]),
+              str(e["der"]["seeds"]), str(e["rows"]), num(e["acc_drop"]), num(e["asr_after"]), num(e["ra_after"]),
+              num(e["reactivated_asr"]), num(e["reactivated_clean_asr"])] for e in board]
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *lines])
+        return buf.getvalue()
+    note = ("Defenses ranked by DER (100 x [max(0, ASR drop) - max(0, ACC drop) + 1] / 2, averaged over the "
+            "rows, then mean ± std over seeds); the rest in %, averaged over the cells.")
+    if fmt == "markdown":
+        out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        return note + "\n\n" + "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+            for line in [header, *lines]]
+    return note + "\n" + "\n".join(text) + "\n"
+
+
+def leaderboard_figure(board: list[dict], title: str = ""):
+    """Horizontal bars of each defense's DER (error bars: std over seeds), best on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(board) + 1.2))
+    names = [e["defense"] for e in board][::-1]
+    ax.barh(names, [e["der"]["mean"] for e in board][::-1], xerr=[e["der"]["std"] for e in board][::-1], capsize=2)
+    ax.axvline(50, color="grey", linestyle="--", linewidth=1)  # DER of a defense that changes nothing
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("DER (%)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def summary_metrics(board: list[dict]) -> dict[str, float]:
+    """Per defense, for the grid's parent run: ``<defense>.der``, ``.after.asr``, ``.after.acc_drop``,
+    ``.after.ra``, ``.reactivated.asr`` (where measured)."""
+    out = {}
+    for e in board:
+        d = re.sub(r"[^\w\-. /]", "", e["defense"]).strip()  # what MLflow allows in a metric name
+        out[f"{d}.der"] = e["der"]["mean"]
+        out[f"{d}.after.asr"] = e["asr_after"]
+        out[f"{d}.after.acc_drop"] = e["acc_drop"]
+        for key, value in ((f"{d}.after.ra", e["ra_after"]), (f"{d}.reactivated.asr", e["reactivated_asr"]),
+                           (f"{d}.reactivated.clean_asr", e["reactivated_clean_asr"])):
+            if value is not None:
+                out[key] = value
+    return out

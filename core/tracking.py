@@ -234,8 +234,12 @@ class Tracker:
         children = self.client.search_runs([parent.info.experiment_id],
                                            f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50000,
                                            order_by=["attributes.start_time ASC"])
-        return parent, [json.loads(c.data.tags["nadbench.result"]) for c in children
-                        if "nadbench.result" in c.data.tags]
+        results = []
+        for c in children:
+            if "nadbench.result" in c.data.tags:  # results recorded before they named their profile: the run's
+                result = json.loads(c.data.tags["nadbench.result"])
+                results.append({"profile": c.data.params.get("profile.name"), **result})
+        return parent, results
 
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:

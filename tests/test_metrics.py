@@ -75,3 +75,56 @@ def test_tables_show_the_chosen_metrics_and_compute_der_for_results_recorded_wit
         table.build(results, metrics=("asr", "auc"))
     csv = table.render(t, "csv").splitlines()
     assert csv[0].endswith("ra_mean,ra_std,der_mean,der_std")
+
+
+def test_the_reactivation_check_runs_after_the_defense_and_is_logged(toy_registry, tmp_path, fresh_store):
+    """--reactivation: the repaired model and the clean one, retuned on the same images, measured and
+    logged as reactivated.* and reactivated.clean.*; the check is part of the cell's key."""
+    from nadbench.engine import Cell, Runner
+    from nadbench.grid import profile
+    from nadbench.tracking import Tracker
+
+    tracker = Tracker(fresh_store(tmp_path), "reactivation")
+    runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
+                    device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker,
+                    reactivation=True)
+    cell = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)
+    result = runner.run_cell(cell)
+    assert set(result["reactivated"]) == {"acc", "asr", "ra", "clean"}
+    assert set(result["reactivated"]["clean"]) == {"acc", "asr", "ra"}
+    metrics = tracker.client.search_runs([tracker.experiment_id])[0].data.metrics
+    assert metrics["reactivated.asr"] == result["reactivated"]["asr"]
+    assert metrics["reactivated.clean.acc"] == result["reactivated"]["clean"]["acc"]
+    plain = Runner(toy_registry(), runner.profile, device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
+    assert plain.plan(cell).key != runner.plan(cell).key and runner.plan(cell).uses_clean
+
+
+def test_the_leaderboard_ranks_defenses_by_der_and_never_pools_profiles_or_configs():
+    from nadbench import table
+
+    before = {"asr": 1.0, "acc": 0.9, "ra": 0.0}
+
+    def cell(defense, attack, seed, asr, acc, profile="quick", config=None, **extra):
+        r = _result(defense, seed, before, {"asr": asr, "acc": acc, "ra": 1 - asr})
+        r["cell"]["attack"] = attack
+        return {**r, "profile": profile, "defense_config": config or {"lr": 0.01}, **extra}
+
+    react = {"reactivated": {"asr": 0.8, "acc": 0.8, "ra": 0.1, "clean": {"asr": 0.1, "acc": 0.8, "ra": 0.8}}}
+    results = [cell("nad", "badnets", 0, 0.0, 0.9, **react), cell("nad", "blend", 0, 0.2, 0.8, **react),
+               cell("nad", "badnets", 1, 0.0, 0.9), cell("nad", "blend", 1, 0.0, 0.9),
+               cell("finetune", "badnets", 0, 0.5, 0.9), cell("finetune", "blend", 0, 0.5, 0.9),
+               cell("nad", "badnets", 0, 1.0, 0.9, profile="paper"),
+               cell("nad", "badnets", 0, 1.0, 0.5, config={"lr": 0.1})]
+    board = table.leaderboard(results)
+    assert [e["defense"] for e in board] == ["nad [quick] #1", "finetune", "nad [paper]", "nad [quick] #2"]
+    nad = board[0]
+    # seed 0: DER (100 + 85) / 2 over the attacks = 92.5; seed 1: 100. Mean 96.25 over seeds.
+    assert nad["der"]["mean"] == pytest.approx(96.25) and nad["der"]["seeds"] == 2
+    assert nad["acc_drop"] == pytest.approx(2.5) and nad["asr_after"] == pytest.approx(5.0)
+    assert nad["reactivated_asr"] == pytest.approx(80) and nad["reactivated_clean_asr"] == pytest.approx(10)
+    assert board[1]["der"]["mean"] == pytest.approx(75) and board[1]["reactivated_asr"] is None
+    assert board[3]["der"]["mean"] == pytest.approx(30)  # a worse config is its own entry, ranked last
+    text = table.render_leaderboard(board, "markdown")
+    assert "| 1 | nad [quick] #1 | 96.25 ± 5.30 | 2 | 2 |" in text
+    metrics = table.summary_metrics(board)
+    assert metrics["finetune.der"] == pytest.approx(75) and metrics["nad quick 1.reactivated.asr"] == 80  # MLflow's characters

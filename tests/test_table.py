@@ -89,7 +89,14 @@ def test_bench_run_leaves_the_table_on_its_parent_run(store):
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("## toy grid") and "| no defense |" in note
     arts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id, "table")}
-    assert arts == {"table/table1.md", "table/table1.json", "table/table1.png"}
+    assert arts == {"table/table1.md", "table/table1.json", "table/table1.png", "table/leaderboard.md",
+                    "table/leaderboard.json", "table/leaderboard.png"}
+    defenses = {r["cell"]["defense"] for r in results}
+    assert {f"{d}.der" for d in defenses} <= set(parent.data.metrics)  # the runs list compares grids
+    out = CliRunner().invoke(main, ["table", "--tracking-uri", uri, "--leaderboard", "--format", "json"])
+    board = json.loads(out.stdout)
+    assert out.exit_code == 0 and {e["defense"] for e in board} == defenses
+    assert board == sorted(board, key=lambda e: -e["der"]["mean"])
 
 
 def test_table_errors_name_what_is_missing(tmp_path):
