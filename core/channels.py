@@ -23,6 +23,7 @@ from torch.fx import symbolic_trace
 from torch.nn.utils import parametrize
 
 from .augment import augment, to_float
+from .config import param
 from .evaluate import accuracy
 
 BATCH_NORMS = (nn.BatchNorm2d,)
@@ -233,6 +234,45 @@ def held_out_threshold(model: nn.Module, values: dict[str, torch.Tensor], held, 
     curve += [(t, accuracy(prune_bn(copy.deepcopy(model), below(values, t, inclusive), bias=False), held))
               for t in MASK_THRESHOLDS]
     return largest_within_drop(curve, acc_drop), curve
+
+
+@dataclass(frozen=True)
+class MaskPruning:
+    """Config fields of a defense that prunes BN neurons by learnt masks (ANP, RNP), and the pruning:
+    a defense's ``Config`` subclasses this, splits its clean data with :meth:`split`, learns masks
+    on the rest, then calls :meth:`prune`. ``INCLUSIVE``: whether a mask equal to the threshold
+    prunes (RNP) or only one below it (ANP)."""
+
+    rule: str = param("held-out", "how the pruning is chosen: held-out (the largest threshold, in steps of 0.05 "
+                      "up to 0.9, whose held-out clean accuracy stays within acc_drop) or threshold",
+                      choices=("held-out", "threshold"))
+    threshold: float = param(0.2, "rule=threshold: prune the neurons whose mask is below (ANP) or at most (RNP) "
+                             "this", min=0.0, max=1.0)
+    acc_drop: float = param(0.1, "rule=held-out: largest relative drop of held-out clean accuracy", min=0.0, max=1.0)
+    held_out: float = param(0.1, "rule=held-out: share of the clean subset kept to choose the pruning", min=0.0,
+                            max=0.5, min_exclusive=True)
+
+    def split(self, clean, seed: int):
+        """(held out, rest): the held-out share under ``rule=held-out``, else (None, clean)."""
+        return hold_out(clean, self.held_out, seed) if self.rule == "held-out" else (None, clean)
+
+    def prune(self, model: nn.Module, values: dict[str, torch.Tensor], held, log, prefix: str,
+              inclusive: bool = False) -> nn.Module:
+        """Zero the BN weight (bias kept, as ANP's and RNP's official pruning) of the neurons whose
+        mask is below the rule's threshold; log ``<prefix>.threshold``, ``.pruned``, ``.pruned_ratio``
+        and, under the held-out rule, ``.held_out_acc`` along the sweep."""
+        threshold = self.threshold
+        if self.rule == "held-out":
+            threshold, curve = held_out_threshold(model, values, held, self.acc_drop, inclusive)
+            for i, (_, acc) in enumerate(curve):
+                log(f"{prefix}.held_out_acc", acc, i)
+        chosen = below(values, threshold, inclusive)
+        prune_bn(model, chosen, bias=False)
+        n = sum(len(i) for i in chosen.values())
+        log(f"{prefix}.threshold", threshold)
+        log(f"{prefix}.pruned", n)
+        log(f"{prefix}.pruned_ratio", n / sum(len(m) for m in values.values()))
+        return model.eval()
 
 
 @torch.no_grad()

@@ -172,6 +172,20 @@ def test_sam_step_takes_two_passes_and_applies_the_gradient_at_the_ascended_poin
         assert torch.allclose(p.detach(), w - 0.1 * r.grad, atol=1e-6)
 
 
+def _only_masks_move(make_step):
+    """A mask-learning step (``make_step(masks)``) moves the masks, within [0, 1], and leaves every
+    parameter of the network bit-identical."""
+    model = _wrn()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = NeuronMasks(model.requires_grad_(False), bias=False)
+    opt = Optim(epochs=1, lr=0.2, batch_size=16, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="step")
+    train(model, toy_split(32, 0), opt, seed=0, step=make_step(masks), progress=False)
+    moved = torch.cat([m.flatten() for m in masks.values().values()])
+    assert (moved < 1).any() and (moved >= 0).all() and (moved <= 1).all()
+    masks.remove()
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
 def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
     """ANP's step moves the masks alone (the network's parameters are bit-identical after mask
     training); the repaired model differs from the original only in zeroed BN weights."""
@@ -180,15 +194,7 @@ def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
     anp = reg.defense("anp")
     from nadbench.plugins.defenses.anp import ANPStep
 
-    model = _wrn()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masks = NeuronMasks(model, bias=False)
-    opt = Optim(epochs=1, lr=0.2, batch_size=16, momentum=0.9, nesterov=False, weight_decay=0.0, schedule="step")
-    train(model, toy_split(32, 0), opt, seed=0, step=ANPStep(masks, anp.Config(), 0), progress=False)
-    moved = torch.cat([m.flatten() for m in masks.values().values()])
-    assert (moved < 1).any() and (moved >= 0).all() and (moved <= 1).all()
-    masks.remove()
-    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    _only_masks_move(lambda masks: ANPStep(masks, anp.Config(), 0))
 
     model = _wrn()
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -383,15 +389,7 @@ def test_rnp_unlearns_until_its_window_accuracy_falls_then_learns_only_masks_and
           on_epoch=lambda e, loss: seen.append(e))
     assert step.stopped and seen == [0]
 
-    model = _wrn()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masks = NeuronMasks(model.requires_grad_(False), bias=False)
-    opt = Optim(epochs=1, lr=0.2, batch_size=16, momentum=0.9, nesterov=False, weight_decay=0.0)
-    train(model, toy_split(32, 0), opt, seed=0, step=RecoverStep(masks, 0.2), progress=False)
-    moved = torch.cat([m.flatten() for m in masks.values().values()])
-    assert (moved < 1).any() and (moved >= 0).all() and (moved <= 1).all()
-    masks.remove()
-    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    _only_masks_move(lambda masks: RecoverStep(masks, 0.2))
 
     model = _wrn()
     original = {k: v.clone() for k, v in model.state_dict().items()}

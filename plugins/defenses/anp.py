@@ -35,25 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, hookimpl, param
-from nadbench.channels import NeuronMasks, below, held_out_threshold, hold_out, prune_bn
+from nadbench.channels import MaskPruning, NeuronMasks
 from nadbench.train import Optim, Step, train
 
 
 @dataclass(frozen=True)
-class ANPConfig:
+class ANPConfig(MaskPruning):
     eps: float = param(0.4, "bound of the initial neuron perturbations; ascent step eps / steps", min=0.0)
     steps: int = param(1, "ascent steps on the perturbations", min=1, max=100)
     alpha: float = param(0.2, "weight of the clean loss (1 - alpha: the perturbed one)", min=0.0, max=1.0)
     mask_lr: float = param(0.2, "learning rate of the masks (SGD, momentum 0.9)", min=0.0, max=10.0)
     iterations: int = param(2000, "mask optimisation steps", min=1)
     batch_size: int = param(128, "batch size", min=1, max=65536)
-    rule: str = param("held-out", "how the pruning is chosen: held-out (the largest threshold, in steps of 0.05 "
-                      "up to 0.9, whose held-out clean accuracy stays within acc_drop) or threshold",
-                      choices=("held-out", "threshold"))
-    threshold: float = param(0.2, "rule=threshold: prune the neurons whose mask is below this", min=0.0, max=1.0)
-    acc_drop: float = param(0.1, "rule=held-out: largest relative drop of held-out clean accuracy", min=0.0, max=1.0)
-    held_out: float = param(0.1, "rule=held-out: share of the clean subset kept to choose the pruning", min=0.0,
-                            max=0.5, min_exclusive=True)
 
 
 class ANPStep(Step):
@@ -100,7 +93,7 @@ class ANP(Defense):
 
     def defend(self, model, clean, ctx):
         cfg = self.config
-        held, rest = hold_out(clean, cfg.held_out, ctx.seed) if cfg.rule == "held-out" else (None, clean)
+        held, rest = cfg.split(clean, ctx.seed)
         work = copy.deepcopy(model).requires_grad_(False)  # gradients for the masks alone
         masks = NeuronMasks(work, bias=False)
         epochs = math.ceil(cfg.iterations / math.ceil(len(rest) / cfg.batch_size))
@@ -108,19 +101,7 @@ class ANP(Defense):
                       weight_decay=0.0, schedule="step", crop=4, flip=True)
         train(work, rest, optim, seed=ctx.seed, step=ANPStep(masks, cfg, ctx.seed), desc="anp masks",
               progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
-        values = masks.values()
-        threshold = cfg.threshold
-        if cfg.rule == "held-out":  # the official sweep, chosen on held-out clean data
-            threshold, curve = held_out_threshold(model, values, held, cfg.acc_drop)
-            for i, (t, acc) in enumerate(curve):
-                ctx.log_metric("anp.held_out_acc", acc, i)
-        chosen = below(values, threshold)
-        prune_bn(model, chosen, bias=False)
-        n = sum(len(i) for i in chosen.values())
-        ctx.log_metric("anp.threshold", threshold)
-        ctx.log_metric("anp.pruned", n)
-        ctx.log_metric("anp.pruned_ratio", n / sum(len(m) for m in values.values()))
-        return model.eval()
+        return cfg.prune(model, masks.values(), held, ctx.log_metric, "anp")
 
 
 @hookimpl

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, hookimpl, param
-from nadbench.channels import NeuronMasks, below, held_out_threshold, hold_out, prune_bn
+from nadbench.channels import MaskPruning, NeuronMasks
 from nadbench.train import Optim, Step, train
 
 
 @dataclass(frozen=True)
-class RNPConfig:
+class RNPConfig(MaskPruning):
     unlearning_lr: float = param(0.01, "learning rate of the unlearning (gradient ascent)", min=0.0, max=10.0)
     unlearning_epochs: int = param(20, "most unlearning epochs (lr 10x lower from epoch 10)", min=1, max=1000)
     clean_threshold: float = param(0.2, "stop unlearning once the training accuracy over a window is at most this",
@@ -50,13 +50,6 @@ class RNPConfig:
     recovering_epochs: int = param(20, "mask recovering epochs", min=1, max=1000)
     alpha: float = param(0.2, "weight of the recovering cross-entropy", min=0.0)
     batch_size: int = param(128, "batch size", min=1, max=65536)
-    rule: str = param("held-out", "how the pruning is chosen: held-out (the largest threshold, in steps of 0.05 "
-                      "up to 0.9, whose held-out clean accuracy stays within acc_drop) or threshold",
-                      choices=("held-out", "threshold"))
-    threshold: float = param(0.2, "rule=threshold: prune the neurons whose mask is at most this", min=0.0, max=1.0)
-    acc_drop: float = param(0.1, "rule=held-out: largest relative drop of held-out clean accuracy", min=0.0, max=1.0)
-    held_out: float = param(0.1, "rule=held-out: share of the clean subset kept to choose the pruning", min=0.0,
-                            max=0.5, min_exclusive=True)
 
 
 class UnlearnStep(Step):
@@ -113,7 +106,7 @@ class RNP(Defense):
 
     def defend(self, model, clean, ctx):
         cfg = self.config
-        held, rest = hold_out(clean, cfg.held_out, ctx.seed) if cfg.rule == "held-out" else (None, clean)
+        held, rest = cfg.split(clean, ctx.seed)
         work = copy.deepcopy(model)
         unlearn = UnlearnStep(cfg.clean_threshold, cfg.window)
         train(work, rest, Optim(epochs=cfg.unlearning_epochs, lr=cfg.unlearning_lr, batch_size=cfg.batch_size,
@@ -127,19 +120,7 @@ class RNP(Defense):
                                 momentum=0.9, nesterov=False, weight_decay=0.0, schedule="step", crop=4, flip=True),
               seed=ctx.seed, step=RecoverStep(masks, cfg.alpha), desc="rnp recover", progress=ctx.progress,
               on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
-        values = masks.values()
-        threshold = cfg.threshold
-        if cfg.rule == "held-out":
-            threshold, curve = held_out_threshold(model, values, held, cfg.acc_drop, inclusive=True)
-            for i, (t, acc) in enumerate(curve):
-                ctx.log_metric("rnp.held_out_acc", acc, i)
-        chosen = below(values, threshold, inclusive=True)
-        prune_bn(model, chosen, bias=False)
-        n = sum(len(i) for i in chosen.values())
-        ctx.log_metric("rnp.threshold", threshold)
-        ctx.log_metric("rnp.pruned", n)
-        ctx.log_metric("rnp.pruned_ratio", n / sum(len(m) for m in values.values()))
-        return model.eval()
+        return cfg.prune(model, masks.values(), held, ctx.log_metric, "rnp", inclusive=True)
 
 
 @hookimpl
