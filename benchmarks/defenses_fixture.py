@@ -1,5 +1,5 @@
 """Defenses on the test suite's BadNets fixture at settings too slow for the suite: the figures the
-ANP, Neural Cleanse, I-BAU, RNP and SAU docstrings quote.
+ANP, Neural Cleanse and I-BAU docstrings quote.
 
     python benchmarks/defenses_fixture.py
 
@@ -34,13 +34,8 @@ SETTINGS = [
     ("neural-cleanse", {"epochs": 20, "unlearn_epochs": 10}),
     ("i-bau", {"rounds": 2}),
     ("i-bau", {}),
-    ("rnp", {}),
-    ("rnp", {"rule": "threshold"}),
-    ("sau", {"rounds": 5}),
-    ("sau", {"rounds": 20}),
 ]
-SHOWN = ("anp.threshold", "anp.pruned", "anp.pruned_ratio", "nc.flagged", "rnp.unlearned_train_acc",
-         "rnp.threshold", "rnp.pruned", "rnp.pruned_ratio")
+SHOWN = ("anp.threshold", "anp.pruned", "anp.pruned_ratio", "nc.flagged")
 
 
 def main() -> None:

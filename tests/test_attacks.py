@@ -60,5 +60,5 @@ def test_asr_counts_only_non_target_images():
     assert attack_success_rate(_Constant(5), triggered, 5) == 1.0
     assert attack_success_rate(_Constant(None), triggered, 5) == 0.0  # always right: no success
     res = evaluate(_Constant(None), test, triggered, 5)
-    assert res == {"acc": 1.0, "asr": 0.0}  # ACC is over the whole clean test set, target class included
+    assert res == {"acc": 1.0, "asr": 0.0, "ra": 1.0}  # ACC over the whole clean test set, target class included
     assert evaluate(_Constant(5), test, triggered, 5)["acc"] == pytest.approx(0.1)

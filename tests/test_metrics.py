@@ -127,4 +127,5 @@ def test_the_leaderboard_ranks_defenses_by_der_and_never_pools_profiles_or_confi
     text = table.render_leaderboard(board, "markdown")
     assert "| 1 | nad [quick] #1 | 96.25 ± 5.30 | 2 | 2 |" in text
     metrics = table.summary_metrics(board)
-    assert metrics["finetune.der"] == pytest.approx(75) and metrics["nad quick 1.reactivated.asr"] == 80  # MLflow's characters
+    assert metrics["finetune.der"] == pytest.approx(75)
+    assert metrics["nad quick 1.reactivated.asr"] == 80  # what MLflow allows in a metric name

@@ -14,8 +14,8 @@ config.yaml``; read for settings only): L-inf bound 0.2 in [0, 1] pixels, 5 PGD 
 +0.2, beta_1 0.01, beta_2 1, lmd_1 1, lmd_2 0, lmd_3 1, Adam lr 1e-4 (its cosine scheduler is built
 but never stepped: the lr is constant, as here), batch 256, no augmentation, both models in eval
 mode throughout (``train_mode`` off), 100 rounds (epochs) on 5 % of the training set. One round
-on 2,500 clean images costs ~25 s on the bf16 CPU, so ``quick`` runs 5 rounds; ``paper`` keeps
-100. The authors' loss averages two algebraically equal forms of L_shared for numerical reasons;
+on 2,500 clean images costs ~20 s on the bf16 CPU, so ``quick`` runs 5 rounds (~100 s a cell);
+``paper`` keeps 100. The authors' loss averages two algebraically equal forms of L_shared for numerical reasons;
 here it is computed once, from the softmax in float32.
 """
 import copy
