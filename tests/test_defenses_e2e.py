@@ -109,7 +109,8 @@ def test_fst_removes_the_backdoor(fst):
 def test_the_retuning_attack_reactivates_the_backdoor_fst_removed_faster_than_a_clean_model_learns_it(data, fst):
     """Min et al.'s reactivation check (nadbench.reactivation) on ~900 training images, 5 of them
     poisoned. Measured on the fixture (bf16): FST's ASR 0.2 % -> 28.2 % after retuning; the clean
-    fixture model retuned alike: 1.0 %. (Fine-pruning without its finetuning: 22 % -> 97.8 %.)"""
+    fixture model retuned alike: 1.0 %. (In an exploratory run, not committed, fine-pruning without its
+    finetuning went from 22 % to 97.8 %.)"""
     from nadbench.reactivation import retune, retuning_set
 
     from conftest import FIXTURE_TRAIN_LIMIT, data_root
