@@ -22,10 +22,13 @@ def data():
     return clean, test, attack.trigger_test(test)
 
 
-def _defend(name, data, **overrides):
+def _defend(name, data, model="badnets", clean=None, **overrides):
+    """Repair the fixture ``model`` with ``name`` on the clean subset (or ``clean``): (repaired, ASR/ACC
+    before, after, what the defense logged)."""
     reg = get_registry()
-    clean, test, triggered = data
-    model = fixture_model("badnets")
+    subset, test, triggered = data
+    clean = subset if clean is None else clean
+    model = fixture_model(model)
     before = evaluate(model, test, triggered, 5)
     layers = attention_layers(reg, "wrn-16-1", "cifar10")
     logged = {}
@@ -134,3 +137,55 @@ def test_ft_sam_weakens_the_backdoor_at_its_own_learning_rate(data):
     repaired, before, after, _ = _defend("ft-sam", data, epochs=20, batch_size=64)
     assert before["asr"] > 0.9
     assert after["asr"] < 0.7 and after["acc"] > before["acc"] - 0.08, (before, after)
+
+
+# ANP, RNP, I-BAU, Neural Cleanse and SAU start from a stronger model: on the 71 %-ACC fixture the held-out
+# rule of ANP and RNP prunes nothing (no neuron clean accuracy can spare; benchmarks/results/
+# defenses-fixture.md). tests/fixtures/badnets-quick-wrn16-1.safetensors is the quick profile's BadNets
+# model (`bench attack --attack badnets --profile quick --seed 0 --out ...`, bf16 on an AMD EPYC with
+# AVX512-BF16: ACC 81.90, ASR 100 on the test split), repaired with the same 1,000 clean images (Neural
+# Cleanse: 300), at settings shortened for CI where the defense iterates (named in each test; the grid
+# runs the quick profile's). Measured on the 1,000 test images (before: ASR 100, ACC 83.0), float32 on
+# this CPU (the AVX2 kind's precision), ASR at ACC: ANP 10.9 at 76.1 (18 neurons pruned), RNP 0.0 at
+# 74.1, I-BAU 2.0 at 55.0, Neural Cleanse 3.2 at 77.0 (anomaly index of the target 4.4), SAU 60.4 at
+# 78.8; in bf16 ANP 2.1 at 74.7, RNP 0.0 at 74.2, I-BAU 1.8 at 55.0, Neural Cleanse 3.2 at 76.9 (4.5),
+# SAU 58.7 at 78.1. A no-op defense keeps ASR 100.
+QUICK = "badnets-quick"
+
+
+def test_anp_prunes_the_neurons_perturbations_expose_and_removes_the_backdoor(data):
+    repaired, before, after, logged = _defend("anp", data, model=QUICK, iterations=100)
+    print(f"anp pruned {logged['anp.pruned'][0]} neurons at threshold {logged['anp.threshold'][0]}")
+    assert before["asr"] > 0.9 and logged["anp.pruned"][0] > 0
+    assert after["asr"] < 0.3 and after["acc"] > before["acc"] - 0.15, (before, after)
+
+
+def test_rnp_removes_the_backdoor_by_the_neurons_unlearning_exposes(data):
+    repaired, before, after, logged = _defend("rnp", data, model=QUICK)
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.15, (before, after)
+
+
+def test_ibau_unlearns_the_backdoor_in_one_round(data):
+    repaired, before, after, _ = _defend("i-bau", data, model=QUICK, rounds=1)
+    assert before["asr"] > 0.9
+    # I-BAU's cost in accuracy is its known weakness on these short-trained models (the grid: Trojan
+    # 0.01 / 47.68), stated rather than hidden
+    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.35, (before, after)
+
+
+def test_neural_cleanse_flags_the_target_and_unlearns_its_inverted_trigger(data):
+    clean, _ = real_subset(300, 1)
+    repaired, before, after, logged = _defend("neural-cleanse", data, model=QUICK, clean=clean, epochs=10,
+                                              unlearn_epochs=20, batch_size=64)
+    index = logged["nc.anomaly_index"]
+    print(f"anomaly indices {[round(v, 2) for v in index]}")
+    assert before["asr"] > 0.9 and index[5] > 2  # BadNets' target, 5
+    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.1, (before, after)
+
+
+def test_sau_weakens_the_backdoor_in_two_rounds(data):
+    """Two rounds at batch 64 (the authors': 100 at 256): 32 updates of Adam at 1e-4."""
+    repaired, before, after, _ = _defend("sau", data, model=QUICK, rounds=2, batch_size=64)
+    assert before["asr"] > 0.9
+    assert after["asr"] < 0.85 and after["acc"] > before["acc"] - 0.1, (before, after)
