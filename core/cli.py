@@ -217,10 +217,14 @@ def main():
                    "too: faster there for these small networks).")
 @click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
               help="torch.compile the model for the plain cross-entropy phases.")
+@click.option("--fused", is_flag=True, envvar="NADBENCH_FUSED", show_envvar=True,
+              help="Train the grid's backdoored and clean models of one architecture and schedule together, as one "
+                   "stacked model per step, before the cells run (nadbench.fused; for GPUs, where these small "
+                   "networks are launch-bound). Attacks that control training train alone.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
         data_root, tracking_uri, experiment, output, clean_reference, reactivation, tracking_timeout, rerun, workers,
-        cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, progress):
+        cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, fused, progress):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
@@ -236,10 +240,10 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     from .engine import Runner, check_grid, expand, profile, resolve_device, run_grid
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
-    from .train import numerics
 
     # The training loop reads these (core/train.py); workers inherit them (executors.RunSpec.env).
     os.environ["NADBENCH_PRECISION"], os.environ["NADBENCH_COMPILE"] = precision, "1" if compile_ else "0"
+    os.environ["NADBENCH_FUSED"] = "1" if fused else "0"
     registry = _registry()
     for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
         click.secho(f"warning: {line}", fg="yellow", err=True)
@@ -292,12 +296,15 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
               "grid.teachers": ",".join(teachers or students), "grid.teacher_sources": teacher_sources,
               "grid.seeds": ",".join(map(str, seeds)),
               "grid.clean_shares": ",".join(map(str, clean_shares or [prof.clean_share])), "executor": where, "threads": threads or "default",
-              "numerics": numerics(dev),
+              "numerics": runner.keys.numerics,
               "profile": prof.name, "device": str(dev), "command": _command()}
     results, failures = [], []
     interrupted = None
     with _terminate_as_interrupt() as signalled:
         try:
+            if fused:
+                for line in runner.train_fused(cells):
+                    click.echo(f"note: {line}", err=True)
             run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params,
                      results=results, failures=failures, executor=pool)
         except KeyboardInterrupt:

@@ -7,6 +7,7 @@ The defense sees only the model and the clean subset; the engine alone evaluates
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import config as cfgmod
 from . import data as datamod
+from . import fused
 from . import poisoning as poisonmod
 from .api import AttackContext, DefenseContext, Split
 from .attention import layer_names
@@ -161,7 +163,9 @@ class Runner:
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
         self.store = Store(self.cache_root)
-        self.keys = Keys(registry, prof, device.type, numerics(device), self.overrides, clean_reference,
+        # --fused is in every train key of the run, as --compile is (nadbench.fused)
+        run_numerics = numerics(device) + "+fused" * fused.enabled()
+        self.keys = Keys(registry, prof, device.type, run_numerics, self.overrides, clean_reference,
                          lambda name: self._load(name)[2], reactivation)
         self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
         self._data: dict[str, tuple] = {}
@@ -370,6 +374,71 @@ class Runner:
         self._models.clear()
         self._metrics.clear()
         return len(keys)
+
+    def train_fused(self, cells: list[Cell]) -> list[str]:
+        """``bench run --fused``: train the models these cells need in fused groups (:mod:`nadbench.fused`)
+        before the cells run, which then find them stored: first the clean models (Trojan and CL craft
+        against them), then the backdoored ones. A model already stored is skipped; one whose attack
+        controls training or learns its trigger, and a group whose fused training fails, are left to
+        their cells, which train them alone. Returns a line per model left alone, saying why."""
+        notes: list[str] = []
+        plans = []
+        for cell in cells:
+            try:
+                plans.append(self.plan(cell))
+            except Exception:  # noqa: BLE001 — the cell meets the same error and records it
+                pass
+        optim = self.profile.backdoor_optim()
+        clean = {p.clean: fused.Job(p.clean, p.cell.dataset, p.cell.student, p.cell.seed,
+                                    self.data(p.cell.dataset)[1], optim, f"clean {p.cell.student}")
+                 for p in plans if p.uses_clean}
+        self._fuse(list(clean.values()), notes)
+        jobs: dict[tuple[str, str], fused.Job] = {}
+        for p in plans:
+            c = p.cell
+            if p.student in jobs:
+                continue
+            try:
+                poisoning = self.poisoning(p)
+            except Exception:  # noqa: BLE001 — the cell meets the same error and records it
+                continue
+            attack = poisoning.attack
+            if attack.learns_trigger or attack.train_step(poisoning.index, len(poisoning.poisoned)) is not None:
+                notes.append(f"{c.attack}/{c.student}: trained alone, its attack controls training")
+                continue
+            epochs = getattr(attack.config, "epochs", None)
+            jobs[p.student] = fused.Job(p.student, c.dataset, c.student, c.seed, poisoning.poisoned,
+                                        self.profile.backdoor_optim(epochs), f"backdoor {c.student}")
+        self._fuse(list(jobs.values()), notes)
+        return notes
+
+    def _fuse(self, jobs: list, notes: list[str]) -> None:
+        """Train the jobs not yet stored, group by group, and store each model as its train stage."""
+        todo = [j for j in jobs if j.stage[0] not in self._models
+                and not self.store.path(MODELS_DIR, j.stage[0]).exists()]
+        for group in fused.groups(todo, fused.max_models()):
+            first = group[0]
+            with contextlib.ExitStack() as locks:
+                for job in group:
+                    locks.enter_context(self.store.lock(MODELS_DIR, job.stage[0]))
+                models = []
+                for job in group:  # initialised as the lone path (Runner._trained) initialises them
+                    torch.manual_seed(job.seed)
+                    models.append(build(self.registry.model(job.arch), self.data(job.dataset)[0], self.device))
+                start = time.perf_counter()
+                try:
+                    fused.train_fused(models, [j.data for j in group], first.optim, seeds=[j.seed for j in group],
+                                      desc=first.desc, progress=self.progress)
+                except Exception as exc:  # noqa: BLE001 — e.g. an op vmap cannot batch: the cells train alone
+                    notes += [f"{j.desc} (seed {j.seed}): trained alone, fused training failed: "
+                              f"{type(exc).__name__}: {exc}" for j in group]
+                    continue
+                spent = f"{time.perf_counter() - start:.1f}"
+                for job, model in zip(group, models):
+                    entry = model.state_dict()
+                    self.store.save_tensors(MODELS_DIR, *job.stage, entry,
+                                            {"train_s": spent, "arch": job.arch, "fused_with": str(len(group))})
+                    self._models[job.stage[0]] = {k: v.clone() for k, v in entry.items()}
 
     # -- one cell -----------------------------------------------------------------------------
     def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class RunSpec:
 
 
 # Settings that reach the registry and the training loop through the environment (`bench run` sets them).
-WORKER_ENV = ("NADBENCH_DISABLE_PLUGINS", "NADBENCH_PRECISION", "NADBENCH_COMPILE")
+WORKER_ENV = ("NADBENCH_DISABLE_PLUGINS", "NADBENCH_PRECISION", "NADBENCH_COMPILE", "NADBENCH_FUSED")
 
 
 def spec_of(runner, threads: int | None) -> RunSpec:

@@ -21,6 +21,7 @@ from .store import stage_key
 POISON_CODE = ("nadbench.poisoning",)
 NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench attack`)
 TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
+FUSED_CODE = ("nadbench.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
 CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets", "nadbench.reactivation")
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
 
@@ -105,7 +106,8 @@ class Keys:
             prof.pop(k)
         return stage_key("train", {
             "data": self._data(dataset, "train"), "poison": poison, "model": arch,
-            "model_plugin": [spec.provider, spec.source_hash], "code": code_hash(*TRAIN_CODE),
+            "model_plugin": [spec.provider, spec.source_hash],
+            "code": code_hash(*TRAIN_CODE, *(FUSED_CODE if "fused" in self.numerics else ())),
             "device": self.device_type, "precision": self.numerics, "seed": seed, "profile": prof})
 
     def poison(self, cell: Cell, attack) -> Key:
