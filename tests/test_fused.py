@@ -165,3 +165,30 @@ def test_groups_never_mix_datasets_architectures_schedules_or_sizes():
                 ("cifar10", "wrn-16-1", OPT, 64)])]
     assert [[j.stage[1] for j in g] for g in fused.groups(jobs, 8)] == [["0", "5"], ["1"], ["2"], ["3"], ["4"]]
     assert [len(g) for g in fused.groups(jobs[:1] * 5, 2)] == [2, 2, 1]
+
+
+@pytest.mark.slow
+def test_bench_run_fused_trains_the_grids_models_together_and_records_it(tmp_path):
+    """`bench run --fused` end to end on a real CIFAR-10 subset: BadNets' and Blend's models train as
+    one group, each cell finds its model stored, and the run's numerics say fused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import data_root
+    from mlflow.tracking import MlflowClient
+
+    data_root()  # skips without the data
+    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--fused", "--attacks", "badnets,blend",
+                          "--defenses", "finetune", "--threads", "1", "--no-progress", "--set",
+                          "profile.train_limit=800", "--set", "profile.test_limit=200", "--set", "profile.epochs=1",
+                          "--set", "finetune.epochs=1", "--output", "out.json"],
+                         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert len(results) == 2 and all(r["backdoor_cache_hit"] for r in results)  # trained before the cells
+    client = MlflowClient(f"sqlite:///{tmp_path / 'nadbench.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nadbench").experiment_id])
+    assert {r.data.params.get("numerics", "").split("+")[-1] for r in runs if "numerics" in r.data.params} == {"fused"}
