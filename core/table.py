@@ -82,6 +82,9 @@ class Table:
     # row -> PAPER_SETTING's fields -> the values its cells have (teacher: of cells with a teacher only)
     settings: dict[tuple, dict[str, set]] = field(default_factory=dict)
     metrics: tuple[str, ...] = METRICS
+    # row -> seed -> metric -> the differing "no defense" values of its cells: their defenses repaired
+    # different backdoored models (e.g. rows composed from grids that trained their own)
+    mixed: dict[tuple, dict[int, dict[str, list[float]]]] = field(default_factory=dict)
 
     def seeds(self, row: tuple) -> int:
         return max(len(stat.values) for s in self.rows[row].values() for stat in s.values())
@@ -126,6 +129,7 @@ def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = M
     defenses = [NONE] + sorted(seen, key=lambda d: (COLUMNS.index(d) if d in COLUMNS else len(COLUMNS), seen.index(d)))
     rows: dict[tuple, dict[str, dict[str, Stat]]] = {}
     settings: dict[tuple, dict[str, set]] = {}
+    mixed: dict[tuple, dict] = {}
     for cell, r in cells:
         # A defense without a teacher belongs to every teacher row of the grid (its numbers repeat).
         for pair in [tuple(_axis(cell, f) for f in teacher_axes)] if cell.teacher_source or not teacher_axes else pairs:
@@ -140,11 +144,36 @@ def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = M
                 stats = entry.setdefault(defense, {m: Stat() for m in metrics})
                 for metric in metrics:
                     value = _metric(r, phase, metric)
-                    if value is not None:
-                        stats[metric].values[cell.seed] = 100 * value
+                    if value is None:
+                        continue
+                    old = stats[metric].values.get(cell.seed)
+                    if defense == NONE and old is not None and abs(old - 100 * value) > MIXED_POINTS:
+                        differing = mixed.setdefault(row, {}).setdefault(cell.seed, {})
+                        differing.setdefault(metric, [round(old, 2)]).append(round(100 * value, 2))
+                    stats[metric].values[cell.seed] = 100 * value
     order = {d: i for i, d in enumerate(defenses)}
     rows = {k: dict(sorted(v.items(), key=lambda kv: order[kv[0]])) for k, v in rows.items()}
-    return Table([h for _, h in axes], defenses, rows, paper, settings, tuple(metrics))
+    return Table([h for _, h in axes], defenses, rows, paper, settings, tuple(metrics), mixed)
+
+
+# "No defense" values of one row and seed further apart than this (in points) are different backdoored
+# models, not one model evaluated twice (another process may flip an image: 0.01 points on 10,000).
+MIXED_POINTS = 0.1
+
+
+def _mixed_note(t: Table) -> str:
+    """A warning for the rows whose defenses repaired different backdoored models: the "no defense"
+    column shows the last one, so each defense must be compared with its own model's numbers."""
+    if not t.mixed:
+        return ""
+    parts = []
+    for row, seeds in t.mixed.items():
+        for seed, by_metric in seeds.items():
+            values = "; ".join(f"{m.upper()} " + " vs ".join(f"{v:.2f}" for v in vs) for m, vs in by_metric.items())
+            parts.append(f"{'/'.join(map(str, row))} seed {seed} ({values})")
+    return ("\nWarning: the defenses of these rows repaired different backdoored models (their cells' \"no defense\" "
+            "numbers differ; the column shows the last): " + ", ".join(parts) + ". Compare each defense with "
+            "its own model (the cells' before.* values).\n")
 
 
 def _metric(result: dict, phase: str, metric: str) -> float | None:
@@ -231,7 +260,7 @@ def render(t: Table, fmt: str = "text") -> str:
         note = f"{_names(t)}, mean ± standard deviation over seeds"
         note += "; the paper's Table 1 in italics." if t.paper else "."
         return note + " Deviation: the average's change against no defense." + _der_note(t) + "\n\n" + \
-            "\n".join(out) + "\n"
+            "\n".join(out) + "\n" + _mixed_note(t)
 
     def cell(s, paper, seeds):
         return _values(s, seeds) + (f" (paper {paper[0]} / {paper[1]})" if paper and paper_asr_acc else "")
@@ -239,7 +268,7 @@ def render(t: Table, fmt: str = "text") -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
             for line in lines]
-    return f"{_names(t)}, mean ± std over seeds{_der_note(t)}\n" + "\n".join(text) + "\n"
+    return f"{_names(t)}, mean ± std over seeds{_der_note(t)}\n" + "\n".join(text) + "\n" + _mixed_note(t)
 
 
 def _der_note(t: Table) -> str:
@@ -258,6 +287,8 @@ def to_json(t: Table) -> dict:
                            "values": s[m].values} for m in t.metrics if s[m]}
             if _paper(t, row, d):
                 item[d]["paper"] = dict(zip(METRICS, _paper(t, row, d)))
+        if row in t.mixed:  # its defenses repaired different backdoored models: these "no defense" values
+            item["mixed_no_defense"] = {str(seed): by_metric for seed, by_metric in t.mixed[row].items()}
         rows.append(item)
     summary = t.summary()
     return {"metrics": _names(t), "axes": t.axes, "defenses": t.defenses, "rows": rows,

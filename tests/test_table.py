@@ -241,3 +241,18 @@ def test_paired_rows_without_a_common_seed_have_n_0(monkeypatch):
     for fmt, shown in (("text", "ASR +nan ± nan, ACC +nan ± nan (n=0)"), ("json", '"n": 0')):
         out = CliRunner().invoke(main, ["table", "--paired", "nad,finetune", "--format", fmt])
         assert out.exit_code == 0 and shown in out.stdout, out.output
+
+
+def test_a_row_whose_defenses_repaired_different_backdoored_models_says_so():
+    """A table composed from grids that each trained their own backdoored model (another device, another
+    precision) used to show one model's "no defense" beside defenses run on the other, silently."""
+    same = table.build([_result("finetune", 0, 0.1, source=""), _result("nad", 0, 0.2),
+                        _result("mcr", 0, 0.3, source="", before=(1.0, 0.80001))])  # one model, re-evaluated
+    assert not same.mixed and "Warning" not in table.render(same, "markdown")
+    t = table.build([_result("finetune", 0, 0.1, source="", before=(0.8244, 0.9272)),
+                     _result("nad", 0, 0.2, before=(0.7982, 0.9146))])
+    assert t.mixed == {("cifar10", "badnets"): {0: {"asr": [82.44, 79.82], "acc": [92.72, 91.46]}}}
+    for fmt in ("markdown", "text"):
+        assert "repaired different backdoored models" in table.render(t, fmt)
+        assert "cifar10/badnets seed 0 (ASR 82.44 vs 79.82; ACC 92.72 vs 91.46)" in table.render(t, fmt)
+    assert table.to_json(t)["rows"][0]["mixed_no_defense"] == {"0": {"asr": [82.44, 79.82], "acc": [92.72, 91.46]}}
