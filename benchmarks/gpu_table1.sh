@@ -7,7 +7,9 @@
 #
 # Prepared here first (see the device tool's README for the wheel recipe, Python 3.12):
 #   echo /.whl/ >> .git/info/exclude   (/data/ is ignored already)
-#   pip download ... -d .whl mlflow-skinny pluggy timm click safetensors tqdm (their missing needs too)
+#   the wheels of mlflow and of its needs that the device lacks (its image has torch, click, pluggy, timm,
+#   safetensors, tqdm, matplotlib, pandas: ../.library/device/KINDS.md lists them), with the README's
+#   `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION`
 #   mkdir -p data && cp ../shared/data/cifar10-jpeg.tar.xz ../shared/data/gtsrb-32px-jpeg.tar.xz data/
 # The results come back as $OUT/gpu-table1.tar.gz: unpack it into benchmarks/results/ and render Table 1 with
 #   python benchmarks/table1.py --profile paper --render-only --tag fused-seed0 --include fused-refool
