@@ -302,9 +302,6 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     interrupted = None
     with _terminate_as_interrupt() as signalled:
         try:
-            if fused:
-                for line in runner.train_fused(cells):
-                    click.echo(f"note: {line}", err=True)
             run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params,
                      results=results, failures=failures, executor=pool)
         except KeyboardInterrupt:

@@ -376,8 +376,8 @@ class Runner:
         return len(keys)
 
     def train_fused(self, cells: list[Cell]) -> list[str]:
-        """``bench run --fused``: train the models these cells need in fused groups (:mod:`nadbench.fused`)
-        before the cells run, which then find them stored: first the clean models (Trojan and CL craft
+        """``bench run --fused`` (``run_grid``, for the cells it will run): train the models these cells
+        need in fused groups (:mod:`nadbench.fused`) before the cells run, which then find them stored: first the clean models (Trojan and CL craft
         against them), then the backdoored ones. A model already stored is skipped; one whose attack
         controls training or learns its trigger, and a group whose fused training fails, are left to
         their cells, which train them alone. Returns a line per model left alone, saying why."""
@@ -590,6 +590,9 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
             bar.update()
         if runner.rerun == "all":
             runner.forget(todo)
+        if fused.enabled() and todo:  # --fused: the models the cells to run need, trained together first
+            for line in runner.train_fused(todo):
+                tqdm.write(f"note: {line}", file=sys.stderr)
         if len(todo) < len(cells):
             tqdm.write(f"resuming: {len(cells) - len(todo)} cell(s) already recorded, {len(todo)} to run",
                        file=sys.stderr)

@@ -26,7 +26,6 @@ TOY = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 OPT = Optim(epochs=2, lr=0.01, batch_size=64, milestones=(1,), crop=4, flip=True, cutout=3)
 
 
-
 def learnable(n, seed):
     """``n`` 32x32 images whose colour gives the label, with noise."""
     g = torch.Generator().manual_seed(seed)
@@ -170,7 +169,8 @@ def test_groups_never_mix_datasets_architectures_schedules_or_sizes():
 @pytest.mark.slow
 def test_bench_run_fused_trains_the_grids_models_together_and_records_it(tmp_path):
     """`bench run --fused` end to end on a real CIFAR-10 subset: BadNets' and Blend's models train as
-    one group, each cell finds its model stored, and the run's numerics say fused."""
+    one group, each cell finds its model stored, and the run's numerics say fused; `--rerun all` forgets
+    the stored models first and trains them together again (not one by one in the cells)."""
     import json
     import os
     import subprocess
@@ -180,15 +180,18 @@ def test_bench_run_fused_trains_the_grids_models_together_and_records_it(tmp_pat
     from mlflow.tracking import MlflowClient
 
     data_root()  # skips without the data
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--fused", "--attacks", "badnets,blend",
-                          "--defenses", "finetune", "--threads", "1", "--no-progress", "--set",
-                          "profile.train_limit=800", "--set", "profile.test_limit=200", "--set", "profile.epochs=1",
-                          "--set", "finetune.epochs=1", "--output", "out.json"],
-                         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert len(results) == 2 and all(r["backdoor_cache_hit"] for r in results)  # trained before the cells
+
+    def bench(*extra):
+        out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--fused", "--attacks", "badnets,blend",
+                              "--defenses", "finetune", "--threads", "1", "--no-progress",
+                              "--set", "profile.train_limit=800", "--set", "profile.test_limit=200",
+                              "--set", "profile.epochs=1", "--set", "finetune.epochs=1", "--output", "out.json",
+                              *extra], cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads((tmp_path / "out.json").read_text())["results"]
+    for results in (bench(), bench("--rerun", "all")):
+        assert len(results) == 2 and all(r["backdoor_cache_hit"] for r in results)  # trained before the cells
     client = MlflowClient(f"sqlite:///{tmp_path / 'nadbench.db'}")
     runs = client.search_runs([client.get_experiment_by_name("nadbench").experiment_id])
     assert {r.data.params.get("numerics", "").split("+")[-1] for r in runs if "numerics" in r.data.params} == {"fused"}
