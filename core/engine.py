@@ -377,10 +377,11 @@ class Runner:
 
     def train_fused(self, cells: list[Cell]) -> list[str]:
         """``bench run --fused`` (``run_grid``, for the cells it will run): train the models these cells
-        need in fused groups (:mod:`nadbench.fused`) before the cells run, which then find them stored: first the clean models (Trojan and CL craft
-        against them), then the backdoored ones. A model already stored is skipped; one whose attack
-        controls training or learns its trigger, and a group whose fused training fails, are left to
-        their cells, which train them alone. Returns a line per model left alone, saying why."""
+        need in fused groups (:mod:`nadbench.fused`) before the cells run, which then find them stored:
+        first the clean models (Trojan and CL craft against them), then the backdoored ones. A model
+        already stored is skipped; one whose attack controls training or learns its trigger, and a group
+        whose fused training fails, are left to their cells, which train them alone. Returns a line per
+        model left alone, saying why."""
         notes: list[str] = []
         plans = []
         for cell in cells:
