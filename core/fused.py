@@ -35,6 +35,7 @@ from .api import Split
 from .augment import augment, to_float
 from .train import Optim, _autocast, precision
 
+
 def enabled() -> bool:
     """``NADBENCH_FUSED=1`` (``bench run --fused``): train the grid's models fused."""
     return os.environ.get("NADBENCH_FUSED", "0") not in ("", "0", "false")
