@@ -9,22 +9,25 @@ from torch import nn
 
 from .api import Split
 from .augment import to_float
-from .train import _autocast, precision
+from .train import _autocast, channels_last, precision
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Predicted labels for uint8 images, in eval mode, in large batches (memory is no concern
-    without gradients: 1000 images of 32x32 on a CPU, 5000 on a GPU)."""
+    without gradients: 1000 images of 32x32 on a CPU, 5000 on a GPU), channels-last on the CPU as
+    the plain training phases (its convolutions are faster there)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     batch_size = batch_size or (5000 if device.type == "cuda" else 1000)
     bf16 = precision(device) == "bf16"
+    fmt = torch.channels_last if channels_last(device) else torch.contiguous_format
+    model.to(memory_format=fmt)  # outside inference mode: the weights stay trainable
     out = []
-    for i in range(0, len(images), batch_size):
-        with _autocast(device, bf16):
-            out.append(model(to_float(images[i:i + batch_size].to(device))).argmax(1))
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            with _autocast(device, bf16):
+                out.append(model(to_float(images[i:i + batch_size].to(device)).contiguous(memory_format=fmt)).argmax(1))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
