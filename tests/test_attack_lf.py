@@ -35,12 +35,12 @@ def _high_frequency_share(x: torch.Tensor, cutoff: int = 8) -> float:
 
 
 @pytest.fixture(scope="module")
-def crafted():
+def crafted(effect_seed):
     train, test = real_subset(600, 300)
     clean = fixture_model("clean")
     attack = LF(LF.Config(max_passes=3))  # the rate stalls from the second pass on (~12 s)
     attack.prepare(AttackContext(dataset=get_registry().dataset("cifar10"), train=train, device=torch.device("cpu"),
-                                 seed=0, clean_model=lambda: copy.deepcopy(clean), progress=False))
+                                 seed=effect_seed, clean_model=lambda: copy.deepcopy(clean), progress=False))
     return attack, clean, train, test
 
 
@@ -58,7 +58,7 @@ def test_lf_trigger_is_smooth_bounded_and_the_same_on_every_image(crafted):
     assert bool((diff == t.int())[unclipped].all()) and bool((diff <= t.int()).all())
 
 
-def test_lf_trigger_is_a_universal_perturbation_towards_the_target(crafted):
+def test_lf_trigger_is_a_universal_perturbation_towards_the_target(crafted, record):
     """On held-out test images the clean model's predictions move, and towards the target (0), far
     more than under a flat brightening of the same mean (what a trigger not crafted against the
     model would do)."""
@@ -72,9 +72,9 @@ def test_lf_trigger_is_a_universal_perturbation_towards_the_target(crafted):
             after = clean((test.images.int() + trigger.int()).clamp(0, 255).float() / 255).argmax(1)
             moved[name] = float((after != before).float().mean())
             to_target[name] = float((after == 0).float().mean() - (before == 0).float().mean())
-    print(f"fooling rates per pass {attack.fooling_rates}; moved {moved}; gain in the target's share {to_target}")
-    # measured (bf16 and float32 alike: crafting and these predictions run in float32): moved 0.217 /
-    # 0.047, target share +0.070 / +0.007
+    record(moved=moved["lf"], moved_flat=moved["flat"], to_target=to_target["lf"], to_target_flat=to_target["flat"])
+    # seeds 0/1/2 in float32 (a Xeon with AMX): moved 0.22 / 0.19 / 0.19 against the flat 0.05, target
+    # share +0.070 / +0.077 / +0.070 against +0.007
     assert moved["lf"] > 3 * moved["flat"] and moved["lf"] > 0.1
     assert to_target["lf"] > max(0.03, 3 * to_target["flat"])
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import own_stage_cache
+
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA_ROOT or not Path(DATA_ROOT).is_dir(),
                                                    reason="NADBENCH_DATA_ROOT is not set")]
@@ -25,15 +27,9 @@ LABELS = ["cifar10/badnets/nad/wrn-16-1/seed0", "cifar10/badnets/nad/wrn-16-1<-w
 
 
 def _env(folder: Path, cache: Path | None = None) -> dict:
-    """A stage cache of the folder's own (or ``cache``), whose decoded datasets are the session's:
-    each grid trains its models, none decodes the JPEGs again."""
-    cache = cache or folder / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    if not (cache / "datasets").exists():
-        shared = Path(os.environ["NADBENCH_CACHE"]) / "datasets"
-        shared.mkdir(parents=True, exist_ok=True)
-        (cache / "datasets").symlink_to(shared, target_is_directory=True)
-    return {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(cache)}
+    """A stage cache of the folder's own (or ``cache``): each grid trains its models, none decodes
+    the JPEGs again."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(own_stage_cache(cache or folder / "cache"))}
 
 
 def _bench(folder: Path, *extra, timeout=900, cache: Path | None = None):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import own_stage_cache
+
 from nadbench.handover import load_image_folder
 
 pytestmark = pytest.mark.slow
@@ -22,14 +24,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
 # 1,000 images x 4 epochs of WRN-16-1 without augmentation: a 5 x 5 learnt patch on 20 % of them
-# implants (measured ASR 1.00 on an AVX512-BF16 Xeon, bf16).
+# implants (seeds 0/1/2 in float32 on a Xeon with AMX: ASR 0.97 / 0.72 / 0.97; a trigger the model
+# does not learn stays near chance).
 SETS = ["--set", "profile.train_limit=1000", "--set", "profile.test_limit=300", "--set", "profile.epochs=4",
         "--set", "profile.lr=0.1", "--set", "profile.crop=0", "--set", "profile.flip=false",
         "--set", "learned-patch.poison_rate=0.2"]
 
 
 def _bench(*args, cwd, site):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(cwd / "cache"), "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(own_stage_cache(cwd / "cache")), "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, "-m", "nadbench.cli", *args, "--no-progress"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -37,7 +40,7 @@ def _bench(*args, cwd, site):
 
 
 @pytest.mark.skipif(not DATA_ROOT or not Path(DATA_ROOT).is_dir(), reason="NADBENCH_DATA_ROOT is not set")
-def test_a_learnt_trigger_runs_with_workers_and_comes_back_from_the_cache(tmp_path, fresh_store):
+def test_a_learnt_trigger_runs_with_workers_and_comes_back_from_the_cache(tmp_path, fresh_store, effect_seed, record):
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target",
                           str(site), str(ROOT / "tests" / "packages" / "nadbench-learnedpatch")],
@@ -46,16 +49,16 @@ def test_a_learnt_trigger_runs_with_workers_and_comes_back_from_the_cache(tmp_pa
     fresh_store(tmp_path)
     _bench("run", "--attacks", "learned-patch", "--defenses", "finetune,fine-pruning", "--workers", "2",
            "--set", "finetune.epochs=1", "--set", "fine-pruning.epochs=1", "--set", "profile.clean_share=0.05",
-           *SETS, "--output", "results.json", cwd=tmp_path, site=site)
+           "--seeds", str(effect_seed), *SETS, "--output", "results.json", cwd=tmp_path, site=site)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(results) == 2 and results[0]["before"] == results[1]["before"]  # one model, trained once
     # with workers the model is a stage of its own, trained before the cells, which both reuse it
     assert all(r["backdoor_cache_hit"] for r in results)
     before = results[0]["before"]
-    print(before)
-    assert before["asr"] >= 0.8, before
+    record(asr=before["asr"])
+    assert before["asr"] >= 0.5, before
 
-    out = _bench("attack", "--attack", "learned-patch", *SETS, "--out", "model.safetensors",
+    out = _bench("attack", "--attack", "learned-patch", "--seed", str(effect_seed), *SETS, "--out", "model.safetensors",
                  "--triggered-out", "triggered", cwd=tmp_path, site=site)
     print(out)
     assert "(from the cache)" in out and f"ASR {100 * before['asr']:.2f}" in out, out
