@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,9 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     record = args.record or Path(tempfile.mkdtemp()) / "record.jsonl"
-    command = " ".join(["python benchmarks/test_margins.py", "--seeds", args.seeds]
-                       + (["--record", args.record.name] if args.record else [])
-                       + (["--", *args.pytest_args] if args.pytest_args else []))
+    command = shlex.join(["python", "benchmarks/test_margins.py", "--seeds", args.seeds]
+                         + (["--record", args.record.name] if args.record else [])
+                         + (["--", *args.pytest_args] if args.pytest_args else []))
     outcomes: dict[int, int] = {}
     start = time.perf_counter()
     for seed in seeds:
