@@ -169,8 +169,15 @@ class Attack(_Configurable):
     def all_to_all(self) -> bool:
         return getattr(self.config, "target_mode", "all2one") == "all2all"
 
+    def check(self, dataset: DatasetSpec) -> None:
+        """Validate the config against a dataset before anything trains (the counterpart of
+        :meth:`Defense.check`): raise ``ConfigError`` for one it cannot hold, e.g. a source class the
+        dataset lacks. The default accepts everything (the engine checks ``target`` itself)."""
+
     def targets(self, labels: "torch.Tensor") -> "torch.Tensor":
-        """Each image's target label: the config's ``target`` (all-to-one) or ``(y + 1) mod C``."""
+        """Each image's target label: the config's ``target`` (all-to-one) or ``(y + 1) mod C``. A
+        target equal to the image's own label leaves it out of ASR and, in :meth:`poison_train`,
+        keeps its label: a source-specific attack returns the label itself for the other classes."""
         import torch
 
         if self.all_to_all:
@@ -179,15 +186,27 @@ class Attack(_Configurable):
             return (labels + 1) % self.num_classes
         return torch.full_like(labels, self.config.target)
 
+    def evaluations(self, labels: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+        """Extra evaluations of the trigger, by name (an identifier): each test image's target, as
+        :meth:`targets` gives them for ASR (a target equal to the image's own label leaves it out).
+        The engine triggers those images and measures the share the model classifies as their
+        target, as it measures ASR, logged as ``before.attack.<name>`` / ``after.attack.<name>``; the
+        attack never sees a prediction. E.g. a source-specific attack's cover side: the other classes
+        sent to the target."""
+        return {}
+
     def train_step(self, poisoned: "torch.Tensor", n_train: int) -> "Any":
         """A fresh ``nadbench.train.Step`` for each model the engine backdoors on this attack's
         poisoned training set (``n_train`` images, of which ``poisoned`` are the indices
-        :meth:`poison_train` chose), or None (the default: plain training on the poisoned set)."""
+        :meth:`poison_train` chose), or None (the default: plain training on the poisoned set).
+        ``poisoned`` lives on the device of the data and the model; it carries no seed: draw
+        randomness in ``Step.batch`` from its ``generator``, the loop's, seeded by the run."""
         return None
 
     def learned_state(self) -> dict[str, "torch.Tensor"]:
         """What the attack learnt while its step trained a model (``learns_trigger``): tensors that
-        are stored with that model, so that a cache hit, a worker or `bench attack` triggers alike."""
+        are stored with that model, so that a cache hit, a worker or `bench attack` triggers alike.
+        The engine also calls it after the first optimiser step, to refuse anything else early."""
         return {}
 
     def load_learned_state(self, state: dict[str, "torch.Tensor"]) -> None:

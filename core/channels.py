@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from .augment import augment, to_float
 from .config import param
 from .evaluate import accuracy
+from .train import hold_at_zero
 
 BATCH_NORMS = (nn.BatchNorm2d,)
 
@@ -64,6 +65,7 @@ def bn_after_sum(model: nn.Module) -> list[str]:
 
 
 def batch_norms(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """The model's 2-d batch norms by module name: the neurons :func:`prune_bn` and :class:`NeuronMasks` take."""
     return {n: m for n, m in model.named_modules() if isinstance(m, BATCH_NORMS)}
 
 
@@ -156,15 +158,19 @@ class NeuronMasks(nn.Module):
 
 
 @torch.no_grad()
-def prune_bn(model: nn.Module, channels: dict[str, torch.Tensor | list[int]], bias: bool = True) -> nn.Module:
+def prune_bn(model: nn.Module, channels: dict[str, torch.Tensor | list[int]], bias: bool = True,
+             hold: bool = False) -> nn.Module:
     """Prune BN neurons in place: zero the weight (and ``bias``) of ``channels[name]`` of each batch
-    norm ``name``, so that the neuron outputs a constant (zero with ``bias``) whatever its input."""
+    norm ``name``, so that the neuron outputs a constant (zero with ``bias``) whatever its input.
+    ``hold``: keep them at zero through later training (``nadbench.train.hold_at_zero``); without it
+    a later :func:`~nadbench.train.train` lets them regrow."""
     norms = batch_norms(model)
     for name, idx in channels.items():
         idx = torch.as_tensor(idx, dtype=torch.long, device=norms[name].weight.device)
-        norms[name].weight[idx] = 0
-        if bias:
-            norms[name].bias[idx] = 0
+        for attr in ("weight", "bias") if bias else ("weight",):
+            getattr(norms[name], attr)[idx] = 0
+            if hold:
+                hold_at_zero(norms[name], attr, idx)
     return model
 
 

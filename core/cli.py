@@ -382,7 +382,8 @@ def _table(results: list[dict]) -> str:
                    "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
 @click.option("--metrics", default="asr,acc", show_default=True, metavar="M,...",
               help="What each cell shows, of asr, acc, ra (robust accuracy: triggered images classified as "
-                   "their true label) and der (defense effectiveness rating, after a defense only).")
+                   "their true label), der (defense effectiveness rating, after a defense only) and an attack's "
+                   "own evaluations, attack.NAME (e.g. attack.cover).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
 @click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
               help="MLflow store [default: sqlite:///./nadbench.db].")
@@ -564,7 +565,7 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
     """
     from .config import ConfigError
     from .data import DataError
-    from .engine import Runner, attention_layers, check_target, configured, profile, resolve_device
+    from .engine import Runner, attention_layers, check_attack, configured, profile, resolve_device
     from .registry import PluginError
     from .repair import attack_to_files
 
@@ -572,7 +573,7 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
     try:
         prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": [attack_name], "defenses": []})
         prof = profile(profile_name, prof_over)
-        check_target(configured(registry, "attacks", attack_name, plugin_over, prof), registry.dataset(dataset))
+        check_attack(configured(registry, "attacks", attack_name, plugin_over, prof), registry.dataset(dataset))
         attention_layers(registry, arch, dataset)
         dev = resolve_device(device)
     except (ConfigError, PluginError) as exc:
@@ -581,14 +582,18 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
     try:
         result = attack_to_files(registry, runner, attack=attack_name, arch=arch, dataset=dataset, seed=seed,
                                  out=out, triggered_dir=triggered_out)
-    except DataError as exc:
+    except (DataError, PluginError) as exc:  # a plugin that breaks the contract while training, one line
         _fail(str(exc), code=1)
+    own = "".join(f", {k} {100 * v:.2f}" for k, v in result.items() if k.startswith("attack."))
     click.echo(f"wrote {out}: {arch} backdoored by {attack_name} (target {result['target']}), "
-               f"ACC {100 * result['acc']:.2f}, ASR {100 * result['asr']:.2f} on the {dataset} test split"
+               f"ACC {100 * result['acc']:.2f}, ASR {100 * result['asr']:.2f}{own} on the {dataset} test split"
                f"{' (from the cache)' if result['cache_hit'] else ''}")
     click.echo(f"wrote {result['n_triggered']} triggered test images to {triggered_out}/")
+    for name, folder in result["evaluations"].items():
+        click.echo(f"wrote the images of the attack's evaluation {name!r} to {folder}/")
     click.echo(f"next: bench defend {out} --arch {arch} --clean {dataset}:0.05 --test {dataset} "
-               f"--triggered {triggered_out}")
+               f"--triggered {triggered_out}"
+               + "".join(f" --evaluation {name}={folder}" for name, folder in result["evaluations"].items()))
 
 
 @main.command()
@@ -608,6 +613,10 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
 @click.option("--target", type=int, default=None,
               help="The backdoor's target label (with --triggered); default: each image's, from the folder's "
                    "targets.csv (`bench attack` writes one; all-to-all attacks need it).")
+@click.option("--evaluation", "evaluation_data", multiple=True, metavar="NAME=DATA",
+              help="An attack's own evaluation of its trigger (`bench attack` writes one folder per evaluation the "
+                   "attack declares, e.g. triggered-cover): triggered images with their true labels and a "
+                   "targets.csv; reported as attack.NAME, the share classified as their target.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("repaired.safetensors"),
               show_default=True, help="Where to write the repaired model; the report goes beside it.")
 @click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
@@ -627,9 +636,9 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
 @click.option("--experiment", default="nadbench-defend", show_default=True, help="MLflow experiment name.")
 @click.option("--tracking-timeout", type=float, default=5.0, show_default=True, envvar="NADBENCH_TRACKING_TIMEOUT")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggered_data, target, out, mean, std,
-           normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri, experiment,
-           tracking_timeout, progress):
+def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggered_data, target, evaluation_data,
+           out, mean, std, normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri,
+           experiment, tracking_timeout, progress):
     """Repair MODEL_FILE, a model you were handed (safetensors only: pickles are refused unopened),
     with your clean data; write the repaired weights and a report of ACC/ASR before and after.
 
@@ -679,11 +688,19 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
                                data_root=data_root) if clean_data else None
         triggered = load_user_data(registry, triggered_data, train=False, image_size=size, seed=seed,
                                    data_root=data_root) if triggered_data else None
+        evaluations = {}
+        for item in evaluation_data:
+            name, eq, where = item.partition("=")
+            if not eq or not name.isidentifier() or not where:
+                _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
+            evaluations[name] = load_user_data(registry, where, train=False, image_size=size, seed=seed,
+                                               data_root=data_root)
         report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,
                              defense_name=defense_name, overrides=overrides, mean=mean_v, std=std_v, test=test,
                              triggered=triggered, target=target, teacher_path=teacher_file,
                              teacher_arch=teacher_arch, seed=seed, device=dev, out=out, progress=progress,
-                             make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout))
+                             make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout),
+                             evaluations=evaluations)
     except (HandoverError, ConfigError, PluginError, DataError) as exc:
         _fail(str(exc))
     except TrackingError as exc:
@@ -694,8 +711,11 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     if "asr" in report["before"]:
         rows.append(("ASR", report["before"]["asr"], report["after"]["asr"]))
         rows.append(("RA", report["before"]["ra"], report["after"]["ra"]))
+    rows += [(k, v, report["after"][k]) for k, v in report["before"].items() if k.startswith("attack.")]
+    width = max(4, *(len(name) for name, _, _ in rows))
     for name, b, a in rows:
-        click.echo(f"{name:<4} {b:>8}  {a:>8}" if not name else f"{name:<4} {100 * b:>7.2f}%  {100 * a:>7.2f}%")
+        click.echo(f"{name:<{width}} {b:>8}  {a:>8}" if not name else
+                   f"{name:<{width}} {100 * b:>7.2f}%  {100 * a:>7.2f}%")
     if "der" in report["after"]:
         click.echo(f"DER  {100 * report['after']['der']:.2f}  (defense effectiveness: 50 = no change, 100 = "
                    "backdoor removed at no accuracy cost)")

@@ -56,6 +56,27 @@ def check_target(attack, dataset) -> None:
                                  f"which has {n} classes: valid targets are 0..{n - 1}")
 
 
+def check_attack(attack, dataset) -> None:
+    """Everything about a configured attack on a dataset that can be checked before anything trains:
+    its target, then the attack's own ``check`` (``bench run`` and ``bench attack``)."""
+    check_target(attack, dataset)
+    attack.check(dataset)
+
+
+def check_learned(attack, when: str) -> dict[str, torch.Tensor]:
+    """``attack.learned_state()``, refused unless it is ``dict[str, Tensor]`` (it is stored with the
+    model): called after the first optimiser step too, so a wrong one fails then, not after training."""
+    state = attack.learned_state()
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        got = ("{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in state.items()) + "}"
+               if isinstance(state, dict) else type(state).__name__)
+        raise PluginError(f"attack {attack.name!r} ({attack.provider}) breaks the plugin contract: learned_state() "
+                          f"must return dict[str, Tensor] (stored with the model), and {when} it returned {got}: "
+                          "return tensors, e.g. a module's state_dict() items or torch.tensor(number)")
+    return state
+
+
 def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, ...]:
     """The attention layers of a built model of ``arch``, checked to exist (a model plugin's contract)."""
     spec = registry.model(arch)
@@ -85,9 +106,9 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
 def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[str, str]],
                prof: Profile | None = None) -> None:
     """Everything that can be checked before anything trains: every plugin config (with the profile's
-    settings and the overrides the Runner will use), every attack's target against its dataset, every
-    model's attention layers, and every defense against its student/teacher pair (NAD: one beta per
-    attention layer). Raises ``ConfigError`` or ``PluginError``."""
+    settings and the overrides the Runner will use), every attack against its dataset (its target and
+    ``Attack.check``), every model's attention layers, and every defense against its student/teacher
+    pair (NAD: one beta per attention layer). Raises ``ConfigError`` or ``PluginError``."""
     layers: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def layers_of(arch, dataset):
@@ -96,7 +117,7 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
         return layers[arch, dataset]
 
     for cell in cells:
-        check_target(configured(registry, "attacks", cell.attack, overrides, prof), registry.dataset(cell.dataset))
+        check_attack(configured(registry, "attacks", cell.attack, overrides, prof), registry.dataset(cell.dataset))
         defense_cls = registry.defense(cell.defense)
         defense = configured(registry, "defenses", cell.defense, overrides, prof)
         defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
@@ -282,8 +303,12 @@ class Runner:
                     start, poisoned = time.perf_counter(), data()
                     step = attack.train_step(index, len(poisoned)) if attack is not None else None
                     epochs = getattr(attack.config, "epochs", None) if attack is not None else None
+
+                    def after_step(i):  # what the attack learnt, checked after the first optimiser step
+                        if i == 0 and attack is not None and attack.learns_trigger:
+                            check_learned(attack, "after the first optimiser step")
                     train(model, poisoned, self.profile.backdoor_optim(epochs), seed=seed, step=step, desc=desc,
-                          progress=self.progress)
+                          progress=self.progress, on_step=after_step)
                     entry = {**model.state_dict(), **_learned(attack, test_set)}
                     self.store.save_tensors(MODELS_DIR, key, text, entry,
                                             {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
@@ -326,8 +351,10 @@ class Runner:
         if not p.attack.learns_trigger:
             return p
         self.supplied(plan, plan.cell.student)
-        asr = {k: v.to(self.device) for k, v in _part(self._models[plan.student[0]], "asr/").items()}
-        return dataclasses.replace(p, triggered=Split(asr["images"], asr["labels"]), targets=asr["targets"])
+        entry = self._models[plan.student[0]]
+        asr = {k: v.to(self.device) for k, v in _part(entry, "asr/").items()}
+        return dataclasses.replace(p, triggered=Split(asr["images"], asr["labels"]), targets=asr["targets"],
+                                   evaluations=poisonmod.unpack(entry, self.device))
 
     def backdoored(self, cell: Cell | Plan) -> Trained:
         """The backdoored model of (dataset, attack config, student, seed, profile), trained once,
@@ -337,7 +364,7 @@ class Runner:
         model, hit = self.supplied(plan, plan.cell.student)
         p = self.armed(plan)
         if plan.student[0] not in self._metrics:
-            self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets)
+            self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets, p.evaluations)
         return Trained(model, self._metrics[plan.student[0]], hit)
 
     def reactivated(self, plan: Plan, model: torch.nn.Module) -> dict:
@@ -474,7 +501,8 @@ class Runner:
             original = copy.deepcopy(model)
             ctx = self.defense_context(plan, log, run_id)
             repaired, t_defense = apply_defense(plan.defense, model, clean, ctx)
-            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets), before)
+            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets,
+                                                                     p.evaluations), before)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED",
@@ -530,14 +558,16 @@ class Runner:
 
 
 def _learned(attack, test_set: Split) -> dict[str, torch.Tensor]:
-    """What ``attack`` learnt while training (``attack/`` tensors) and the ASR set made with it
-    (``asr/``), for an attack that learns its trigger; nothing for the others."""
+    """What ``attack`` learnt while training (``attack/`` tensors) and the ASR set and the sets of its
+    own evaluations made with it (``asr/``, ``eval/``), for an attack that learns its trigger; nothing
+    for the others."""
     if attack is None or not attack.learns_trigger:
         return {}
     triggered = attack.trigger_test(test_set)
-    return {**{f"attack/{k}": v.detach() for k, v in attack.learned_state().items()},
+    return {**{f"attack/{k}": v.detach() for k, v in check_learned(attack, "after training").items()},
             "asr/images": triggered.images, "asr/labels": triggered.labels,
-            "asr/targets": attack.targets(triggered.labels)}
+            "asr/targets": attack.targets(triggered.labels),
+            **poisonmod.pack(poisonmod.evaluation_sets(attack, test_set))}
 
 
 def _part(entry: dict, prefix: str) -> dict:

@@ -69,6 +69,16 @@ def defense_effectiveness(before: dict[str, float], after: dict[str, float]) -> 
     return (max(0.0, before["asr"] - after["asr"]) - max(0.0, before["acc"] - after["acc"]) + 1) / 2
 
 
-def evaluate(model: nn.Module, test: Split, triggered: Split, targets: int | torch.Tensor) -> dict[str, float]:
-    """The engine's evaluation of every cell: ACC on the whole clean test set, ASR and RA."""
-    return {"acc": accuracy(model, test), **backdoor_metrics(model, triggered, targets)}
+def attack_evaluations(model: nn.Module, sets: dict[str, tuple[Split, torch.Tensor]]) -> dict[str, float]:
+    """An attack's own evaluations of its trigger (``Attack.evaluations``): for each named set of
+    triggered images and their targets, the share classified as their target, measured as ASR is,
+    as ``attack.<name>``."""
+    return {f"attack.{name}": attack_success_rate(model, split, targets) for name, (split, targets) in sets.items()}
+
+
+def evaluate(model: nn.Module, test: Split, triggered: Split, targets: int | torch.Tensor,
+             extra: dict[str, tuple[Split, torch.Tensor]] | None = None) -> dict[str, float]:
+    """The engine's evaluation of every cell: ACC on the whole clean test set, ASR and RA, and the
+    attack's own evaluations ``extra`` (:func:`attack_evaluations`)."""
+    return {"acc": accuracy(model, test), **backdoor_metrics(model, triggered, targets),
+            **attack_evaluations(model, extra or {})}

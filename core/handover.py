@@ -240,6 +240,7 @@ def save_image_folder(split: Split, folder: str | Path, width: int = 0, targets:
     from PIL import Image
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # even for no image (an attack's set may select none)
     width = width or len(str(int(split.labels.max()) if len(split) else 0))
     rows = [("file", "target")]
     for i, (image, label) in enumerate(zip(split.images.cpu(), split.labels.cpu().tolist())):

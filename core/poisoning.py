@@ -5,20 +5,22 @@ Stage keys hash this module (see ``nadbench.codehash``), so an edit here re-craf
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .api import AttackContext, Split
+from .config import PluginError
 
 
 @dataclass
 class Poisoning:
     """The output of the poison stage: the poisoned training set, the indices the attack chose, the
     ASR set (triggered test images whose target differs from their label, labels kept) with each
-    one's target, and the images the attack logged. Stored by key, so a cache hit reuses exactly
-    what the attack crafted (it is never re-crafted)."""
+    one's target, the images the attack logged, and the sets of its own evaluations (name ->
+    (triggered images, targets), see :func:`evaluation_sets`). Stored by key, so a cache hit reuses
+    exactly what the attack crafted (it is never re-crafted)."""
 
     key: str
     attack: Any               # the configured attack (prepared only when this process crafted it)
@@ -28,6 +30,36 @@ class Poisoning:
     targets: torch.Tensor     # the target label of each image of ``triggered``
     images: dict[str, torch.Tensor]
     hit: bool
+    evaluations: dict[str, tuple[Split, torch.Tensor]] = field(default_factory=dict)
+
+
+def evaluation_sets(attack, test: Split) -> dict[str, tuple[Split, torch.Tensor]]:
+    """The sets of the attack's own evaluations (``Attack.evaluations``): per name, the triggered test
+    images whose target is not their own label (labels kept) and their targets, as the ASR set."""
+    out = {}
+    for name, targets in attack.evaluations(test.labels).items():
+        if not (isinstance(name, str) and name.isidentifier() and isinstance(targets, torch.Tensor)
+                and targets.shape == test.labels.shape):
+            raise PluginError(f"attack {attack.name!r} ({attack.provider}) breaks the plugin contract: evaluations() "
+                              f"must map identifiers to a target per test image, as targets() gives them; it gave "
+                              f"{name!r}: {type(targets).__name__} {tuple(getattr(targets, 'shape', ()))} for "
+                              f"{len(test)} images")
+        keep = targets != test.labels
+        out[name] = (Split(attack.apply_trigger(test.images[keep]), test.labels[keep]), targets[keep])
+    return out
+
+
+def pack(sets: dict[str, tuple[Split, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Evaluation sets as tensors to store (``eval/<name>/images|labels|targets``)."""
+    return {f"eval/{name}/{k}": v for name, (split, targets) in sets.items()
+            for k, v in (("images", split.images), ("labels", split.labels), ("targets", targets))}
+
+
+def unpack(stored: dict[str, torch.Tensor], device) -> dict[str, tuple[Split, torch.Tensor]]:
+    """What :func:`pack` stored, on ``device``."""
+    names = sorted({k.split("/")[1] for k in stored if k.startswith("eval/")})
+    return {n: (Split(stored[f"eval/{n}/images"].to(device), stored[f"eval/{n}/labels"].to(device)),
+                stored[f"eval/{n}/targets"].to(device)) for n in names}
 
 
 def seeded(seed: int, salt: str) -> torch.Generator:
@@ -61,13 +93,14 @@ def craft(key: str, attack, ctx: AttackContext, train_set: Split, test_set: Spli
     # A trigger learnt in training does not exist yet: its ASR set is made after training (engine).
     triggered = test_set.subset(torch.arange(0)) if attack.learns_trigger else attack.trigger_test(test_set)
     targets = attack.targets(triggered.labels)
+    evaluations = {} if attack.learns_trigger else evaluation_sets(attack, test_set)
     rows = ((poisoned.images != train_set.images).flatten(1).any(1)
             | (poisoned.labels != train_set.labels)).nonzero().flatten()
     tensors = {"index": index, "rows": rows, "row_images": poisoned.images[rows],
                "row_labels": poisoned.labels[rows], "asr_images": triggered.images,
-               "asr_labels": triggered.labels, "asr_targets": targets,
+               "asr_labels": triggered.labels, "asr_targets": targets, **pack(evaluations),
                **{f"image/{p}": im for p, im in images.items()}}
-    return Poisoning(key, attack, poisoned, index, triggered, targets, images, hit=False), tensors
+    return Poisoning(key, attack, poisoned, index, triggered, targets, images, False, evaluations), tensors
 
 
 def restore(key: str, attack, train_set: Split, stored: dict, device, num_classes: int) -> Poisoning:
@@ -80,4 +113,4 @@ def restore(key: str, attack, train_set: Split, stored: dict, device, num_classe
     logged = {k[len("image/"):]: v for k, v in stored.items() if k.startswith("image/")}
     return Poisoning(key, attack, Split(images, labels), stored["index"].to(device),
                      Split(stored["asr_images"].to(device), stored["asr_labels"].to(device)),
-                     stored["asr_targets"].to(device), logged, hit=True)
+                     stored["asr_targets"].to(device), logged, True, unpack(stored, device))

@@ -116,6 +116,11 @@ def check_contract(kind: str, item: Any) -> None:
         if "poison_rate" not in fields and not _overrides(item, Attack, "poison_train"):
             raise PluginError(f"{what}: its Config has no 'poison_rate' field and it does not override "
                               "poison_train()")
+        learnt = [m for m in ("learned_state", "load_learned_state") if _overrides(item, Attack, m)]
+        if learnt and item.learns_trigger is not True:
+            raise PluginError(f"{what} overrides {' and '.join(m + '()' for m in learnt)} but does not set "
+                              "learns_trigger = True, without which the engine neither stores nor restores what "
+                              "it learnt: set learns_trigger = True on the class")
     elif not _overrides(item, Defense, "defend"):
         raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
 

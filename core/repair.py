@@ -26,7 +26,7 @@ from .plan import NO_DEFENSE
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import build, classifier_name, save_weights
 from .registry import Registry
-from .evaluate import accuracy, backdoor_metrics
+from .evaluate import accuracy, attack_evaluations, backdoor_metrics
 
 HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is given
 
@@ -37,7 +37,8 @@ def attack_to_files(registry: Registry, runner: Runner, *, attack: str, arch: st
                     out: Path, triggered_dir: Path) -> dict[str, Any]:
     """Train (or reuse from the cache) the grid's backdoored model and write it as safetensors, with
     the triggered test images (true labels; those whose target is their label left out) as a PNG
-    ImageFolder and each one's target in its ``targets.csv``."""
+    ImageFolder and each one's target in its ``targets.csv``; the set of each of the attack's own
+    evaluations (``Attack.evaluations``) likewise, beside it as ``<triggered_dir>-<name>``."""
     cell = Cell(dataset, attack, NO_DEFENSE, arch, arch, seed)
     model, metrics, hit = runner.backdoored(cell)
     p = runner.armed(cell)
@@ -47,9 +48,14 @@ def attack_to_files(registry: Registry, runner: Runner, *, attack: str, arch: st
             "attack": p.attack.name, "attack.config": json.dumps(dataclasses.asdict(p.attack.config)),
             "target": target, "acc": f"{metrics['acc']:.4f}", "asr": f"{metrics['asr']:.4f}"}
     save_weights(model, out, meta)
-    save_image_folder(p.triggered, triggered_dir, width=len(str(spec.num_classes - 1)), targets=p.targets)
+    width = len(str(spec.num_classes - 1))
+    save_image_folder(p.triggered, triggered_dir, width=width, targets=p.targets)
+    evaluations = {}
+    for name, (split, targets) in p.evaluations.items():
+        evaluations[name] = triggered_dir.with_name(f"{triggered_dir.name}-{name}")
+        save_image_folder(split, evaluations[name], width=width, targets=targets)
     return {"model": str(out), "triggered": str(triggered_dir), "n_triggered": len(p.triggered),
-            "n_poisoned": len(p.index), "target": target, "cache_hit": hit, **metrics}
+            "n_poisoned": len(p.index), "target": target, "cache_hit": hit, "evaluations": evaluations, **metrics}
 
 
 # ------------------------------------------------------------------------------------ bench defend
@@ -104,10 +110,13 @@ def sha256_of(path: Path) -> str:
 def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData | None, defense_name: str,
                 overrides: dict[str, str], mean, std, test: UserData | None, triggered: UserData | None,
                 target: int | None, teacher_path: Path | None, teacher_arch: str | None, seed: int,
-                device: torch.device, out: Path, make_tracker=None, progress: bool = True) -> dict[str, Any]:
+                device: torch.device, out: Path, make_tracker=None, progress: bool = True,
+                evaluations: dict[str, UserData] | None = None) -> dict[str, Any]:
     """Repair the model in ``model_path`` with a registered defense, evaluate it before and after on
     the user's data (``clean`` None: a data-free defense, evaluated on ``test``), and write the
-    repaired weights and a report; log it all as one MLflow run.
+    repaired weights and a report; log it all as one MLflow run. ``evaluations``: an attack's own
+    evaluations of its trigger by name (as `bench attack` writes them: triggered images with a
+    ``targets.csv``, or ``target``), measured as ASR is and reported as ``attack.<name>``.
 
     ``make_tracker()`` is called once every input has been checked, so a bad file or folder fails
     in seconds without touching the tracking store."""
@@ -149,26 +158,20 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         notes += [n for n in (test.note,) if n]
     asr_split = None
     if triggered is not None:
-        triggered = _align(triggered, clean, "--triggered")
-        notes += [n for n in (triggered.note,) if n]
-        if target is None and triggered.targets is None:
-            raise HandoverError(f"{triggered.where}: no --target given and no targets.csv in the folder: ASR needs "
-                                "each triggered image's target")
-        targets = (torch.full_like(triggered.split.labels, target) if target is not None
-                   else triggered.targets)  # --target wins over the folder's targets.csv
-        keep = (targets != triggered.split.labels).nonzero().flatten()
-        asr_split, asr_targets = triggered.split.subset(keep), targets[keep]
-        if not len(asr_split):
-            raise HandoverError(f"{triggered.where}: every image's target is its own label: nothing to "
-                                "measure ASR on")
+        asr_split, asr_targets = _triggered(triggered, clean, target, "--triggered", "ASR", notes)
+    # an evaluation's own targets.csv first: its targets may differ from the ASR set's
+    extra = {name: _triggered(data, clean, target if data.targets is None else None, f"--evaluation {name}",
+                              f"attack.{name}", notes) for name, data in (evaluations or {}).items()}
 
     clean_dev, test_dev = clean_split.to(device), test_split.to(device)
     asr_dev = asr_split.to(device) if asr_split is not None else None
+    extra_dev = {name: (split.to(device), t.to(device)) for name, (split, t) in extra.items()}
 
     def measure(m) -> dict[str, float]:
         result = {"acc": accuracy(m, test_dev)}
         if asr_dev is not None:
             result.update(backdoor_metrics(m, asr_dev, asr_targets))
+        result.update(attack_evaluations(m, extra_dev))
         return result
 
     tracker = make_tracker() if make_tracker else None
@@ -182,7 +185,9 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
             "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
             "device": str(device), "data.clean": clean.where, "data.n_clean": len(clean_split),
             "data.test": test.where if test else "held-out clean slice", "data.n_test": len(test_split),
-            "data.triggered": triggered.where if triggered else "", "attack.target": target if target is not None else "targets.csv" if triggered else "",
+            "data.triggered": triggered.where if triggered else "",
+            "data.evaluations": ", ".join(f"{n}={d.where}" for n, d in (evaluations or {}).items()),
+            "attack.target": target if target is not None else "targets.csv" if triggered else "",
             "nadbench.version": __version__, **flatten(defense.config, "defense")})
         tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
     log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
@@ -214,6 +219,7 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
                   "before": before, "after": after, "time_defense_s": seconds,
                   "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),
                   "n_test": len(test_split), "n_triggered": len(asr_split) if asr_split is not None else 0,
+                  "n_evaluations": {name: len(split) for name, (split, _) in extra.items()},
                   "notes": notes, **measured}
         figure = None
         layers = layer_names(defended, spec.attention_layers)
@@ -244,6 +250,22 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
             tracker.text(run_id, traceback.format_exc(), "error.txt")
             tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _triggered(data: UserData, clean: UserData, target: int | None, option: str, what: str,
+               notes: list[str]) -> tuple[Split, torch.Tensor]:
+    """Triggered images with the clean data's labels and each one's target (``target``, else the
+    folder's targets.csv), those whose target is their own label left out."""
+    data = _align(data, clean, option)
+    notes += [n for n in (data.note,) if n]
+    if target is None and data.targets is None:
+        raise HandoverError(f"{data.where}: no --target given and no targets.csv in the folder: {what} needs "
+                            "each triggered image's target")
+    targets = torch.full_like(data.split.labels, target) if target is not None else data.targets  # --target wins
+    keep = (targets != data.split.labels).nonzero().flatten()
+    if not len(keep):
+        raise HandoverError(f"{data.where}: every image's target is its own label: nothing to measure {what} on")
+    return data.split.subset(keep), targets[keep]
 
 
 def _align(data: UserData, clean: UserData, option: str) -> UserData:

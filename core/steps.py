@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train import Step
+from .train import Step, scalar_loss
 
 
 class LabelKeepingSamples(Step):
@@ -64,7 +64,8 @@ class TriggerAfterAugmentation(Step):
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module):
-    """Batch norms in training mode that leave their running statistics alone (momentum 0)."""
+    """Batch norms in training mode that leave their running statistics alone (momentum 0): for a
+    forward pass whose batch must not enter them (SAM's second pass, a step's extra samples)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
     for m in norms:
@@ -93,7 +94,7 @@ class SAMStep(Step):
 
     def _pass(self, model, x, y, optimizer) -> torch.Tensor:
         with self.autocast():
-            loss = self.loss(model, x, y)
+            loss = scalar_loss(self, self.loss(model, x, y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.passes += 1

@@ -42,6 +42,7 @@ PAPER_DATASET = {"refool": "gtsrb"}  # else cifar10
 NONE = "none"
 METRICS = ("asr", "acc")  # the paper's layout, the default
 ALL_METRICS = ("asr", "acc", "ra", "der")  # RA: robust accuracy; DER: defense effectiveness (after only)
+ATTACK_METRIC = "attack."  # the prefix of an attack's own evaluations (attack.cover), measured like ASR
 COLUMNS = ("finetune", "fine-pruning", "mcr", "nad")  # the paper's column order; other defenses follow
 FORMATS = ("text", "markdown", "csv", "json")
 # Grid axes that split rows when they take more than one value in a grid (cell field, header).
@@ -112,11 +113,13 @@ def _mean(values: list[float]) -> float | None:
 
 def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = METRICS) -> Table:
     """Aggregate cell results (``Runner.run_cell``'s dicts) into a table of ``metrics`` (of
-    ``ALL_METRICS``); "no defense" is the backdoored model of each (dataset, attack, student, seed),
-    counted once. A metric a result lacks (RA before it was measured) stays empty."""
-    unknown = [m for m in metrics if m not in ALL_METRICS]
+    ``ALL_METRICS``, or ``attack.<name>``: an attack's own evaluation, ``Attack.evaluations``); "no
+    defense" is the backdoored model of each (dataset, attack, student, seed), counted once. A metric
+    a result lacks (RA before it was measured, another attack's evaluation) stays empty."""
+    unknown = [m for m in metrics if m not in ALL_METRICS and not m.startswith(ATTACK_METRIC)]
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ALL_METRICS)}")
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ALL_METRICS)}"
+                         f", {ATTACK_METRIC}NAME (an attack's own evaluation)")
     from .grid import Cell
 
     cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
@@ -239,7 +242,7 @@ def _pair(values: dict, signed: bool = False) -> str:
 
 def _names(t: Table) -> str:
     """"ASR / ACC in %" for the table's metrics."""
-    return " / ".join(m.upper() for m in t.metrics) + " in %"
+    return " / ".join(m if m.startswith(ATTACK_METRIC) else m.upper() for m in t.metrics) + " in %"
 
 
 def render(t: Table, fmt: str = "text") -> str:

@@ -19,11 +19,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .api import Split
 from .augment import augment, to_float
-from .config import param
+from .config import PluginError, param
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,8 +67,9 @@ class Step:
     of its methods (each has the default behaviour):
 
     - :meth:`batch` — the float [0, 1] batch before augmentation (``index``: its rows of the
-      training set): poison or add samples per batch;
-    - :meth:`loss` — the objective on the (augmented) batch;
+      training set): poison or add samples per batch. ``x``, ``y``, ``index`` and ``generator`` (the
+      loop's, seeded by the run's seed: draw every random choice from it) are on the model's device;
+    - :meth:`loss` — the objective on the (augmented) batch: one number (a 0-d tensor), checked;
     - :meth:`update` — forward, backward and optimiser step(s), e.g. two passes (SAM) or another
       module's optimiser beside the model's (it reads the loop's lr from ``optimizer``);
     - :meth:`parameters` — what the loop's SGD optimises (e.g. only masks);
@@ -94,7 +96,7 @@ class Step:
                optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One optimisation step; returns the (detached) loss for the progress bar and tracking."""
         with self.autocast():
-            loss = self.loss(model, x, y)
+            loss = scalar_loss(self, self.loss(model, x, y))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,6 +110,49 @@ class Step:
 
     def plain(self) -> bool:
         return type(self).loss is Step.loss and type(self).update is Step.update
+
+
+def scalar_loss(step: Step, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` if it is one number; a per-sample loss (torch's backward would fail with a message
+    naming neither the plugin nor the rule) is refused naming the step that returned it."""
+    if loss.ndim:
+        fn = getattr(step, "loss_fn", None)
+        who = (f"loss_fn {fn.__module__}.{fn.__qualname__}" if fn is not None and hasattr(fn, "__qualname__")
+               else f"{type(step).__module__}.{type(step).__qualname__}.loss()")
+        raise PluginError(f"{who} returned a loss of shape {tuple(loss.shape)}: a training step's loss must be "
+                          "one number for the batch: reduce per-sample losses, e.g. with .mean()")
+    return loss
+
+
+HELD = "_held_at_zero"  # the suffix of the buffer marking a parameter's held entries (hold_at_zero)
+
+
+def hold_at_zero(module: nn.Module, name: str, index) -> None:
+    """Hold entries ``index`` of ``module``'s parameter ``name`` at zero through every later
+    :func:`train`, which zeroes them again after each step (pruned neurons that must not regrow). They
+    are marked in a non-persistent buffer ``<name>_held_at_zero``: the state dict is unchanged, and a
+    deep copy or a move to another device holds them too."""
+    value = getattr(module, name)
+    held = getattr(module, name + HELD, None)
+    if held is None:
+        held = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
+        module.register_buffer(name + HELD, held, persistent=False)
+    held[index] = True
+    with torch.no_grad():
+        _original(module, name).masked_fill_(held, 0)
+
+
+def _original(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter itself, under a parametrization too (NeuronMasks)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
+def _held(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, mask) of every parameter with entries held at zero (:func:`hold_at_zero`)."""
+    return [(_original(m, n[:-len(HELD)]), mask) for m in model.modules()
+            for n, mask in m.named_buffers(recurse=False) if n.endswith(HELD)]
 
 
 class LossStep(Step):
@@ -179,12 +224,15 @@ def _autocast(device: torch.device, enabled: bool):
 
 def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | None = None,
           loss_fn: LossFn | None = None, desc: str = "train", progress: bool = True,
-          on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+          on_epoch: Callable[[int, float], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> nn.Module:
     """Train ``model`` in place on ``data`` (uint8 on the model's device) and return it.
 
     Batches are index permutations of the device-resident data; augmentation runs batched.
     ``step`` changes what a step does (see :class:`Step`); ``loss_fn`` is short for
-    ``step=LossStep(loss_fn)``. ``on_epoch(epoch, mean_loss)`` is called after every epoch.
+    ``step=LossStep(loss_fn)``. ``on_epoch(epoch, mean_loss)`` is called after every epoch,
+    ``on_step(i)`` after every optimiser step (i = 0 first). Entries held at zero
+    (:func:`hold_at_zero`) are zeroed again after every step.
     """
     if step is not None and loss_fn is not None:
         raise TypeError("train() takes step= or loss_fn=, not both")
@@ -208,6 +256,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
                           nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
     n = len(data)
     steps_per_epoch = math.ceil(n / opt.batch_size)
+    held = _held(model)
     model.train()
     bar = tqdm(total=opt.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False,
                unit="batch", dynamic_ncols=True)
@@ -223,6 +272,12 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
                 x, y = step.batch(to_float(data.images[idx]), data.labels[idx], idx, gen)
                 x = augment(x, gen, opt.crop, opt.flip, opt.cutout)
                 loss = step.update(forward, x.contiguous(memory_format=fmt), y, sgd)
+                if held:
+                    with torch.no_grad():
+                        for param, mask in held:
+                            param.masked_fill_(mask, 0)
+                if on_step is not None:
+                    on_step(epoch * steps_per_epoch + i)
                 total += loss * len(y)
                 seen += len(y)
                 bar.update()
