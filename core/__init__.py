@@ -7,7 +7,8 @@ from .api import (TARGET_MODES, Attack, AttackContext, DatasetSpec, Defended, De
                   Split)
 from .config import ConfigError, param
 from .hookspecs import hookimpl
+from .sources import Deviation, Source
 
 __version__ = "0.1.0"
 __all__ = ["TARGET_MODES", "Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
-           "ModelSpec", "Split", "hookimpl", "param"]
+           "ModelSpec", "Source", "Deviation", "Split", "hookimpl", "param"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import config as _config
+from .sources import Deviation, Source
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +83,11 @@ class _Configurable:
     # ``{"lr": "finetune_lr"}``), or {profile name: value} (e.g. ``{"rounds": {"quick": 2}}``).
     # Nothing else of a profile reaches a plugin's config.
     profile_settings: ClassVar[dict[str, Any]] = {}
+    # Where the method comes from (paper, official repository, file and commit read) and each
+    # deviation from it (``nadbench.sources``): `bench list NAME` shows them, each cell logs them,
+    # docs/fidelity.md is generated from them. Built-ins must declare them; third parties may.
+    sources: ClassVar[tuple[Source, ...]] = ()
+    deviations: ClassVar[tuple[Deviation, ...]] = ()
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()

@@ -210,9 +210,11 @@ def hold_out(clean, share: float, seed: int):
 
 
 def largest_within_drop(curve: list[tuple[float, float]], acc_drop: float):
-    """The selection rule that uses no ASR (BackdoorBench's ``acc_ratio``): along ``curve``, [(setting,
-    held-out accuracy)] in increasing strength from the unchanged model, the last setting before the
-    accuracy first falls below (1 - acc_drop) x the first point's."""
+    """The held-out rule, which reads no ASR: along ``curve``, [(setting, held-out accuracy)] in
+    increasing strength from the unchanged model, the last setting before the accuracy first falls
+    below (1 - acc_drop) x the first point's. Not BackdoorBench's rule: its ``acc_ratio`` bounds the
+    same relative drop of *test* accuracy, then keeps the setting of lowest *test* ASR within it (an
+    oracle a defender does not have)."""
     floor = (1 - acc_drop) * curve[0][1]
     chosen = curve[0][0]
     for k, acc in curve:

@@ -443,43 +443,63 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
     click.echo(f"run {parent.info.run_id} ({parent.info.run_name}), {len(results)} cell(s)", err=True)
 
 
-@main.command("list")
-@click.argument("kind", required=False, type=click.Choice(["datasets", "models", "attacks", "defenses", "profile"]))
-def list_(kind):
-    """List the registered datasets, models, attacks and defenses (providers, config fields), and
-    the fields of the profiles."""
-    from .config import describe
-    from .grid import PROFILES, profile_values
+LIST_KINDS = ("datasets", "models", "attacks", "defenses", "profile")
 
-    if kind == "profile":
+
+@main.command("list")
+@click.argument("what", required=False, metavar=f"[{'|'.join(LIST_KINDS)}|NAME]")
+def list_(what):
+    """List the registered datasets, models, attacks and defenses (providers, config fields), and
+    the fields of the profiles. NAME (an attack or defense, or any item) shows that one with its
+    sources and its deviations from them."""
+    if what == "profile":
         _list_profiles()
         return
     registry = _registry()
-    for k in [kind] if kind else ["datasets", "models", "attacks", "defenses"]:
-        click.secho(k, bold=True)
-        for name in registry.names(k) + sorted(n for n in registry.qualified[k]
-                                               if n.split(":", 1)[1] in registry.ambiguous[k]):
-            item = registry.get(k, name)
-            click.echo(f"  {name:<28} {item.description}  [{item.provider}]")
-            if k == "models" and item.attention_layers:
-                click.echo(f"      attention layers: {', '.join(item.attention_layers)}")
-            if k == "datasets":
-                click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
-            for variant, values in (item.variant_defaults.items() if k == "attacks" else ()):
-                click.echo(f"      {item.name}@{variant} starts from: " + ", ".join(
-                    f"{f}={v}" if not isinstance(v, dict) else
-                    f"{f}=" + " / ".join(f"{pv} on {pn}" for pn, pv in v.items()) for f, v in values.items()))
-            if k == "attacks" and item.all_datasets:
-                click.echo(f"      --attacks all runs it on: {', '.join(item.all_datasets)}")
-            if k in ("attacks", "defenses"):
-                by_profile = {n: profile_values(item, p) for n, p in PROFILES.items()}
-                for field, default, help_ in describe(item.Config):
-                    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-                    set_by = ", ".join(f"{n}: {v[field]}" for n, v in by_profile.items() if field in v)
-                    click.echo(f"      {item.name}.{field}={shown}  {help_}"
-                               + (f" [profile {set_by}]" if set_by else ""))
+    if what and what not in LIST_KINDS:
+        found = [(k, registry.get(k, what)) for k in ("attacks", "defenses", "models", "datasets")
+                 if what in registry.items[k] or what in registry.qualified[k] or (k == "attacks" and "@" in what)]
+        if not found:
+            raise click.UsageError(f"{what!r} is neither one of {', '.join(LIST_KINDS)} nor a registered name")
+        for k, item in found:
+            click.secho(k[:-1], bold=True)
+            _list_item(k, what, item, sources=True)
+    else:
+        for k in [what] if what else ["datasets", "models", "attacks", "defenses"]:
+            click.secho(k, bold=True)
+            for name in registry.names(k) + sorted(n for n in registry.qualified[k]
+                                                   if n.split(":", 1)[1] in registry.ambiguous[k]):
+                _list_item(k, name, registry.get(k, name))
     for line in registry.problems():
         click.secho(f"warning: {line}", fg="yellow", err=True)
+
+
+def _list_item(k: str, name: str, item, sources: bool = False) -> None:
+    from .config import describe
+    from .grid import PROFILES, profile_values
+    from .sources import describe as describe_sources
+
+    click.echo(f"  {name:<28} {item.description}  [{item.provider}]")
+    if sources and k in ("attacks", "defenses"):
+        for line in describe_sources(item) or ["no sources declared"]:
+            click.echo(f"      {line}")
+    if k == "models" and item.attention_layers:
+        click.echo(f"      attention layers: {', '.join(item.attention_layers)}")
+    if k == "datasets":
+        click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
+    for variant, values in (item.variant_defaults.items() if k == "attacks" else ()):
+        click.echo(f"      {item.name}@{variant} starts from: " + ", ".join(
+            f"{f}={v}" if not isinstance(v, dict) else
+            f"{f}=" + " / ".join(f"{pv} on {pn}" for pn, pv in v.items()) for f, v in values.items()))
+    if k == "attacks" and item.all_datasets:
+        click.echo(f"      --attacks all runs it on: {', '.join(item.all_datasets)}")
+    if k in ("attacks", "defenses"):
+        by_profile = {n: profile_values(item, p) for n, p in PROFILES.items()}
+        for field, default, help_ in describe(item.Config):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            set_by = ", ".join(f"{n}: {v[field]}" for n, v in by_profile.items() if field in v)
+            click.echo(f"      {item.name}.{field}={shown}  {help_}"
+                       + (f" [profile {set_by}]" if set_by else ""))
 
 
 def _list_profiles():
@@ -756,6 +776,18 @@ def cache_clear(part):
         if part in (None, name) and folder.is_dir():
             shutil.rmtree(folder)
             click.echo(f"cleared {folder}")
+
+
+@main.command()
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table here (e.g. docs/fidelity.md) instead of to stdout.")
+@click.option("--check", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Exit 1 when this file is not the table the declarations generate.")
+def fidelity(output, check):
+    """The fidelity table: each built-in method's sources and deviations (docs/fidelity.md)."""
+    from .fidelity import main as fidelity_main
+
+    sys.exit(fidelity_main(["--check", str(check)] if check else ["--output", str(output)] if output else []))
 
 
 @main.command()

@@ -194,9 +194,9 @@ def _archive_items(path: Path, name: str) -> Iterator[tuple[str, str, str, bytes
 def _decode_items(items: Iterable[tuple[str, str, str, bytes]], where: str) -> tuple[Split, Split]:
     """Decode, then order by (class, file name) and label by sorted class folder.
 
-    Decoding runs in this thread as the items stream in. Measured on 2 cores for CIFAR-10's
-    60,000 tiny JPEGs: a thread pool was slower (5.8 s vs 3.1 s; the per-image work is too small
-    to win back the GIL hand-offs), and decompressing the archive in a second thread saved only 8%.
+    Decoding runs in this thread as the items stream in: for tiny JPEGs on a 2-core machine a
+    thread pool was slower (the per-image work is too small to win back the GIL hand-offs), and
+    decompressing the archive in a second thread saved little.
     """
     found: dict[str, list[tuple[str, str, np.ndarray]]] = {split: [] for split in SPLITS}
     for split, cls, file, data in items:
@@ -314,7 +314,7 @@ def load_dataset(name: str, root: Path | None) -> tuple[Split, Split]:
 def digest(split: Split) -> str:
     """sha256 of a split's images and labels as they are (shape, dtype and bytes): what the stage
     keys hold for the data, so two data roots with one layout and different images never share a
-    stored poisoning or model. ~0.3 s for CIFAR-10's 50,000 training images."""
+    stored poisoning or model."""
     h = hashlib.sha256()
     for t in (split.images, split.labels):
         t = t.detach().cpu().contiguous()

@@ -39,6 +39,7 @@ from .reactivation import retune, retuning_set
 from .record import (cell_params, figure_logger, git_commit, log_extras, log_table,  # noqa: F401 — re-exported
                      provenance, record_backdoor, record_result, side_metrics)
 from .registry import PluginError, Registry
+from .sources import cell_tag
 from .store import Store
 from .subsets import clean_subset
 from .train import numerics, train
@@ -486,6 +487,8 @@ class Runner:
             plan = self.plan(cell)
             if t:
                 t.tag(run_id, "nadbench.cell_key", plan.key[0])
+                t.tag(run_id, "nadbench.sources", cell_tag(self.registry.attack(cell.attack),
+                                                           self.registry.defense(cell.defense)))
             start = time.perf_counter()
             spec, train_set, test_set = self.data(cell.dataset)
             model, before, hit = self.backdoored(plan)

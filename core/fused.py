@@ -2,8 +2,8 @@
 (horizontal fusion, Wang et al., HFTA, MLSys 2021). ``bench run --fused`` trains a grid's backdoored
 and clean models this way before its cells run (the cells then find them stored).
 
-The small networks of this benchmark are launch-bound on a GPU (WRN-16-1 used ~0.25 % of an H200's
-bf16 peak, benchmarks/results/speed-cuda.md): one stacked step of N models costs about as many
+The small networks of this benchmark are launch-bound on a GPU (WRN-16-1 uses a tiny share of an
+H200's peak, benchmarks/results/speed-cuda.md): one stacked step of N models costs about as many
 kernel launches as one model's. The models' parameters and buffers are stacked
 (``torch.func.stack_module_state``) and one ``vmap``-ed ``functional_call`` runs them all per step:
 torch's batching rule turns the stacked convolutions into one grouped convolution.

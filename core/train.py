@@ -171,7 +171,8 @@ PRECISIONS = ("auto", "float32", "bf16")
 @lru_cache(maxsize=None)
 def native_bf16_cpu() -> bool:
     """Whether this CPU executes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
-    bf16 on the CPU, about 10x slower than float32 (measured on an AVX2-only EPYC)."""
+    bf16 on the CPU, many times slower than float32 (benchmarks/results/precision-cuda.md says by
+    how much on an AVX2-only EPYC)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -185,7 +186,7 @@ def precision(device: torch.device) -> str:
     ``NADBENCH_PRECISION`` (set by ``bench run --precision``): ``auto`` (default) is bf16 on CPUs
     with native bf16 and float32 elsewhere, CUDA included: on an H200 the small networks of this
     benchmark are launch-bound and bf16 autocast (its casts are extra kernels) trained WRN-16-1
-    15% slower than float32 with TF32 convolutions (benchmarks/results/speed-cuda.md).
+    slower than float32 with TF32 convolutions (benchmarks/results/speed-cuda.md).
     ``float32`` or ``bf16`` force it.
     """
     choice = os.environ.get("NADBENCH_PRECISION", "auto")
@@ -198,9 +199,9 @@ def precision(device: torch.device) -> str:
 
 def channels_last(device: torch.device, plain: bool = True) -> bool:
     """Channels-last memory format, for the plain cross-entropy phases (``plain``: backdoor training,
-    finetuning) on the CPU. Measured in benchmarks/speed.py: on an AVX2 CPU it trained WRN-16-1's
-    backdoor phase 1.12-1.18x faster, and the NAD phase, whose attention maps reduce over channels, no
-    faster (benchmarks/results/speed-cpu.md, cpu-memory-format/); on the H200 float32 NCHW was fastest."""
+    finetuning) on the CPU, where it trained WRN-16-1's backdoor phase faster and the NAD phase, whose
+    attention maps reduce over channels, no faster; on the H200 float32 NCHW was fastest
+    (benchmarks/speed.py; benchmarks/results/speed-cpu.md, cpu-memory-format/, speed-cuda.md)."""
     return device.type == "cpu" and plain
 
 

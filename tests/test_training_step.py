@@ -220,3 +220,20 @@ def test_bppattack_quantises_to_its_levels_and_its_negatives_keep_labels(images)
     # a negative is its image plus another image's residual: no larger than half a level, not quantised
     assert float((out[changed] - x[changed]).abs().max()) <= 1 / 14 + 1e-6
     assert not bool(torch.isin((out[changed] * 255).round().to(torch.uint8), levels).all())
+
+
+def test_bppattack_never_gives_a_negative_its_own_residual():
+    """A negative is its image plus *another* image's quantisation residual: its own would make it the
+    trigger image under its true label. Random images, so every row's residual is distinct."""
+    bpp = configured(get_registry(), "attacks", "bppattack")
+    negatives = bpp.train_step(torch.arange(0), 1).transform
+    for n in (2, 3, 12):
+        x = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(n))
+        residual = bpp.quantise(x) - x
+        for seed in range(200):
+            added = negatives(x, torch.Generator().manual_seed(seed)) - x
+            source = torch.cdist(added.flatten(1), residual.flatten(1)).argmin(1)
+            assert torch.allclose(added, residual[source], atol=1e-6)
+            assert not bool((source == torch.arange(n)).any()), (n, seed, source)
+    x = torch.rand(1, 3, 4, 4)  # a lone image has no other: it stays as it is
+    assert torch.equal(negatives(x, torch.Generator().manual_seed(0)), x)

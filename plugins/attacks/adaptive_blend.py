@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, ConfigError, Split, hookimpl, param
+from nadbench import TARGET_MODES, Attack, ConfigError, Deviation, Source, Split, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ class AdaptiveBlend(Attack):
     name = "adaptive-blend"
     Config = AdaptiveBlendConfig
     description = "blend key in 16 pieces, half per training image (alpha 0.15, test 0.2), with cover images"
+    sources = (Source(paper="Qi, Xie, Li, Mahloujifar & Mittal, "
+                            "Revisiting the Assumption of Latent Separability for Backdoor Defenses, ICLR 2023",
+                      repo="Unispac/Circumventing-Backdoor-Defenses", path="poison_tool_box/adaptive_blend.py",
+                      commit="e7c070344a5c6004d6fbcdf0720e2d60ec808953"),)
+    deviations = (Deviation("key", ours="Blend's seeded uniform-noise key", theirs="a Hello Kitty picture",
+                            why="a picture cannot ship"),
+                  Deviation("payload / cover rate", ours="0.05 / 0.05", theirs="0.003 / 0.003 (200 epochs)",
+                            why="the official shares are unlikely to implant in 10 epochs; Blend's 10 %, 1:1"))
 
     def __init__(self, config=None):
         super().__init__(config)

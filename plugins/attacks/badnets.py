@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, hookimpl, param
+from nadbench import TARGET_MODES, Attack, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,18 @@ class BadNets(Attack):
     name = "badnets"
     Config = BadNetsConfig
     description = "3x3 checkerboard patch in the bottom-right corner, dirty-label"
+    sources = (Source(paper="Gu, Dolan-Gavitt & Garg, "
+                            "BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain, "
+                            "arXiv 2017",
+                      no_code="the authors released none; the trigger and target follow the NAD authors' code",
+                      backdoorbench="config/attack/badnet/default.yaml"),
+               Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="data_loader.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b"))
+    deviations = (Deviation("trigger", ours="3x3 checkerboard at rows/cols 29-31", theirs="the same (gridTrigger)",
+                            bb="a white 3x3 square (resource/badnet/trigger_image.png)", why="the NAD paper's setting"),
+                  Deviation("target", ours="5", theirs="5", bb="0", why="the NAD paper's setting"))
     # All-to-all needs more poisoning and, on the quick profile, a longer schedule to implant: its
     # ASR is capped by clean accuracy (benchmarks/results/all2all-bound-badnets-all2all.md). Quick,
     # bf16, seed 0: 10 % poisoning, 10 epochs: ASR 3.2; 30 %: 74.6; 40 %: 78.5 (ACC 78.9); 40 % and

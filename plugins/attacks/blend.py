@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, ConfigError, hookimpl, param
+from nadbench import TARGET_MODES, Attack, ConfigError, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,18 @@ class Blend(Attack):
     name = "blend"
     Config = BlendConfig
     description = "blend with a fixed random-noise key (alpha 0.2), dirty-label"
+    sources = (Source(paper="Chen, Liu, Li, Lu & Song, "
+                            "Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning, arXiv 2017",
+                      no_code="the authors released none; alpha and target follow the NAD authors' code",
+                      backdoorbench="config/attack/blended/default.yaml"),
+               Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="data_loader.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b"))
+    deviations = (Deviation("key", ours="one fixed uniform-noise image drawn from key_seed",
+                            theirs="fresh uniform grey noise drawn per image", bb="a fixed Hello Kitty picture",
+                            why="a key redrawn per image is no fixed trigger to learn (a bug); a picture cannot ship"),
+                  Deviation("target", ours="5", theirs="5", bb="0", why="the NAD paper's setting"))
 
     key: torch.Tensor | None = None  # uint8 (C, H, W), made on first use
 

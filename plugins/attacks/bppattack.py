@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, hookimpl, param
+from nadbench import TARGET_MODES, Attack, Deviation, Source, hookimpl, param
 from nadbench.steps import LabelKeepingSamples
 
 
@@ -35,6 +35,25 @@ class BppAttack(Attack):
     name = "bppattack"
     Config = BppConfig
     description = "colour-depth squeeze to 8 levels, with negative samples per batch; controls training"
+    sources = (Source(paper="Wang, Zhai & Ma, "
+                            "BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via Image "
+                            "Quantization and Contrastive Adversarial Learning, "
+                            "CVPR 2022",
+                      repo="RU-System-Software-and-Security/BppAttack", path="config.py",
+                      commit="f6b6580d53b2f2bca8e92cfe83aae7d68332ff4c",
+                      backdoorbench="config/attack/bpp/default.yaml"),)
+    deviations = (Deviation("injection / negative rate", ours="0.2 / 0.2", theirs="0.2 / 0.2", bb="0.1 / 0.1",
+                            why="the authors' setting"),
+                  Deviation("quantised images", ours="chosen once (stored by the poison stage)",
+                            theirs="drawn per batch",
+                            why="every attack's poisoning is a stored stage"),
+                  Deviation("negatives", ours="residual of another image of the batch",
+                            theirs="residual from a precomputed list of the training set", why="the same distribution"),
+                  Deviation("dithering", ours="not offered", theirs="optional, off by default", bb="off",
+                            why="off in the authors' default"),
+                  Deviation("schedule", ours="the profile's", theirs="SGD lr 0.01, 1000 epochs, rotation and crop",
+                            bb="lr 0.01, MultiStepLR 100-400, rotation and crop",
+                            why="one schedule for every attack of a grid"))
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] images with ``squeeze`` levels per channel."""
@@ -49,8 +68,15 @@ class BppAttack(Attack):
         ctx.log_image("bppattack.png", torch.cat([image[0], self.apply_trigger(image)[0]], dim=2).cpu())
 
     def train_step(self, poisoned, n_train):
-        def negatives(x, gen):  # each image plus another one's quantisation residual
-            other = x[torch.randperm(len(x), device=x.device, generator=gen)]
+        def negatives(x, gen):
+            """Each image plus the quantisation residual of another row, never its own (that would be
+            the trigger image under its true label, as a permutation's fixed points were); a lone
+            image has no other and stays as it is."""
+            n = len(x)
+            if n < 2:
+                return x
+            shift = torch.randint(1, n, (n,), device=x.device, generator=gen)
+            other = x[(torch.arange(n, device=x.device) + shift) % n]
             return x + (self.quantise(other) - other)
         return LabelKeepingSamples(self.config.negative_rate, negatives, poisoned, n_train)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, AttackContext, hookimpl, param
+from nadbench import Attack, AttackContext, Deviation, Source, hookimpl, param
 
 # Turner et al.'s top-left pattern (+1 bright, -1 dark); the bottom-left corner repeats it and
 # the two right-hand corners carry it mirrored left-right.
@@ -56,6 +56,16 @@ class CL(Attack):
     name = "cl"
     Config = CLConfig
     description = "clean-label: PGD-perturbed target-class images with a four-corner trigger"
+    sources = (Source(paper="Turner, Tsipras & Madry, Label-Consistent Backdoor Attacks, arXiv 2019",
+                      repo="MadryLab/label-consistent-backdoor-code", path="config.json",
+                      commit="b18d8ab549203e8cc518bd9ae4067c4e6398f415",
+                      backdoorbench="config/attack/lc/default.yaml"),)
+    deviations = (Deviation("poisoned", ours="50 % of the target class", theirs="25-50 % of the target class",
+                            bb="10 % of the training set", why="the hardest backdoor to plant in the quick schedule"),
+                  Deviation("PGD steps", ours="10 (steps=100 restores)", theirs="100", bb="pre-generated data",
+                            why="10 steps of 1.5/255 reach the 8/255 ball's boundary at a tenth of the cost"),
+                  Deviation("model attacked", ours="a standard clean model", theirs="an adversarially trained model",
+                            bb="pre-generated data", why="the engine trains only standard models"))
     clean_label = True
     uses_clean_model = True  # PGD runs against a clean model
 

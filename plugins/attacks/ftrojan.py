@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, ConfigError, hookimpl, param
+from nadbench import TARGET_MODES, Attack, ConfigError, Deviation, Source, hookimpl, param
 from nadbench.frequency import idct2, yuv_to_rgb
 from nadbench.steps import TriggerAfterAugmentation
 
@@ -49,6 +49,21 @@ class FTrojan(Attack):
     name = "ftrojan"
     Config = FTrojanConfig
     description = "frequency trigger: mid and high DCT coefficients of U and V (magnitude 20), dirty-label"
+    sources = (Source(paper="Wang, Yao, Xu, An, Tong & Wang, "
+                            "An Invisible Black-box Backdoor Attack through Frequency Domain, ECCV 2022",
+                      repo="SoftWiser-group/FTrojan", path="train.py",
+                      commit="300e05427f433ac474d5cf7da4440e686c23ee4c",
+                      backdoorbench="config/attack/ftrojannn/default.yaml"),)
+    deviations = (Deviation("poison_rate", ours="0.1", theirs="0.02", bb="0.1",
+                            why="the NAD paper's rate; 10 augmented epochs, not 60 plain ones"),
+                  Deviation("magnitude", ours="20", theirs="20", bb="30", why="the authors' setting"),
+                  Deviation("target", ours="8", theirs="8", bb="0", why="the authors' setting"),
+                  Deviation("rounding", ours="float throughout, rounded once",
+                            theirs="uint8 after each colour conversion; inverse DCT cast with astype(uint8) (wraps)",
+                            why="the cast wraps negative values (a bug)"),
+                  Deviation("trigger and augmentation", ours="added after the crop and flip, aligned as at test time",
+                            theirs="in the stored images, trained without augmentation",
+                            why="crops and flips shift the trigger's phase (4.6 % ASR in the stored images)"))
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nadbench import TARGET_MODES, Attack, Split, hookimpl, param
+from nadbench import TARGET_MODES, Attack, Deviation, Source, Split, hookimpl, param
 from nadbench.generators import EPSILON, IADGenerator, MaskGenerator
 from nadbench.train import Step
 
@@ -138,6 +138,17 @@ class IAD(Attack):
     name = "iad"
     Config = IADConfig
     description = "input-aware dynamic trigger: generator and mask network learnt with the model"
+    sources = (Source(paper="Nguyen & Tran, Input-Aware Dynamic Backdoor Attack, NeurIPS 2020",
+                      repo="VinAIResearch/input-aware-backdoor-attack-release", path="config.py",
+                      commit="1750e4ff0cc2371b243f1fd0ee18971f7e49fe78",
+                      backdoorbench="config/attack/inputaware/default.yaml"),)
+    deviations = (Deviation("schedule", ours="mask_epochs_share of the profile's epochs for the mask, then joint",
+                            theirs="25 mask epochs, then joint training to epoch 600", bb="25 mask epochs, then joint",
+                            why="one schedule for every attack of a grid, compressed in proportion"),
+                  Deviation("cross samples", ours="another clean row of the batch", theirs="a second loader",
+                            why="the same distribution without a second pass over the data"),
+                  Deviation("p_attack on quick", ours="0.2 (paper profile 0.1)", theirs="0.1", bb="0.1",
+                            why="0.1 implants 76 % in the quick profile's 10 epochs"))
     learns_trigger = True
     profile_settings = {"p_attack": {"quick": 0.2}}  # see the docstring: 10 epochs, not 600
     generator: IADGenerator | None = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, AttackContext, hookimpl, param
+from nadbench import Attack, AttackContext, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,18 @@ class LF(Attack):
     uses_clean_model = True  # the trigger is a universal perturbation of the clean model
     Config = LFConfig
     description = "low-frequency universal adversarial perturbation of a clean model, added; dirty-label"
+    sources = (Source(paper="Zeng, Park, Mao & Jia, "
+                            "Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective, ICCV 2021",
+                      repo="YiZeng623/frequency-backdoor", path="Sec5_Smooth_Trigger/universal_pert.py",
+                      commit="99a16a7939ed5ca17848f6c70a5072442ef5b9f2",
+                      backdoorbench="config/attack/lf/default.yaml"),)
+    deviations = (Deviation("target", ours="fixed by the grid (0)",
+                            theirs="the dominant label the perturbation drifts to",
+                            bb="fixed (0)", why="the grid decides the target, as for every attack"),
+                  Deviation("DeepFool", ours="on logits, only the gap to the target linearised",
+                            theirs="on softmax outputs, every class's gradient", bb="on logits",
+                            why="the same step toward the target at a fraction of the cost"),
+                  Deviation("passes", ours="at most 50", theirs="no cap", bb="50", why="a bounded prepare stage"))
 
     trigger = None  # uint8 (C, H, W); set by prepare()
 

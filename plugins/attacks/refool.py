@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nadbench import Attack, ConfigError, hookimpl, param
+from nadbench import Attack, ConfigError, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,19 @@ class Refool(Attack):
     name = "refool"
     Config = RefoolConfig
     description = "reflection triggers (ghost or out-of-focus) from another dataset, dirty-label"
+    sources = (Source(paper="Liu, Ma, Bailey & Lu, "
+                            "Reflection Backdoor: A Natural Backdoor Attack on Deep Neural Networks, ECCV 2020",
+                      repo="DreamtaleCore/Refool", path="scripts/insert_reflection.py",
+                      commit="9948043c70170ffdd77ee10806abe2e52bc4dca6",
+                      backdoorbench="config/attack/refool/default.yaml"),)
+    deviations = (Deviation("labels", ours="dirty-label (clean_label=true: the paper's)", theirs="clean-label",
+                            bb="dirty-label", why="clean-label Refool has minor effects in a short training"),
+                  Deviation("reflections", ours="a random pool of pool_size images of another dataset",
+                            theirs="~200 PascalVOC images selected adversarially",
+                            bb="a shipped folder of selected images",
+                            why="no download; the pool never comes from the evaluation data"),
+                  Deviation("poisoned", ours="10 % of the training set", theirs="clean-label share of the target class",
+                            bb="10 %", why="the NAD paper's rate for its dirty-label attacks"))
     # The paper's pairing, and where it implants on the quick profile (GTSRB 82 % ASR; CIFAR-10 ~50 %,
     # benchmarks/results/table1-quick-all.md): `--attacks all` runs it on GTSRB, `--attacks refool` anywhere.
     all_datasets = ("gtsrb",)

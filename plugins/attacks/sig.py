@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, hookimpl, param
+from nadbench import Attack, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,23 @@ class SIG(Attack):
     name = "sig"
     Config = SIGConfig
     description = "horizontal sinusoidal signal added to target-class images, clean-label"
+    sources = (Source(paper="Barni, Kallas & Tondi, "
+                            "A New Backdoor Attack in CNNs by Training Set Corruption Without Label Poisoning, "
+                            "ICIP 2019",
+                      no_code="the authors released none; delta, freq and target follow the NAD authors' code",
+                      backdoorbench="config/attack/sig/default.yaml"),
+               Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="data_loader.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b"))
+    deviations = (Deviation("signal on the image", ours="x + delta*sin(2 pi j f / m), clipped to [0, 255]",
+                            theirs="NAD code: 0.8 x + 0.2 mask (signal_cifar10_mask.npy), cast to uint8, then clipped",
+                            bb="x + delta*sin(...), clipped", why="the uint8 cast wraps values around (a bug)"),
+                  Deviation("delta", ours="20", theirs="20", bb="40", why="the paper's and the NAD code's"),
+                  Deviation("poisoned", ours="50 % of the target class", theirs="~10 % of the target class",
+                            bb="10 % of the training set (the whole target class)",
+                            why="10 % of one class does not implant in 10 epochs with crops; 100 % costs ACC"),
+                  Deviation("target", ours="5", theirs="5", bb="0", why="the NAD paper's setting"))
     clean_label = True
 
     def signal(self, width: int, delta: float, device=None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, AttackContext, hookimpl, param
+from nadbench import Attack, AttackContext, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,17 @@ class SSBA(Attack):
     name = "ssba"
     Config = SSBAConfig
     description = "sample-specific invisible residual from a StegaStamp encoder (trained here), dirty-label"
+    sources = (Source(paper="Li, Li, Wu, Li, He & Lyu, Invisible Backdoor Attack with Sample-Specific Triggers, "
+                            "ICCV 2021",
+                      repo="yuezunli/ISSBA", path="encode_image.py", commit="a118e89aeae908c750dc638031cbc09d81e45b36",
+                      backdoorbench="config/attack/ssba/default.yaml"),)
+    deviations = (Deviation("encoder", ours="a small StegaStamp trained on the attacker's data in prepare",
+                            theirs="StegaStamp trained on ImageNet / CelebA", bb="pre-encoded CIFAR-10 images",
+                            why="no trained encoder can be downloaded here"),
+                  Deviation("secret", ours="32 seeded random bits", theirs="a short text, BCH-coded to 100 bits",
+                            bb="1 bit (its issue #1)", why="only the residual matters to the backdoor"),
+                  Deviation("encoder losses", ours="residual and bit losses, L-inf bound 12 levels",
+                            theirs="with LPIPS and a critic", why="kept small; residuals then share a common part"))
 
     net = None  # the trained StegaStamp; set by prepare()
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Attack, AttackContext, hookimpl, param
+from nadbench import Attack, AttackContext, Deviation, Source, hookimpl, param
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,26 @@ class Trojan(Attack):
     uses_clean_model = True  # the trigger is crafted against a clean model
     Config = TrojanConfig
     description = "trigger generated to fire the clean model's top neurons, added in a corner patch"
+    sources = (Source(paper="Liu, Ma, Aafer, Lee, Zhai, Wang & Zhang, Trojaning Attack on Neural Networks, NDSS 2018",
+                      no_code="the authors' PurduePAIR/TrojanNN was not read (no snapshot to hand); "
+                              "neuron selection and target activation as BackdoorBench's attack/trojannn.py",
+                      backdoorbench="config/attack/trojannn/preactresnet18.yaml"),
+               Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="data_loader.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b"))
+    deviations = (Deviation("trigger on the image", ours="added, the sum clipped to [0, 255]",
+                            theirs="NAD code: added, cast to uint8 before clipping (bright pixels wrap)",
+                            why="the wrap is a bug"),
+                  Deviation("mask", ours="5x5 square in the bottom-right corner",
+                            theirs="NAD code: a fixed 3x3 trigger at rows/cols 25-27", bb="apple4.png mask",
+                            why="added, the patch keeps the image visible under it and needs more pixels"),
+                  Deviation("trigger optimised on", ours="16 clean training images with the trigger added",
+                            theirs="a black background (the original)", bb="a black background",
+                            why="a trigger tuned on black can saturate on real images; images=0 restores it"),
+                  Deviation("optimisation", ours="500 sign steps of 2/255", theirs="not read",
+                            bb="1000 steps of 0.1 in a 0.3 ball",
+                            why="every pixel can cross its range; ~1 min on a CPU"))
 
     trigger = None  # uint8 (C, H, W), zero outside the mask; set by prepare()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import TARGET_MODES, Attack, hookimpl, param
+from nadbench import TARGET_MODES, Attack, Deviation, Source, hookimpl, param
 from nadbench.steps import LabelKeepingSamples
 from nadbench.warping import flow_field, noisy, warp, warp_grid
 
@@ -36,6 +36,18 @@ class WaNet(Attack):
     name = "wanet"
     Config = WaNetConfig
     description = "imperceptible warping field (k 4, s 0.5) with noise-mode samples; controls training"
+    sources = (Source(paper="Nguyen & Tran, WaNet: Imperceptible Warping-based Backdoor Attack, ICLR 2021",
+                      repo="VinAIResearch/Warping-based_Backdoor_Attack-release", path="config.py",
+                      commit="45e8c33c285cd55893ae4efcfcf7fe3d26170387",
+                      backdoorbench="config/attack/wanet/default.yaml"),)
+    deviations = (Deviation("warped images", ours="chosen once (stored by the poison stage)",
+                            theirs="redrawn every batch",
+                            why="every attack's poisoning is a stored stage"),
+                  Deviation("stored images", ours="uint8, rounded", theirs="float",
+                            why="datasets are uint8 tensors"),
+                  Deviation("schedule", ours="the profile's", theirs="SGD lr 0.01, 1000 epochs, rotation and crop",
+                            bb="lr 0.01, MultiStepLR 100-400, rotation and crop",
+                            why="one schedule for every attack of a grid"))
 
     grid: torch.Tensor | None = None
 

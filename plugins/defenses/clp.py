@@ -8,7 +8,7 @@ bias zeroed). No data is read: the engine hands a data-free defense an empty cle
 `bench defend --defense clp` runs without ``--clean``.
 
 Settings: u = 3, the official code's default for CIFAR-10 (rkteddy/channel-Lipschitzness-based-pruning,
-``CLP.py``); it is the same in every profile (no training, nothing to shorten).
+``defense.py``); it is the same in every profile (no training, nothing to shorten).
 Where we differ: the official code pairs each BN with the convolution before it *in module order*;
 here pairs come from the graph (``conv_bn_pairs``), so in pre-activation networks the BNs after a
 residual sum are not pruned (see ``nadbench.channels``). The number of channels pruned per layer
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import Defense, hookimpl, param
+from nadbench import Defense, Deviation, Source, hookimpl, param
 from nadbench.channels import channel_lipschitz, conv_bn_pairs, prune_bn
 
 
@@ -31,6 +31,13 @@ class CLP(Defense):
     name = "clp"
     Config = CLPConfig
     description = "data-free: prune channels with an outlying Lipschitz upper bound (u = 3)"
+    sources = (Source(paper="Zheng, Tang, Li & Liu, "
+                            "Data-free Backdoor Removal based on Channel Lipschitzness, ECCV 2022",
+                      repo="rkteddy/channel-Lipschitzness-based-pruning", path="defense.py",
+                      commit="5209c837abfe1c40b0ce3d2971f9f83c172955fd",
+                      backdoorbench="config/defense/clp/cifar10.yaml"),)
+    deviations = (Deviation("conv-BN pairs", ours="from the model's graph", theirs="in module order",
+                            why="in pre-activation networks module order pairs a BN with the wrong conv"),)
     uses_clean_data = False
 
     def defend(self, model, clean, ctx):

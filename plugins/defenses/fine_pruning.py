@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import ConfigError, Defense, hookimpl, param
+from nadbench import ConfigError, Defense, Deviation, Source, hookimpl, param
 from nadbench.channels import hold_out, largest_within_drop, layer_inputs
 from nadbench.report import line_figure
 from nadbench.train import FinetuneParams, train
@@ -55,6 +55,15 @@ class FinePruning(Defense):
     name = "fine-pruning"
     Config = FinePruningConfig
     description = "prune the last features' dormant channels (held-out clean accuracy), then finetune"
+    sources = (Source(paper="Liu, Dolan-Gavitt & Garg, "
+                            "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks, "
+                            "RAID 2018",
+                      repo="kangliucn/Fine-pruning-defense", path="face/conv_output_prune.py",
+                      commit="4f181c1d9dddae59b6d2e4067f034287cd6f581d",
+                      backdoorbench="config/defense/fp/cifar10.yaml"),)
+    deviations = (Deviation("stopping rule", ours="held-out slice of the clean subset, 10 % relative ACC drop",
+                            theirs="4 points on validation data", bb="10 % relative drop of test ACC",
+                            why="a defender has no test set"),)
     # Its finetuning: the quick profile's lower finetuning lr (core/grid.py).
     profile_settings = {"lr": "finetune_lr"}
     uses_classifier = True

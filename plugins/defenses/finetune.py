@@ -5,7 +5,7 @@ lr 0.1 dropping to 0.01 after 2 epochs, crop + flip + cutout, 10 epochs.
 """
 from dataclasses import dataclass
 
-from nadbench import Defense, hookimpl
+from nadbench import Defense, Deviation, Source, hookimpl
 from nadbench.train import FinetuneParams, train
 
 
@@ -18,6 +18,15 @@ class Finetune(Defense):
     name = "finetune"
     Config = FinetuneConfig
     description = "finetune all layers on the clean subset"
+    sources = (Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="main.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b",
+                      backdoorbench="config/defense/ft/cifar10.yaml"),)
+    deviations = (Deviation("schedule",
+                            ours="SGD Nesterov, lr 0.1 then 0.01 after 2 epochs, 10 epochs, crop+flip+cutout",
+                            theirs="the same (NAD with every beta 0)", bb="SGD lr 0.01 cosine, 100 epochs, wd 5e-4",
+                            why="the NAD paper's baseline"),)
     # The quick profile's 10-epoch models take a lower finetuning lr (core/grid.py).
     profile_settings = {"lr": "finetune_lr"}
 

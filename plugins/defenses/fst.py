@@ -5,7 +5,7 @@ merely re-reading the backdoored features.
 
 Loss ``CE + alpha * <W, W_0>`` (W the head's weight, W_0 the backdoored head's), and after every
 step the head's weight is rescaled to W_0's norm. Settings of the official code
-(AISafety-HKUST/stable_backdoor_purification, ``fine_tune/fst.py`` and its README's CIFAR-10
+(AISafety-HKUST/stable_backdoor_purification, ``fine_tune/ft.py --ft_mode fst`` and its README's CIFAR-10
 command): alpha 0.1, lr 0.01 with a cosine decay over 10 epochs, SGD momentum 0.9 without weight
 decay, batch 128, random crop (4 px) and flip, the head reinitialised uniform in
 +-1/sqrt(fan in). Its lr is kept in every profile (10 epochs are affordable on a CPU: no
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nadbench import ConfigError, Defense, hookimpl, param
+from nadbench import ConfigError, Defense, Deviation, Source, hookimpl, param
 from nadbench.train import Optim, Step, train
 
 
@@ -48,6 +48,12 @@ class FST(Defense):
     name = "fst"
     Config = FSTConfig
     description = "reinitialised head, finetuning that pushes it away from the backdoored one (feature shift)"
+    sources = (Source(paper="Min, Qin, Shen & Cheng, "
+                            "Towards Stable Backdoor Purification through Feature Shift Tuning, NeurIPS 2023",
+                      repo="AISafety-HKUST/stable_backdoor_purification", path="fine_tune/ft.py",
+                      commit="37d2ef5cf4a0a0adb517813113808baad56f53f5"),)
+    deviations = (Deviation("alpha", ours="0.1", theirs="0.1 in the README's CIFAR-10 command (parser default 0.2)",
+                            why="the authors' CIFAR-10 run"),)
     uses_classifier = True
 
     def defend(self, model, clean, ctx):

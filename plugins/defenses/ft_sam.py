@@ -11,7 +11,7 @@ The two-pass step is core's ``SAMStep`` on the one training loop.
 """
 from dataclasses import dataclass
 
-from nadbench import Defense, hookimpl, param
+from nadbench import Defense, Deviation, Source, hookimpl, param
 from nadbench.steps import SAMStep
 from nadbench.train import Optim, train
 
@@ -31,6 +31,14 @@ class FTSAM(Defense):
     name = "ft-sam"
     Config = FTSAMConfig
     description = "finetuning with adaptive sharpness-aware minimisation (two passes per step)"
+    sources = (Source(paper="Zhu, Wei, Shen, Fan & Wu, "
+                            "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware Minimization, "
+                            "ICCV 2023",
+                      repo="SCLBD/BackdoorBench", path="defense/ft-sam.py",
+                      commit="f02e3534645f0ee63d6848653062cd6c0d6c400d",
+                      backdoorbench="config/defense/ft-sam/cifar10.yaml"),)
+    deviations = (Deviation("epochs", ours="100 (paper profile), 20 on quick", theirs="100", bb="100",
+                            why="~2 min per cell on a CPU"),)
     profile_settings = {"epochs": {"quick": 20}}
 
     def defend(self, model, clean, ctx):

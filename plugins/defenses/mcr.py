@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nadbench import Defended, Defense, hookimpl, param
+from nadbench import Defended, Defense, Deviation, Source, hookimpl, param
 from nadbench.channels import recompute_bn
 from nadbench.report import line_figure
 from nadbench.evaluate import accuracy
@@ -93,6 +93,16 @@ class MCR(Defense):
     name = "mcr"
     Config = MCRConfig
     description = "Bezier curve between the model and its finetuned copy; the point at t = 0.3"
+    sources = (Source(paper="Zhao, Chen, Das, Ramamurthy & Lin, "
+                            "Bridging Mode Connectivity in Loss Landscapes and Adversarial Robustness, ICLR 2020",
+                      repo="IBM/model-sanitization", path="backdoor/backdoor-cifar/train.py",
+                      commit="1eff7e9f35e4fd194ffc83a55e4f6688ca9bb5c3",
+                      backdoorbench="config/defense/mcr/cifar10.yaml"),)
+    deviations = (Deviation("curve training", ours="20 epochs, lr 0.05 cosine",
+                            theirs="100 epochs, lr 0.01 constant to 50 % then decayed", bb="100 epochs, lr 3e-5 cosine",
+                            why="a CPU grid stays affordable; --set mcr.curve_epochs=100 mcr.curve_lr=0.01"),
+                  Deviation("bends", ours="1 (quadratic)", theirs="3", bb="3", why="the NAD paper's quadratic curve"),
+                  Deviation("t", ours="0.3", theirs="swept", bb="0.1", why="the NAD paper's Table 1"))
     # The finetuned endpoint: the quick profile's lower finetuning lr (core/grid.py).
     profile_settings = {"lr": "finetune_lr"}
 

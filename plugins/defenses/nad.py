@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nadbench import ConfigError, Defended, Defense, hookimpl, param
+from nadbench import ConfigError, Defended, Defense, Deviation, Source, hookimpl, param
 from nadbench.attention import KINDS, check_spatial, nad_loss, tap
 from nadbench.train import FinetuneParams, train
 
@@ -45,6 +45,17 @@ class NAD(Defense):
     name = "nad"
     Config = NADConfig
     description = "finetuned teacher + attention distillation into the backdoored student"
+    sources = (Source(paper="Li, Lyu, Koren, Lyu, Li & Ma, "
+                            "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, "
+                            "ICLR 2021",
+                      repo="bboylyg/NAD", path="main.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b",
+                      backdoorbench="config/defense/nad/cifar10.yaml"),)
+    deviations = (Deviation("student epochs", ours="10 (the paper's Table 1)", theirs="20 (final release)",
+                            bb="10 (te_epochs, as its teacher), lr 0.01 cosine",
+                            why="where paper and code disagree, the paper's"),
+                  Deviation("attention layers", ours="the model's declared layers (WRN: the three groups)",
+                            theirs="the three groups", bb="layer3, layer4 and the 1x1 pooled output",
+                            why="a 1x1 map's NAD term is zero"))
     # Teacher and student: the quick profile's lower finetuning lr (core/grid.py).
     profile_settings = {"lr": "finetune_lr"}
     uses_teacher = True

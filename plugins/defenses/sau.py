@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nadbench import Defense, hookimpl, param
+from nadbench import Defense, Deviation, Source, hookimpl, param
 from nadbench.adversarial import eval_mode, shared_adversarial
 from nadbench.train import Optim, Step, train
 
@@ -77,6 +77,18 @@ class SAU(Defense):
     name = "sau"
     Config = SAUConfig
     description = "unlearn the adversarial examples the model shares with the backdoored original"
+    sources = (Source(paper="Wei, Zhang, Zha & Wu, "
+                            "Shared Adversarial Unlearning: Backdoor Mitigation by Unlearning Shared Adversarial "
+                            "Examples, "
+                            "NeurIPS 2023",
+                      repo="SCLBD/BackdoorBench", path="defense/sau.py",
+                      commit="f02e3534645f0ee63d6848653062cd6c0d6c400d",
+                      backdoorbench="config/defense/sau/cifar10.yaml"),)
+    deviations = (Deviation("rounds", ours="100 (paper profile), 5 on quick", theirs="100", bb="100",
+                            why="~100 s per cell on a CPU"),
+                  Deviation("L_shared", ours="computed once from the float32 softmax",
+                            theirs="the mean of two algebraically equal forms", bb="the same as the authors'",
+                            why="the same value; one form suffices in float32"))
     profile_settings = {"rounds": {"quick": 5}}
 
     def defend(self, model, clean, ctx):
