@@ -49,31 +49,59 @@ BACKDOORBENCH = {
 ORACLE_SELECTED = ("anp", "rnp")
 
 
-def published(cells: list[dict]) -> list[str]:
-    """Our CIFAR-10 rows beside BackdoorBench's (ASR / ACC), for the attacks it reports."""
-    from nadbench import table
+def at_bb(registry, kind: str, name: str) -> tuple[str, bool] | None:
+    """BackdoorBench's name for one of our rows (attack) or columns (defense), and whether it ran at
+    BackdoorBench's settings: a method that declares ``NAME@bb`` (BackdoorBench's settings differ from
+    its authors') does only as ``NAME@bb``; its plain name runs at the authors'. None for any other
+    variant (``@all2all``: BackdoorBench's leaderboard has none)."""
+    from nadbench.registry import PluginError
 
+    base, *variants = name.split("@")
+    if set(variants) - {"bb"}:
+        return None
+    try:
+        declares = "bb" in registry.get(kind, base).variant_defaults
+    except PluginError:  # "none", or a method this install lacks
+        declares = False
+    return base, bool(variants) or not declares
+
+
+def published(cells: list[dict]) -> list[str]:
+    """Our CIFAR-10 rows beside BackdoorBench's (ASR / ACC), for the attacks it reports: a method
+    with a ``@bb`` variant at matching settings only as ``NAME@bb``; its plain row or column is marked
+    as ours at the authors' settings."""
+    from nadbench import table
+    from nadbench.registry import get_registry
+
+    registry = get_registry()
     t = table.build([r for r in cells if r["cell"]["dataset"] == "cifar10"])
     known = {d for theirs in BACKDOORBENCH.values() for d in theirs}
-    defenses = [d for d in t.defenses if d in known]
-    lines = ["| attack | " + " | ".join(f"{d}: ours | {d}: BackdoorBench" for d in defenses) + " |",
+    defenses = [(d, at) for d in t.defenses if (at := at_bb(registry, "defenses", d)) and at[0] in known]
+    authors = " (authors' settings)"
+    lines = ["| attack | " + " | ".join(f"{d}: ours{'' if same else authors} | {d}: BackdoorBench"
+                                        for d, (_, same) in defenses) + " |",
              "|" + " --- |" * (1 + 2 * len(defenses))]
-    found = False
+    found = marked = False
     for row, entry in t.rows.items():
-        theirs = BACKDOORBENCH.get(row[1])
+        at = at_bb(registry, "attacks", row[1])
+        theirs = BACKDOORBENCH.get(at[0]) if at else None
         if not theirs:
             continue
         found = True
         cols = []
-        for d in defenses:
+        for d, (bb_name, _) in defenses:
             ours = entry.get(d)
             cols.append(f"{ours['asr'].mean:.2f} / {ours['acc'].mean:.2f}" if ours else "-")
-            cols.append("{:.2f} / {:.2f}".format(*theirs[d]) if d in theirs else "-")
-        lines.append(f"| {row[1]} | " + " | ".join(cols) + " |")
+            cols.append("{:.2f} / {:.2f}".format(*theirs[bb_name]) if bb_name in theirs else "-")
+        marked |= not at[1] or any(not same for _, (_, same) in defenses)
+        lines.append(f"| {row[1]}{'' if at[1] else authors} | " + " | ".join(cols) + " |")
     note = ("Published numbers beside ours (ASR / ACC in %): BackdoorBench's leaderboard, CIFAR-10, "
             "PreAct-ResNet-18, 10 % poisoning, target 0, 100 epochs; defenses on 5 % clean data "
             "(benchmarks/table1.py, BACKDOORBENCH, names the source). Ours: WRN-16-1, this profile.")
-    oracle = [d.upper() for d in defenses if d in ORACLE_SELECTED]
+    if marked:
+        note += (" A row or column marked \"authors' settings\" is ours at its authors' settings where "
+                 "BackdoorBench's differ: NAME@bb runs at theirs (`bench list NAME`).")
+    oracle = [d.upper() for d, (bb_name, _) in defenses if bb_name in ORACLE_SELECTED]
     if oracle:
         note += (f" BackdoorBench's {' and '.join(oracle)} numbers are oracle-selected: among the pruning thresholds "
                  "within acc_ratio of the test ACC, its script keeps the one of lowest test ASR; ours (the held-out "

@@ -88,6 +88,13 @@ class _Configurable:
     # docs/fidelity.md is generated from them. Built-ins must declare them; third parties may.
     sources: ClassVar[tuple[Source, ...]] = ()
     deviations: ClassVar[tuple[Deviation, ...]] = ()
+    # Named variants, spelled ``NAME@variant`` (combined: ``NAME@bb@all2all``, in any order), each its
+    # own grid cell and table row, and the Config values each starts from, under the profile's and the
+    # user's (``--set``): e.g. ``{"bb": {"delta": 40.0}}`` for BackdoorBench's settings, or
+    # ``{"all2all": {"poison_rate": 0.4}}`` where the all-to-all variant (offered by every attack with
+    # a ``target_mode`` field, which it sets) needs more poisoning to implant. A value may be
+    # ``{profile name: value}`` (used on that profile only).
+    variant_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -152,10 +159,6 @@ class Attack(_Configurable):
     # (a teacher of another architecture is trained by a copy of the attack, with its own state) and
     # makes the ASR set after the student's training, with what it learnt.
     learns_trigger: ClassVar[bool] = False
-    # Config values a target variant starts from, under the profile's and the user's (``--set``):
-    # e.g. ``{"all2all": {"poison_rate": 0.4}}`` where the variant needs more poisoning to implant;
-    # a value may be ``{profile name: value}`` (used on that profile only).
-    variant_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     # The datasets ``--attacks all`` runs the attack on (empty: every dataset of the grid): where it
     # implants on the quick profile. Naming the attack runs it on any dataset.
     all_datasets: ClassVar[tuple[str, ...]] = ()

@@ -59,6 +59,7 @@ class NameList(click.ParamType):
                     message = message.replace(f"valid {self.kind}: {', '.join(valid)}",
                                               f"valid {self.kind}: {', '.join(valid)}, all")
                 self.fail(message, param, ctx)
+            part = registry.canonical(self.kind, part)  # NAME@v1@v2 in any order: one spelling
             if part not in names:
                 names.append(part)
         if not names:
@@ -115,10 +116,13 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
     ``dist:name`` choice keeps): a --set that would be silently ignored is an error. A name that is
     both an attack and a defense of the grid takes its kind first: ``attack.NAME.FIELD=VALUE``."""
     from .engine import KIND_PREFIX
+    from .registry import addressing, spelling
 
     prof, plugins = {}, {}
-    # By plugin name, and an attack's target variant (NAME@all2all) also by its spelling.
-    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]} | {n for n in grid[kind] if "@" in n}
+    # By plugin name, and a variant (NAME@bb@all2all) also by each spelling its --set reaches it by.
+    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]}
+               | {a for n in grid[kind] if "@" in n
+                  for a in addressing(registry.get(kind, n).name, n.split("@")[1:])}
                for kind in ("attacks", "defenses")}
     valid = sorted(in_grid["attacks"] | in_grid["defenses"])
     for item in sets:
@@ -127,7 +131,10 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
         kinds = [k for k, prefix in KIND_PREFIX.items() if owner == prefix]
         if kinds and "." in field:  # attack.NAME.FIELD
             owner, _, field = field.partition(".")
-        else:
+        if "@" in owner:  # a variant's spelling, in any order: its canonical one
+            base, *variants = owner.split("@")
+            owner = spelling(base, variants)
+        if not kinds:
             kinds = [k for k in in_grid if owner in in_grid[k]]
         if not eq or not dot or not field:
             raise click.BadParameter(f"{item!r}: expected OWNER.FIELD=VALUE, e.g. nad.epochs=5", param_hint="--set")
@@ -159,9 +166,9 @@ def main():
 @click.option("--datasets", type=NameList("datasets"), default="cifar10", show_default=True,
               help="Comma-separated datasets.")
 @click.option("--attacks", type=NameList("attacks"), default="badnets", show_default=True,
-              help="Comma-separated attacks, or 'all'.")
+              help="Comma-separated attacks, or 'all'; a variant as NAME@bb, NAME@all2all, NAME@bb@all2all.")
 @click.option("--defenses", type=NameList("defenses"), default="nad", show_default=True,
-              help="Comma-separated defenses, or 'all'.")
+              help="Comma-separated defenses, or 'all'; a variant as NAME@bb.")
 @click.option("--models", "students", type=NameList("models"), default="wrn-16-1", show_default=True,
               help="Student (backdoored) architectures.")
 @click.option("--teachers", type=NameList("models"), default=None,
@@ -457,8 +464,14 @@ def list_(what):
         return
     registry = _registry()
     if what and what not in LIST_KINDS:
-        found = [(k, registry.get(k, what)) for k in ("attacks", "defenses", "models", "datasets")
-                 if what in registry.items[k] or what in registry.qualified[k] or (k == "attacks" and "@" in what)]
+        from .registry import PluginError
+
+        try:  # a variant (sig@bb) as its method, or an error naming the method's valid variants
+            found = [(k, registry.get(k, what)) for k in ("attacks", "defenses", "models", "datasets")
+                     if what in registry.items[k] or what in registry.qualified[k]
+                     or ("@" in what and k in ("attacks", "defenses") and what.split("@")[0] in registry.items[k])]
+        except PluginError as exc:
+            raise click.UsageError(str(exc)) from None
         if not found:
             raise click.UsageError(f"{what!r} is neither one of {', '.join(LIST_KINDS)} nor a registered name")
         for k, item in found:
@@ -477,6 +490,7 @@ def list_(what):
 def _list_item(k: str, name: str, item, sources: bool = False) -> None:
     from .config import describe
     from .grid import PROFILES, profile_values
+    from .registry import spelling, variants_of
     from .sources import describe as describe_sources
 
     click.echo(f"  {name:<28} {item.description}  [{item.provider}]")
@@ -487,7 +501,11 @@ def _list_item(k: str, name: str, item, sources: bool = False) -> None:
         click.echo(f"      attention layers: {', '.join(item.attention_layers)}")
     if k == "datasets":
         click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
-    for variant, values in (item.variant_defaults.items() if k == "attacks" else ()):
+    variants = variants_of(item) if k in ("attacks", "defenses") else ()
+    if variants:
+        click.echo(f"      variants: {', '.join(f'{item.name}@{v}' for v in variants)}"
+                   + (f" (combined: {spelling(item.name, variants)})" if len(variants) > 1 else ""))
+    for variant, values in (item.variant_defaults.items() if k in ("attacks", "defenses") else ()):
         click.echo(f"      {item.name}@{variant} starts from: " + ", ".join(
             f"{f}={v}" if not isinstance(v, dict) else
             f"{f}=" + " / ".join(f"{pv} on {pn}" for pn, pv in v.items()) for f, v in values.items()))
@@ -591,6 +609,7 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
 
     registry = _registry()
     try:
+        attack_name = registry.canonical("attacks", attack_name)  # a variant's one spelling (its cell)
         prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": [attack_name], "defenses": []})
         prof = profile(profile_name, prof_over)
         check_attack(configured(registry, "attacks", attack_name, plugin_over, prof), registry.dataset(dataset))
@@ -670,6 +689,7 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     from .data import DataError
     from .engine import resolve_device
     from .handover import HandoverError, read_safetensors
+    from .plan import config_values
     from .registry import PluginError
     from .repair import defend_file, load_user_data
     from .tracking import Tracker, TrackingError
@@ -695,8 +715,9 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         norm = registry.dataset(normalize) if normalize else None
         mean_v = norm.mean if norm else _floats(mean, "--mean")
         std_v = norm.std if norm else _floats(std, "--std")
+        defense_name = registry.canonical("defenses", defense_name)
         _, plugin_over = _parse_sets(sets, registry, {"attacks": [], "defenses": [defense_name]})
-        overrides = plugin_over.get(f"defense.{defense_cls.name}", {})
+        _, overrides = config_values(registry, "defenses", defense_name, plugin_over)  # a variant's defaults too
         defense_cls.from_overrides(overrides)
         dev = resolve_device(device)
         size = image_size or next((registry.dataset(d.partition(":")[0]).image_size

@@ -134,6 +134,9 @@ def expand(registry: Registry, datasets, attacks, defenses, students, teachers, 
     ``clean_shares`` (None: the profile's share) multiplies every defense. An attack in
     ``picked_by_all`` (chosen by ``--attacks all``, not by name) runs only on its ``all_datasets``."""
     cells = []
+    # One cell per method and variants: NAME@all2all@bb and NAME@bb@all2all are one canonical spelling.
+    attacks = list(dict.fromkeys(registry.canonical("attacks", a) for a in attacks))
+    defenses = list(dict.fromkeys(registry.canonical("defenses", de) for de in defenses))
     for d, a, de, s, share, seed in itertools.product(datasets, attacks, defenses, students,
                                                       clean_shares or [None], seeds):
         only = registry.attack(a).all_datasets

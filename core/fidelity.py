@@ -26,7 +26,8 @@ def render(registry) -> str:
              "a method without one, the code named beside it); *BackdoorBench's* is",
              f"[{BACKDOORBENCH_REPO}](https://github.com/{BACKDOORBENCH_REPO}) at "
              f"`{BACKDOORBENCH_COMMIT[:12]}`, its config",
-             "named per method; '–' where it has no such setting or it was not read.", ""]
+             "named per method; '–' where it has no such setting or it was not read. A variant line gives the",
+             "config values `NAME@variant` starts from (`@bb`: BackdoorBench's, for the settings the config holds).", ""]
     for kind in ("attacks", "defenses"):
         lines += [f"## {kind.capitalize()}", ""]
         for name in registry.names(kind):
@@ -39,6 +40,10 @@ def render(registry) -> str:
                         else f"no official code ({s.no_code})")
                 bb = f"`{s.backdoorbench}`" if s.backdoorbench else "–"
                 lines += [f"- {s.paper}", f"  - code: {code}", f"  - BackdoorBench: {bb}"]
+            for variant, values in getattr(item, "variant_defaults", {}).items():  # e.g. NAME@bb: BackdoorBench's
+                shown = ", ".join(f"{k}=" + (" / ".join(f"{pv} on {pn}" for pn, pv in v.items())
+                                             if isinstance(v, dict) else str(v)) for k, v in values.items())
+                lines += [f"- variant `{name}@{variant}`: {_cell(shown)}"]
             devs = deviations_of(item)
             if devs:
                 lines += ["", "| setting | ours | authors' | BackdoorBench's | why |", "| --- " * 5 + "|"]

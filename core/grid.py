@@ -51,10 +51,11 @@ PROFILES = {
     # For a GPU: 100 epochs of SGD at lr 0.1 (the official code's optimiser, batch 64, weight decay
     # 1e-4), dropping 10x at epochs 50 and 75; defenses at the paper's settings.
     "paper": Profile(name="paper"),
-    # Fits BadNets x {finetune, NAD} on CIFAR-10 into ~12 minutes on a 2-core CPU. A 10-epoch
-    # model is less settled than the paper's 100-epoch one: the paper's finetuning lr of 0.1 costs
-    # it ~7 ACC points (vs ~4.5 in the paper), so this profile starts the finetuning-style defenses
-    # that declare it (profile_settings) at 0.03 (measured: ASR 100 -> 2.5 with an ACC drop of 2.3; see benchmarks/results/).
+    # Sized for BadNets x {finetune, NAD} on CIFAR-10 on a 2-core CPU (benchmarks/results/
+    # table1-quick-badnets.md). A 10-epoch model is less settled than the paper's 100-epoch one: the
+    # paper's finetuning lr of 0.1 costs it more ACC than in the paper, so this profile starts the
+    # finetuning-style defenses that declare it (profile_settings) at 0.03, which still removes the
+    # backdoor (benchmarks/results/quick-defense-lr.md).
     "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
                      batch_size=128, weight_decay=5e-4, finetune_lr=0.03),
 }

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import config as cfgmod
+from .api import TARGET_MODES
 from .codehash import code_hash
 from .grid import Cell, Profile, by_profile, profile_values
-from .registry import Registry
+from .registry import Registry, addressing, spelling, variant_order
 from .store import stage_key
 
 # The core modules that compute each stage's output; their sources (and their imports within
@@ -40,24 +41,39 @@ def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, nam
     return {**plain, **(overrides.get(f"{KIND_PREFIX[kind]}.{name}") or {})}
 
 
+def config_values(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,
+                  prof: Profile | None = None) -> tuple[type, dict]:
+    """The class of ``name`` and the values its config is built from (see :func:`configured`)."""
+    cls, overrides = registry.get(kind, name), overrides or {}
+    variants = sorted(set(name.split("@")[1:]), key=variant_order)
+    declared = getattr(cls, "variant_defaults", {})
+    variant_values = {k: v for var in variants for k, v in by_profile(declared.get(var) or {}, prof).items()}
+    values = {**variant_values, **profile_values(cls, prof), **overrides_for(overrides, registry, kind, cls.name)}
+    mode = next((v for v in variants if v in TARGET_MODES), None)
+    if mode:  # NAME@all2all: the variant's mode
+        values["target_mode"] = mode
+    for spelled in addressing(cls.name, variants):  # then the --set addressed to the cell's spellings
+        values.update(overrides.get(f"{KIND_PREFIX[kind]}.{spelled}", {}))
+    return cls, values
+
+
 def configured(registry: Registry, kind: str, name: str, overrides: dict[str, dict] | None = None,
                prof: Profile | None = None):
     """An attack or defense with its config: its defaults, then what the profile sets for it, then
-    the user's ``--set`` overrides. ``NAME@all2all`` (an attack's target variant) starts from the
-    attack's ``variant_defaults`` for it (a ``{profile: value}`` entry taken for ``prof``), sets its
-    ``target_mode``, and takes the ``--set`` addressed to ``NAME@all2all`` over those to ``NAME``.
-    Raises ``ConfigError`` for an invalid value."""
-    cls, overrides = registry.get(kind, name), overrides or {}
-    variant = name.partition("@")[2]
-    variant_values = by_profile(getattr(cls, "variant_defaults", {}).get(variant) or {}, prof)
-    values = {**variant_values, **profile_values(cls, prof), **overrides_for(overrides, registry, kind, cls.name)}
-    if variant:  # NAME@all2all: the variant's mode, then the --set addressed to that spelling
-        values.update(target_mode=variant, **overrides.get(f"{KIND_PREFIX[kind]}.{cls.name}@{variant}", {}))
+    the user's ``--set`` overrides. A variant, ``NAME@bb``, ``NAME@all2all`` or both (any order),
+    starts from the ``variant_defaults`` of each (a ``{profile: value}`` entry taken for ``prof``; on a
+    field both set, the target variant's wins), ``@all2all`` sets ``target_mode``,
+    and a ``--set`` addressed to a spelling the cell's includes (``NAME@bb``, then ``NAME@bb@all2all``)
+    wins over those to ``NAME``. Raises ``ConfigError`` for an invalid value."""
+    cls, values = config_values(registry, kind, name, overrides, prof)
     obj = cls.from_overrides(values)
-    mode = getattr(obj.config, "target_mode", None)
-    if mode is not None and mode != (variant or "all2one"):  # the spelling names the row: it must not lie
-        raise cfgmod.ConfigError(f"{name}.target_mode = {mode!r}: spell the attack {cls.name}@{mode} instead "
-                          f"(each target variant is its own grid cell and table row)")
+    variants = name.split("@")[1:]
+    mode = next((v for v in variants if v in TARGET_MODES), None)
+    got = getattr(obj.config, "target_mode", None)
+    if got is not None and got != (mode or "all2one"):  # the spelling names the row: it must not lie
+        spelled = spelling(cls.name, [*(v for v in variants if v not in TARGET_MODES), got])
+        raise cfgmod.ConfigError(f"{name}.target_mode = {got!r}: spell the attack {spelled} instead "
+                                 f"(each target variant is its own grid cell and table row)")
     return obj
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import itertools
 import os
+import re
 import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -99,14 +101,8 @@ def check_contract(kind: str, item: Any) -> None:
     for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data"):
         if not isinstance(getattr(item, flag, True), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
+    _check_variants(what, item, fields)
     if kind == "attacks":
-        variants = item.variant_defaults
-        if not isinstance(variants, dict) or any(
-                v not in TARGET_MODES[1:] or not isinstance(vals, dict) or set(vals) - fields
-                for v, vals in variants.items()):
-            raise PluginError(f"{what}: variant_defaults must map a target variant ({', '.join(TARGET_MODES[1:])}) "
-                              f"to a dict of its Config fields, not {variants!r}")
-        _check_profile_keys(what, "variant_defaults", [v for vals in variants.values() for v in vals.values()])
         if not (isinstance(item.all_datasets, tuple) and all(isinstance(d, str) for d in item.all_datasets)):
             raise PluginError(f"{what}: all_datasets must be a tuple of dataset names, not {item.all_datasets!r}")
         if "target" not in fields:
@@ -123,6 +119,55 @@ def check_contract(kind: str, item: Any) -> None:
                               "it learnt: set learns_trigger = True on the class")
     elif not _overrides(item, Defense, "defend"):
         raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
+
+
+# A variant's name: lowercase letters, digits, '_' or '-' (it follows '@' in a cell's attack or
+# defense, and '.' would split a --set).
+_VARIANT = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def _has_target_mode(item: Any) -> bool:
+    return "target_mode" in {f.name for f in dataclasses.fields(item.Config)}
+
+
+def variant_order(variant: str) -> tuple[bool, str]:
+    """The canonical order of a spelling's variants: by name, the target variant (all2all) last."""
+    return (variant in TARGET_MODES, variant)
+
+
+def variants_of(item: Any) -> tuple[str, ...]:
+    """The variants an attack or defense accepts after ``@``, in canonical order: those it declares
+    in ``variant_defaults``, and ``all2all`` where its Config has a ``target_mode`` field."""
+    names = set(getattr(item, "variant_defaults", {}) or {})
+    if _has_target_mode(item):
+        names.add("all2all")
+    return tuple(sorted(names, key=variant_order))
+
+
+def spelling(base: str, variants) -> str:
+    """The canonical spelling of ``base`` with ``variants``: each once, by name, the target variant
+    last; ``all2one`` (the plain name's mode) left out. ``sig``, ``bppattack@bb@all2all``."""
+    return base + "".join(f"@{v}" for v in sorted(set(variants) - {"all2one"}, key=variant_order))
+
+
+def addressing(base: str, variants) -> list[str]:
+    """The spellings whose ``--set`` reaches the cell ``base@variants``, least specific first after
+    the plain name's: each variant alone, then each larger combination, the cell's own last."""
+    vs = sorted(set(variants) - {"all2one"}, key=variant_order)
+    combos = [c for n in range(1, len(vs) + 1) for c in itertools.combinations(vs, n)]
+    return [spelling(base, c) for c in combos]
+
+
+def _check_variants(what: str, item: Any, fields: set[str]) -> None:
+    variants = getattr(item, "variant_defaults", {})
+    if not isinstance(variants, dict) or any(
+            not isinstance(v, str) or not _VARIANT.match(v) or v == "all2one" or not isinstance(vals, dict)
+            or set(vals) - fields or "target_mode" in vals or (v == "all2all" and "target_mode" not in fields)
+            for v, vals in variants.items()):
+        raise PluginError(f"{what}: variant_defaults must map a variant (all2all, for a Config with target_mode; "
+                          "or a name of lowercase letters, digits, '_' or '-', e.g. bb) to a dict of its Config "
+                          f"fields other than target_mode, not {variants!r}")
+    _check_profile_keys(what, "variant_defaults", [v for vals in variants.values() for v in vals.values()])
 
 
 def _check_profile_settings(what: str, item: Any, fields: set[str]) -> None:
@@ -179,8 +224,8 @@ class Registry:
         return sorted(self.items[kind])
 
     def get(self, kind: str, name: str) -> Any:
-        if kind == "attacks" and "@" in name:  # a target variant: NAME@all2all (see Attack)
-            return self._variant(name)
+        if kind in ("attacks", "defenses") and "@" in name:  # a variant: NAME@bb, NAME@all2all, NAME@bb@all2all
+            return self._variant(kind, name)
         if name in self.items[kind]:
             return self.items[kind][name]
         if name in self.qualified[kind]:
@@ -190,18 +235,31 @@ class Registry:
         valid = ", ".join(self.names(kind)) or "(none registered)"
         raise PluginError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}{self.failure_hint()}")
 
-    def _variant(self, name: str) -> Any:
-        from .api import TARGET_MODES
-
-        base, _, mode = name.partition("@")
-        cls = self.get("attacks", base)
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        if mode not in TARGET_MODES or "target_mode" not in fields:
-            able = [n for n in self.names("attacks")
-                    if "target_mode" in {f.name for f in dataclasses.fields(self.get("attacks", n).Config)}]
-            raise PluginError(f"unknown attack variant {name!r}: valid variants are NAME@{' or NAME@'.join(TARGET_MODES)} "
-                              f"for the attacks with a target_mode field: {', '.join(able) or '(none)'}")
+    def _variant(self, kind: str, name: str) -> Any:
+        """The attack or defense of ``NAME@v1@v2...`` (variants in any order), or an error naming the
+        method's valid variants."""
+        base, *variants = name.split("@")
+        cls = self.get(kind, base)
+        valid = variants_of(cls)
+        modes = [v for v in variants if v in TARGET_MODES]
+        if (not all(v in valid or (v == "all2one" and _has_target_mode(cls)) for v in variants)
+                or len(set(variants)) < len(variants) or len(modes) > 1):
+            able = ""
+            if kind == "attacks" and any(v in TARGET_MODES and v not in valid for v in variants):
+                able = [n for n in self.names("attacks") if _has_target_mode(self.get("attacks", n))]
+                able = f" (@all2all: the attacks with a target_mode field: {', '.join(able) or '(none)'})"
+            raise PluginError(f"unknown {kind[:-1]} variant {name!r}: valid variants of {base}: "
+                              f"{', '.join('@' + v for v in valid) or '(none)'}, each at most once, "
+                              f"in any order{able}")
         return cls
+
+    def canonical(self, kind: str, name: str) -> str:
+        """The canonical spelling of a (valid) name: a variant's, see :func:`spelling`; others as given."""
+        if "@" not in name or kind not in ("attacks", "defenses"):
+            return name
+        self.get(kind, name)
+        base, *variants = name.split("@")
+        return spelling(base, variants)
 
     def ambiguity(self, kind: str, name: str) -> str:
         options = [q for q, item in self.qualified[kind].items() if item.name == name]

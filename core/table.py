@@ -462,7 +462,8 @@ def summary_metrics(board: list[dict]) -> dict[str, float]:
     ``.after.ra``, ``.reactivated.asr`` (where measured)."""
     out = {}
     for e in board:
-        d = re.sub(r"[^\w\-. /]", "", e["defense"]).strip()  # what MLflow allows in a metric name
+        # what MLflow allows in a metric name; a variant's '@' as '/' (i-bau@bb -> i-bau/bb.der)
+        d = re.sub(r"[^\w\-. /]", "", e["defense"].replace("@", "/")).strip()
         out[f"{d}.der"] = e["der"]["mean"]
         out[f"{d}.after.asr"] = e["asr_after"]
         out[f"{d}.after.acc_drop"] = e["acc_drop"]

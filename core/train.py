@@ -245,7 +245,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
     fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
     model.to(memory_format=fmt)
     forward = torch.compile(model) if plain and compiled() else model
-    # Tiny gradients turn into denormal floats that slow CPU kernels 4x; flushing them changes
+    # Tiny gradients turn into denormal floats that slow CPU kernels; flushing them changes
     # nothing measurable in the results.
     torch.set_flush_denormal(True)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -165,8 +165,9 @@ def test_variants_are_named_checked_and_addressed_by_set():
     assert (variant.config.target_mode, variant.config.alpha, variant.config.poison_rate) == ("all2all", 0.3, 0.2)
     plain = configured(reg, "attacks", "blend", sets)
     assert (plain.config.target_mode, plain.config.poison_rate) == ("all2one", 0.1)
-    for bad in ("sig@all2all", "badnets@all2some"):
-        with pytest.raises(PluginError, match="valid variants.*badnets, blend"):
+    for bad, valid in (("sig@all2all", "valid variants of sig: @bb.*badnets, blend"),
+                       ("badnets@all2some", "valid variants of badnets: @all2all")):
+        with pytest.raises(PluginError, match=valid):
             reg.attack(bad)
 
 

@@ -38,9 +38,9 @@ class BadNets(Attack):
                             bb="a white 3x3 square (resource/badnet/trigger_image.png)", why="the NAD paper's setting"),
                   Deviation("target", ours="5", theirs="5", bb="0", why="the NAD paper's setting"))
     # All-to-all needs more poisoning and, on the quick profile, a longer schedule to implant: its
-    # ASR is capped by clean accuracy (benchmarks/results/all2all-bound-badnets-all2all.md). Quick,
-    # bf16, seed 0: 10 % poisoning, 10 epochs: ASR 3.2; 30 %: 74.6; 40 %: 78.5 (ACC 78.9); 40 % and
-    # 20 epochs: ASR 82.4, ACC 82.8. The paper profile keeps its 100 epochs.
+    # ASR is capped by clean accuracy (benchmarks/results/all2all-bound-badnets-all2all.md; 10 % and
+    # 30 %: table1-quick-modern-attacks.md; 40 % and 20 epochs: table1-quick-badnets-all2all-20ep.md).
+    # The paper profile keeps its 100 epochs.
     variant_defaults = {"all2all": {"poison_rate": 0.4, "epochs": {"quick": 20}}}
 
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:

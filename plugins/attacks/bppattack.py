@@ -54,6 +54,10 @@ class BppAttack(Attack):
                   Deviation("schedule", ours="the profile's", theirs="SGD lr 0.01, 1000 epochs, rotation and crop",
                             bb="lr 0.01, MultiStepLR 100-400, rotation and crop",
                             why="one schedule for every attack of a grid"))
+    # bppattack@bb: BackdoorBench's config/attack/bpp/default.yaml, pratio 0.1 and neg_ratio 0.1 (its
+    # squeeze 8 and target 0 are ours). Not matched, so still deviations: its quantised rows drawn per
+    # batch, its schedule, rotation and crop. Combines with @all2all: bppattack@bb@all2all.
+    variant_defaults = {"bb": {"poison_rate": 0.1, "negative_rate": 0.1}}
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] images with ``squeeze`` levels per channel."""

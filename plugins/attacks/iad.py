@@ -22,10 +22,10 @@ into the joint epochs (a onecycle warm-up is not spent on mask epochs); the gene
 proportion. A cross sample's other image is a random clean row of its batch (official: a second
 loader); mask training pairs each image with the next of the shuffled batch. lambda_div weighs the mask
 loss's diversity term once (officially twice: the same at the default 1). ``width`` 32 is the official
-network; 16 makes a training step about 1.6x a plain one instead of 2.3x (WRN-16-1, batch 128, bf16,
-measured alone on a 2-core AVX512-BF16 CPU). The quick profile sets ``p_attack`` 0.2 (``profile_settings``;
-the paper profile keeps the official 0.1): with 0.1 its 10 epochs implanted 76.4 % (ACC 80.0; bf16,
-benchmarks/results/table1-quick-iad-ssba.md), where the official schedule has 600.
+network; 16 makes a training step markedly cheaper. The quick profile sets ``p_attack`` 0.2
+(``profile_settings``; the paper profile keeps the official 0.1): with 0.1 its 10 epochs implanted
+the backdoor only partly (benchmarks/results/table1-quick-iad-ssba.md), where the official schedule
+has 600.
 """
 import math
 from dataclasses import dataclass
@@ -148,7 +148,8 @@ class IAD(Attack):
                   Deviation("cross samples", ours="another clean row of the batch", theirs="a second loader",
                             why="the same distribution without a second pass over the data"),
                   Deviation("p_attack on quick", ours="0.2 (paper profile 0.1)", theirs="0.1", bb="0.1",
-                            why="0.1 implants 76 % in the quick profile's 10 epochs"))
+                            why="0.1 implants it only partly in the quick profile's 10 epochs "
+                                "(benchmarks/results/table1-quick-iad-ssba.md)"))
     learns_trigger = True
     profile_settings = {"p_attack": {"quick": 0.2}}  # see the docstring: 10 epochs, not 600
     generator: IADGenerator | None = None

@@ -68,8 +68,9 @@ class Refool(Attack):
                             why="no download; the pool never comes from the evaluation data"),
                   Deviation("poisoned", ours="10 % of the training set", theirs="clean-label share of the target class",
                             bb="10 %", why="the NAD paper's rate for its dirty-label attacks"))
-    # The paper's pairing, and where it implants on the quick profile (GTSRB 82 % ASR; CIFAR-10 ~50 %,
-    # benchmarks/results/table1-quick-all.md): `--attacks all` runs it on GTSRB, `--attacks refool` anywhere.
+    # The paper's pairing, and where it implants on the quick profile (on CIFAR-10 only partly:
+    # benchmarks/results/table1-quick-all-six-attacks.md, table1-quick-all.md): `--attacks all` runs
+    # it on GTSRB, `--attacks refool` anywhere.
     all_datasets = ("gtsrb",)
 
     pool: torch.Tensor | None = None  # uint8 (P, C, H, W) reflections, on the device

@@ -21,8 +21,7 @@ Choices where the sources differ:
   clipped, i.e. on exactly the inputs the poisoned model will see (with addition, a trigger tuned
   on black can saturate or lose its effect on real images). ``images=0`` restores the original.
 - 500 steps of 2/255 (BackdoorBench: 1000 steps of 0.1 inside a 0.3 ball): every pixel can cross
-  its whole range in 128 steps, and the run stays within about a minute on a 2-core CPU for
-  WRN-16-1.
+  its whole range in 128 steps, and the run stays short on a CPU.
 """
 from dataclasses import dataclass
 
@@ -69,7 +68,7 @@ class Trojan(Attack):
                             why="a trigger tuned on black can saturate on real images; images=0 restores it"),
                   Deviation("optimisation", ours="500 sign steps of 2/255", theirs="not read",
                             bb="1000 steps of 0.1 in a 0.3 ball",
-                            why="every pixel can cross its range; ~1 min on a CPU"))
+                            why="every pixel can cross its range; short enough for a CPU"))
 
     trigger = None  # uint8 (C, H, W), zero outside the mask; set by prepare()
 

@@ -6,7 +6,8 @@ Settings of BackdoorBench's ``config/defense/ft-sam/cifar10.yaml`` (read for set
 with rho 2.0, label smoothing 0.1, SGD momentum 0.9 (no Nesterov), weight decay 5e-4, batch 256,
 lr 0.01 with a cosine decay over 100 epochs, random crop (4 px) and flip. Its lr is kept in every
 profile (the quick profile's lower finetuning lr is for the lr-0.1 finetuning defenses); ``quick``
-runs 20 epochs instead of 100 (~2 min per cell on the bf16 CPU; ``paper`` keeps 100).
+runs 20 epochs instead of 100 to keep a cell short on a CPU (``time_defense_s`` in
+``benchmarks/results/table1-quick-paper-attacks-new-defenses.json``; ``paper`` keeps 100).
 The two-pass step is core's ``SAMStep`` on the one training loop.
 """
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class FTSAM(Defense):
                       commit="f02e3534645f0ee63d6848653062cd6c0d6c400d",
                       backdoorbench="config/defense/ft-sam/cifar10.yaml"),)
     deviations = (Deviation("epochs", ours="100 (paper profile), 20 on quick", theirs="100", bb="100",
-                            why="~2 min per cell on a CPU"),)
+                            why="a cell short enough for a CPU"),)
     profile_settings = {"epochs": {"quick": 20}}
 
     def defend(self, model, clean, ctx):

@@ -13,10 +13,10 @@ model and a finetuned copy of it, whose middle forgets the backdoor.
 Curve training follows the MCR authors' code (SGD, momentum 0.9, weight decay 1e-4, batch 128)
 except its length, learning rate and schedule: 20 epochs from lr 0.05 with a cosine decay, where
 the authors train 100 epochs at lr 0.01 (``--set mcr.curve_epochs=100 --set mcr.curve_lr=0.01``),
-so that a CPU grid stays affordable. On the test suite's CIFAR-10 subset (800 clean images) at
-0.05 the curve moved 4.8% off the straight line and ASR fell from 99% to 9% by t = 0.5
-(tests/test_defenses_e2e.py prints both); an exploratory run at 0.01 (not committed) stayed
-within 2.3% of the line.
+so that a CPU grid stays affordable. At 0.05 the curve leaves the straight line and its middle
+loses most of the backdoor on the test suite's CIFAR-10 subset (tests/test_defenses_e2e.py,
+benchmarks/results/test-margins-intel-amx.md); an exploratory run at 0.01 (not committed) stayed
+nearer the line.
 ``curve_points`` points along t (endpoints included) come back as extra models: the engine
 evaluates their ACC and ASR, the method's own picture; clean accuracy along t on the clean subset
 is logged here as ``curve.clean_acc`` and as a plot.

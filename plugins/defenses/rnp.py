@@ -17,11 +17,11 @@ in the *original* model.
 Settings of the official code (bboylyg/RNP, ``main.py``): those above, batch 128, 500 clean images
 (1 %); here the grid's clean share. The official loop checks the accuracy after each epoch, i.e.
 every 500 images (4 steps); here every ``window`` = 500 images whatever the clean share, since a
-check per epoch of 2,500 images (20 steps) lets the ascent run far past the threshold (in an
-exploratory check on the test fixture, not committed, the running accuracy fell from 0.42 to 0.08
-within one epoch of 900 images). Other deviations: the official loop runs up to 21 unlearning
-epochs (``range(0, unlearning_epochs + 1)``), here 20; its gradient clipping (norm 20) runs before the
-backward pass, so it clips nothing, and there is none here. The threshold: the official script
+check per epoch of 2,500 images (20 steps) lets the ascent run far past the threshold (an
+exploratory check on the test fixture, not committed, saw it do so within one epoch). Other
+deviations: the official loop runs up to 21 unlearning epochs (``range(0, unlearning_epochs + 1)``),
+here 20; its gradient clipping (norm 20) runs before the backward pass, so it clips nothing, and
+there is none here. The threshold: the official script
 sweeps 0 to 0.9 by 0.05 and reports each point's test ASR; no rule here reads ASR. By default the
 held-out rule: the largest threshold of that sweep whose accuracy on a held-out 10 % of the clean
 subset stays within 10 % of the unpruned model's (unlearning and recovering use the other 90 %).
@@ -29,11 +29,11 @@ It is not BackdoorBench's: its ``defense/rnp.py`` bounds the drop of *test* accu
 and keeps the threshold of lowest *test* ASR within it, an oracle (and, with its default
 ``pruning_number``, returns the model pruned at a fixed 0.7). ``rule=threshold`` prunes at a
 fixed ``threshold`` (0.2, the point of the README's log where the official BadNets model's ASR
-fell to 6.6 %). A cell costs ~30 s on the bf16 CPU (the unlearning stops early): no reduction on
-``quick``, and the lrs are the authors' in every profile. On the ``quick`` models of the paper's
-attacks it prunes 15 of WRN-16-1's 464 BN neurons for BadNets and Trojan, and nothing for Blend,
-CL and SIG (no threshold keeps the held-out accuracy within 10 %;
-``benchmarks/results/table1-quick-paper-attacks-twelve-defenses.md``).
+fell to 6.6 %). A cell is short on a CPU (the unlearning stops early; ``time_defense_s`` in
+``benchmarks/results/table1-quick-paper-attacks-sau-rnp.json``): no reduction on ``quick``, and the
+lrs are the authors' in every profile. On the ``quick`` models of the paper's attacks it prunes a
+few neurons for BadNets and Trojan, and nothing for Blend, CL and SIG (no threshold keeps the
+held-out accuracy within 10 %; ``benchmarks/results/table1-quick-paper-attacks-twelve-defenses.md``).
 """
 import copy
 from dataclasses import dataclass

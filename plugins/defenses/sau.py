@@ -13,10 +13,11 @@ Settings of the authors' implementation (BackdoorBench ``defense/sau.py``, ``con
 config.yaml``; read for settings only): L-inf bound 0.2 in [0, 1] pixels, 5 PGD steps of 0.2 from
 +0.2, beta_1 0.01, beta_2 1, lmd_1 1, lmd_2 0, lmd_3 1, Adam lr 1e-4 (its cosine scheduler is built
 but never stepped: the lr is constant, as here), batch 256, no augmentation, both models in eval
-mode throughout (``train_mode`` off), 100 rounds (epochs) on 5 % of the training set. One round
-on 2,500 clean images costs ~20 s on the bf16 CPU, so ``quick`` runs 5 rounds (~100 s a cell);
-``paper`` keeps 100. The authors' loss averages two algebraically equal forms of L_shared for numerical reasons;
-here it is computed once, from the softmax in float32.
+mode throughout (``train_mode`` off), 100 rounds (epochs) on 5 % of the training set. ``quick``
+runs 5 rounds to keep a cell short on a CPU (``time_defense_s`` in
+``benchmarks/results/table1-quick-paper-attacks-sau-rnp.json``); ``paper`` keeps 100. The
+authors' loss averages two algebraically equal forms of L_shared for numerical reasons; here it is
+computed once, from the softmax in float32.
 """
 import copy
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class SAU(Defense):
                       commit="f02e3534645f0ee63d6848653062cd6c0d6c400d",
                       backdoorbench="config/defense/sau/cifar10.yaml"),)
     deviations = (Deviation("rounds", ours="100 (paper profile), 5 on quick", theirs="100", bb="100",
-                            why="~100 s per cell on a CPU"),
+                            why="a cell short enough for a CPU"),
                   Deviation("L_shared", ours="computed once from the float32 softmax",
                             theirs="the mean of two algebraically equal forms", bb="the same as the authors'",
                             why="the same value; one form suffices in float32"))
