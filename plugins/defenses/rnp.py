@@ -124,7 +124,8 @@ class RNP(Defense):
                             why="there it clips nothing"),
                   Deviation("threshold", ours="largest of the sweep within 10 % of held-out clean ACC",
                             theirs="sweep 0-0.9, each point's test ASR reported",
-                            bb="within acc_ratio 0.1 of test ACC, then the lowest test ASR (an oracle)",
+                            bb="returns masks pruned at pruning_number 0.7; its sweep also logs the lowest test "
+                               "ASR within acc_ratio 0.1 of test ACC (an oracle)",
                             why="a defender has neither test data nor ASR"))
 
     def defend(self, model, clean, ctx):
