@@ -62,15 +62,18 @@ class Deviation:
     bb: str = ""
 
 
+def _declared(item, attr: str, kind: type) -> tuple:
+    """An item's ``attr`` declarations as a tuple (a single one, not in a tuple, is accepted)."""
+    value = getattr(item, attr, ())
+    return (value,) if isinstance(value, kind) else tuple(value or ())
+
+
 def sources_of(item) -> tuple[Source, ...]:
-    """An item's ``sources`` as a tuple (a single Source is accepted)."""
-    s = getattr(item, "sources", ())
-    return (s,) if isinstance(s, Source) else tuple(s or ())
+    return _declared(item, "sources", Source)
 
 
 def deviations_of(item) -> tuple[Deviation, ...]:
-    d = getattr(item, "deviations", ())
-    return (d,) if isinstance(d, Deviation) else tuple(d or ())
+    return _declared(item, "deviations", Deviation)
 
 
 def problems(item, required: bool = False) -> list[str]:
