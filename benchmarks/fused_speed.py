@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nadbench import DatasetSpec, Split
+from nadbench import DatasetSpec, Split, settings
 from nadbench.fused import train_fused
 from nadbench.models import build
 from nadbench.registry import get_registry
@@ -73,7 +72,7 @@ def main() -> None:
     images = args.steps * opt.batch_size
     rows = []
     for prec in args.precision.split(","):
-        os.environ["NADBENCH_PRECISION"] = prec
+        settings.set_default(settings.RunSettings(precision=prec))
         alone, data = _models(args.arch, 1, device), _data(max(counts), images, device)
         train(alone[0], data[0], opt, seed=0, progress=False)  # warm-up: kernels, allocator
         times: dict[int, list[float]] = {0: []}

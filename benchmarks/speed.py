@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import nadbench.train as trainmod
-from nadbench import DefenseContext
+from nadbench import DefenseContext, settings
 from nadbench.attention import layer_names, tap
 from nadbench.data import limit
 from nadbench.engine import PROFILES, attention_layers
@@ -58,10 +58,10 @@ def _sync(device):
 
 @contextlib.contextmanager
 def variant(precision: str, channels_last: bool | None = None, compiled: bool = False):
-    """Our loop under one setting: precision via the env var the CLI sets; the memory format (for
-    every phase, NAD's too) switched by patching the loop's own decision."""
-    env = {"NADBENCH_PRECISION": precision, "NADBENCH_COMPILE": "1" if compiled else "0"}
-    with mock.patch.dict(os.environ, env), contextlib.ExitStack() as stack:
+    """Our loop under one setting: precision and compile as the run settings the CLI makes; the memory
+    format (for every phase, NAD's too) switched by patching the loop's own decision."""
+    run = settings.RunSettings(precision=precision, compile=compiled)
+    with settings.use(run), contextlib.ExitStack() as stack:
         if channels_last is not None:
             stack.enter_context(mock.patch.object(trainmod, "channels_last", lambda device, plain=True: channels_last))
         yield
@@ -245,7 +245,7 @@ def main() -> None:
         "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:]),
         "device": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_native_bf16": cpu_bf16, "images": len(data), "epochs_per_timing": epochs, "reps": args.reps,
-        "default_numerics": trainmod.numerics(device),
+        "default_numerics": trainmod.numerics(settings.RunSettings(), device),
         "img_per_s_median": med, "img_per_s_all": {p: {k: [round(x) for x in v] for k, v in r.items()}
                                                   for p, r in runs.items()},
         "ratio_over_reference": {p: {k: round(v / m["reference"], 2) for k, v in m.items() if k != "reference"}

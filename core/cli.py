@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,28 @@ from pathlib import Path
 
 import click
 
+from . import environment
+
 KIND_OF_OPTION = {"datasets": "datasets", "attacks": "attacks", "defenses": "defenses", "models": "models"}
+
+
+def computing_options(command):
+    """How a command computes (``nadbench.settings.RunSettings``): its options read the environment
+    as their defaults (``NADBENCH_PRECISION``, ...), once, here; nothing writes them back."""
+    command = click.option("--threads", type=click.IntRange(min=1), default=None,
+                           help="CPU threads per cell (pin it to compare runs: CPU results shift with it).")(command)
+    command = click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
+                           help="torch.compile the model for the plain cross-entropy phases.")(command)
+    return click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default="auto",
+                        show_default=True, envvar="NADBENCH_PRECISION", show_envvar=True,
+                        help="auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else float32 (GPUs "
+                             "too: faster there for these small networks).")(command)
+
+
+def run_settings(device: str, precision: str, compile_: bool, threads: int | None, **more):
+    from .settings import RunSettings
+
+    return RunSettings(device=device, precision=precision, compile=compile_, threads=threads, **more)
 
 
 def _registry():
@@ -213,25 +233,20 @@ def main():
 @click.option("--executor", type=click.Choice(["inprocess", "processes", "ray"]), default="inprocess",
               show_default=True, help="Where cells run; ray needs: pip install 'nadbench[ray]'.")
 @click.option("--ray-address", default=None, help="A Ray cluster to join (default: start a local Ray).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads per cell (pin it to compare runs: CPU results shift with it).")
 @click.option("--stale-after", type=float, default=1800.0, show_default=True, envvar="NADBENCH_STALE_AFTER",
               show_envvar=True, help="Seconds without a heartbeat after which a RUNNING run of another "
                                      "host is marked KILLED.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default="auto", show_default=True,
-              envvar="NADBENCH_PRECISION", show_envvar=True,
-              help="auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else float32 (GPUs "
-                   "too: faster there for these small networks).")
-@click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
-              help="torch.compile the model for the plain cross-entropy phases.")
+@computing_options
 @click.option("--fused", is_flag=True, envvar="NADBENCH_FUSED", show_envvar=True,
               help="Train the grid's backdoored and clean models of one architecture and schedule together, as one "
                    "stacked model per step, before the cells run (nadbench.fused; for GPUs, where these small "
                    "networks are launch-bound). Attacks that control training train alone.")
+@click.option("--fused-max", type=click.IntRange(min=1), default=14, show_default=True, envvar="NADBENCH_FUSED_MAX",
+              show_envvar=True, help="The most models --fused stacks into one; a larger group trains in chunks.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
         data_root, tracking_uri, experiment, output, clean_reference, reactivation, tracking_timeout, rerun, workers,
-        cells_per_gpu, executor, ray_address, threads, stale_after, precision, compile_, fused, progress):
+        cells_per_gpu, executor, ray_address, stale_after, fused, fused_max, progress, precision, compile_, threads):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
@@ -248,9 +263,6 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     from .registry import PluginError
     from .tracking import Tracker, TrackingError
 
-    # The training loop reads these (core/train.py); workers inherit them (executors.RunSpec.env).
-    os.environ["NADBENCH_PRECISION"], os.environ["NADBENCH_COMPILE"] = precision, "1" if compile_ else "0"
-    os.environ["NADBENCH_FUSED"] = "1" if fused else "0"
     registry = _registry()
     for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
         click.secho(f"warning: {line}", fg="yellow", err=True)
@@ -283,11 +295,8 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
                        "that was told)", err=True)
     except TrackingError as exc:
         raise click.ClickException(str(exc)) from None
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over,
+    settings = run_settings(str(dev), precision, compile_, threads, fused=fused, fused_max=fused_max)
+    runner = Runner(registry, prof, settings=settings, data_root=data_root, overrides=plugin_over,
                     tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun,
                     reactivation=reactivation)
     try:
@@ -594,7 +603,9 @@ def _floats(text: str | None, option: str):
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               envvar="NADBENCH_DATA_ROOT", show_envvar=True, help="Folder with the datasets.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_out, device, data_root, progress):
+@computing_options
+def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_out, device, data_root, progress,
+           precision, compile_, threads):
     """Train a backdoored model to practise on: write it as safetensors, with a folder of triggered
     test images, ready for `bench defend`.
 
@@ -617,7 +628,8 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
         dev = resolve_device(device)
     except (ConfigError, PluginError) as exc:
         _fail(str(exc))
-    runner = Runner(registry, prof, device=dev, data_root=data_root, overrides=plugin_over, progress=progress)
+    runner = Runner(registry, prof, settings=run_settings(str(dev), precision, compile_, threads), data_root=data_root,
+                    overrides=plugin_over, progress=progress)
     try:
         result = attack_to_files(registry, runner, attack=attack_name, arch=arch, dataset=dataset, seed=seed,
                                  out=out, triggered_dir=triggered_out)
@@ -675,9 +687,10 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
 @click.option("--experiment", default="nadbench-defend", show_default=True, help="MLflow experiment name.")
 @click.option("--tracking-timeout", type=float, default=5.0, show_default=True, envvar="NADBENCH_TRACKING_TIMEOUT")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@computing_options
 def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggered_data, target, evaluation_data,
            out, mean, std, normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri,
-           experiment, tracking_timeout, progress):
+           experiment, tracking_timeout, progress, precision, compile_, threads):
     """Repair MODEL_FILE, a model you were handed (safetensors only: pickles are refused unopened),
     with your clean data; write the repaired weights and a report of ACC/ASR before and after.
 
@@ -691,7 +704,10 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     from .handover import HandoverError, read_safetensors
     from .plan import config_values
     from .registry import PluginError
+    import torch
+
     from .repair import defend_file, load_user_data
+    from .settings import use
     from .tracking import Tracker, TrackingError
 
     registry = _registry()
@@ -736,12 +752,16 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
                 _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
             evaluations[name] = load_user_data(registry, where, train=False, image_size=size, seed=seed,
                                                data_root=data_root)
-        report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,
-                             defense_name=defense_name, overrides=overrides, mean=mean_v, std=std_v, test=test,
-                             triggered=triggered, target=target, teacher_path=teacher_file,
-                             teacher_arch=teacher_arch, seed=seed, device=dev, out=out, progress=progress,
-                             make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout),
-                             evaluations=evaluations)
+        settings = run_settings(str(dev), precision, compile_, threads)
+        if threads:
+            torch.set_num_threads(threads)
+        with use(settings):
+            report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,
+                                 defense_name=defense_name, overrides=overrides, mean=mean_v, std=std_v, test=test,
+                                 triggered=triggered, target=target, teacher_path=teacher_file,
+                                 teacher_arch=teacher_arch, seed=seed, device=dev, out=out, progress=progress,
+                                 make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout),
+                                 evaluations=evaluations)
     except (HandoverError, ConfigError, PluginError, DataError) as exc:
         _fail(str(exc))
     except TrackingError as exc:
@@ -825,7 +845,7 @@ def ui(tracking_uri, experiment, port):
     cmd = mlflow.split() + ["ui", "--backend-store-uri", tracker.uri, "--default-artifact-root",
                             artifact_root(tracker.uri), "--host", "127.0.0.1", "--port", str(port)]
     click.echo(f"Runs table: {tracker.ui_link('127.0.0.1', port)}")
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
+    environment.mlflow_ui()
     sys.exit(subprocess.call(cmd))
 
 

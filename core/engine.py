@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -42,6 +43,7 @@ from .registry import PluginError, Registry
 from .sources import cell_tag
 from .store import Store
 from .subsets import clean_subset
+from .settings import RunSettings, current, use
 from .train import numerics, train
 
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
@@ -159,6 +161,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _in_force(method):
+    """Run a Runner's stage method under the runner's own settings (``nadbench.settings.use``): the
+    training loop and the evaluation read them, whatever the process default is."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with use(self.settings):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Trained(NamedTuple):
     """A train stage's model (eval mode), its ACC/ASR where evaluated, and whether it was stored."""
 
@@ -176,10 +188,17 @@ class Runner:
     ``overrides``: ``--set`` values per plugin, keyed ``attack.NAME`` / ``defense.NAME`` (or by the
     plain name, when no attack and defense share it); they win over the profile's settings."""
 
-    def __init__(self, registry: Registry, prof: Profile, *, device: torch.device, data_root=None,
+    def __init__(self, registry: Registry, prof: Profile, *, device: torch.device | None = None,
+                 settings: RunSettings | None = None, data_root=None,
                  overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
                  cache_dir: Path | None = None, clean_reference: bool = False, rerun: str | None = None,
                  reactivation: bool = False):
+        settings = settings or current()
+        device = device or resolve_device(settings.device)
+        # How this runner computes (nadbench.settings), in force around each stage it runs (@_in_force)
+        self.settings = settings.replace(device=str(device))
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
         self.registry, self.profile, self.device = registry, prof, device
         self.data_root, self.tracker, self.progress = data_root, tracker, progress
         self.overrides = overrides or {}
@@ -188,9 +207,7 @@ class Runner:
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
         self.store = Store(self.cache_root)
-        # --fused is in every train key of the run, as --compile is (nadbench.fused)
-        run_numerics = numerics(device) + "+fused" * fused.enabled()
-        self.keys = Keys(registry, prof, device.type, run_numerics, self.overrides, clean_reference,
+        self.keys = Keys(registry, prof, device.type, numerics(self.settings, device), self.overrides, clean_reference,
                          lambda name: self._load(name)[2], reactivation)
         self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
         self._data: dict[str, tuple] = {}
@@ -245,6 +262,7 @@ class Runner:
         return self._data[name]
 
     # -- stages, each stored by key and kept in memory ----------------------------------------
+    @_in_force
     def poisoning(self, cell: Cell | Plan) -> Poisoning:
         """The poison stage of (attack config, dataset, seed[, clean model]): crafted once, stored."""
         plan = self.plan(cell)
@@ -321,6 +339,7 @@ class Runner:
             attack.load_learned_state({k: v.to(self.device) for k, v in _part(entry, "attack/").items()})
         return model.eval(), hit
 
+    @_in_force
     def clean_model(self, cell: Cell | Plan) -> Trained:
         """A model trained on the clean training set: what Trojan and CL craft against, and the
         reference ACC of the benchmark (metrics {"acc"})."""
@@ -332,6 +351,7 @@ class Runner:
             self._metrics[plan.clean[0]] = {"acc": accuracy(model, test_set)}
         return Trained(model, self._metrics[plan.clean[0]], hit)
 
+    @_in_force
     def supplied(self, cell: Cell | Plan, arch: str):
         """The supplier's model of ``arch`` for this cell: backdoored on the cell's poisoning (the
         student's own backdoored model when ``arch`` is the student), with the attack's training step
@@ -346,6 +366,7 @@ class Runner:
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",
                              attack, p.index)
 
+    @_in_force
     def armed(self, cell: Cell | Plan) -> Poisoning:
         """The cell's poisoning with the ASR set its student is measured on: the poison stage's, or,
         for an attack that learns its trigger (``Attack.learns_trigger``), the one made after the
@@ -360,6 +381,7 @@ class Runner:
         return dataclasses.replace(p, triggered=Split(asr["images"], asr["labels"]), targets=asr["targets"],
                                    evaluations=poisonmod.unpack(entry, self.device))
 
+    @_in_force
     def backdoored(self, cell: Cell | Plan) -> Trained:
         """The backdoored model of (dataset, attack config, student, seed, profile), trained once,
         with its metrics {"acc", "asr"}."""
@@ -371,6 +393,7 @@ class Runner:
             self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets, p.evaluations)
         return Trained(model, self._metrics[plan.student[0]], hit)
 
+    @_in_force
     def reactivated(self, plan: Plan, model: torch.nn.Module) -> dict:
         """The reactivation check of a repaired ``model`` (:mod:`nadbench.reactivation`): ACC, ASR and RA
         after the retuning attack, and under ``clean`` the same for the clean model of the student's
@@ -406,6 +429,7 @@ class Runner:
         self._metrics.clear()
         return len(keys)
 
+    @_in_force
     def train_fused(self, cells: list[Cell]) -> list[str]:
         """``bench run --fused`` (``run_grid``, for the cells it will run): train the models these cells
         need in fused groups (:mod:`nadbench.fused`) before the cells run, which then find them stored:
@@ -448,7 +472,7 @@ class Runner:
         """Train the jobs not yet stored, group by group, and store each model as its train stage."""
         todo = [j for j in jobs if j.stage[0] not in self._models
                 and not self.store.path(MODELS_DIR, j.stage[0]).exists()]
-        for group in fused.groups(todo, fused.max_models()):
+        for group in fused.groups(todo, self.settings.fused_max):
             first = group[0]
             with contextlib.ExitStack() as locks:
                 for job in group:
@@ -473,6 +497,7 @@ class Runner:
                     self._models[job.stage[0]] = {k: v.clone() for k, v in entry.items()}
 
     # -- one cell -----------------------------------------------------------------------------
+    @_in_force
     def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Run one cell and log it as a child run of ``parent`` (or into the open run ``run_id``)."""
         t = self.tracker
@@ -627,7 +652,7 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
             bar.update()
         if runner.rerun == "all":
             runner.forget(todo)
-        if fused.enabled() and todo:  # --fused: the models the cells to run need, trained together first
+        if runner.settings.fused and todo:  # --fused: the models the cells to run need, trained together first
             for line in runner.train_fused(todo):
                 tqdm.write(f"note: {line}", file=sys.stderr)
         if len(todo) < len(cells):

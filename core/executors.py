@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from . import environment
 from .config import ConfigError
 
 
@@ -33,26 +34,21 @@ class RunSpec:
     """Everything a worker needs to rebuild the driver's Runner (plain data: it crosses processes)."""
 
     profile: Any
-    device: str
+    settings: Any  # the driver's RunSettings, with the executor's threads per cell
     data_root: str | None
     overrides: dict
     cache_dir: str
     clean_reference: bool
-    threads: int | None
-    env: dict  # the driver's WORKER_ENV: plugin filter and numerics, so workers match the driver
+    disabled: tuple[str, ...] = ()  # the plugins the driver's registry left out (NADBENCH_DISABLE_PLUGINS)
     reactivation: bool = False
-
-
-# Settings that reach the registry and the training loop through the environment (`bench run` sets them).
-WORKER_ENV = ("NADBENCH_DISABLE_PLUGINS", "NADBENCH_PRECISION", "NADBENCH_COMPILE", "NADBENCH_FUSED")
 
 
 def spec_of(runner, threads: int | None) -> RunSpec:
     # ``rerun`` stays with the driver: it skips finished cells, and for "all" it has already removed
     # the grid's stored stages, so workers compute each stage once, as usual.
-    return RunSpec(runner.profile, runner.device.type, str(runner.data_root) if runner.data_root else None,
-                   runner.overrides, str(runner.cache_root), runner.clean_reference, threads,
-                   {k: os.environ[k] for k in WORKER_ENV if k in os.environ}, runner.reactivation)
+    return RunSpec(runner.profile, runner.settings.replace(device=runner.device.type, threads=threads),
+                   str(runner.data_root) if runner.data_root else None, runner.overrides, str(runner.cache_root),
+                   runner.clean_reference, tuple(sorted(runner.registry.disabled)), runner.reactivation)
 
 
 _RUNNERS: dict[str, Any] = {}
@@ -60,20 +56,16 @@ _RUNNERS: dict[str, Any] = {}
 
 def _runner(spec: RunSpec):
     """One Runner per worker process and spec: its in-memory stages serve the process's later tasks."""
-    import torch
-
     from .engine import Runner
-    from .registry import get_registry
+    from .registry import Registry
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
     key = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
     if key not in _RUNNERS:
-        os.environ.update(spec.env)
-        _RUNNERS[key] = Runner(get_registry(), spec.profile, device=torch.device(spec.device),
-                               data_root=spec.data_root, overrides=spec.overrides, progress=False,
-                               cache_dir=spec.cache_dir, clean_reference=spec.clean_reference,
-                               reactivation=spec.reactivation)
+        registry = Registry()
+        registry.load_entrypoints(disabled=set(spec.disabled))
+        _RUNNERS[key] = Runner(registry, spec.profile, settings=spec.settings, data_root=spec.data_root,
+                               overrides=spec.overrides, progress=False, cache_dir=spec.cache_dir,
+                               clean_reference=spec.clean_reference, reactivation=spec.reactivation)
     return _RUNNERS[key]
 
 
@@ -103,7 +95,7 @@ def _init_worker(slots) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     slot = slots.get()
     if slot is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = slot
+        environment.gpu_slot(slot)
 
 
 class Executor:

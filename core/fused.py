@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,17 +33,6 @@ from tqdm.auto import tqdm
 from .api import Split
 from .augment import augment, to_float
 from .train import Optim, _autocast, precision
-
-
-def enabled() -> bool:
-    """``NADBENCH_FUSED=1`` (``bench run --fused``): train the grid's models fused."""
-    return os.environ.get("NADBENCH_FUSED", "0") not in ("", "0", "false")
-
-
-def max_models() -> int:
-    """The most models fused into one (``NADBENCH_FUSED_MAX``, default 14: Table 1's seven models
-    for two seeds); a larger group is trained in chunks."""
-    return max(1, int(os.environ.get("NADBENCH_FUSED_MAX", "14")))
 
 
 def train_fused(models: list[nn.Module], datas: list[Split], opt: Optim, *, seeds: list[int],

@@ -215,6 +215,7 @@ class Registry:
         self.qualified: dict[str, dict[str, Any]] = {k: {} for k in KINDS}   # dist:name -> item
         self.ambiguous: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}  # name -> providers
         self.plugins: list[PluginInfo] = []
+        self.disabled: set[str] = set()  # what load_entrypoints left out (worker processes load the same)
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
 
@@ -360,10 +361,12 @@ class Registry:
         else:
             self.items[kind][name] = item
 
-    def load_entrypoints(self) -> None:
+    def load_entrypoints(self, disabled: set[str] | None = None) -> None:
         """Load every plugin of the entry-point group, one at a time: built-ins first (their names
-        are reserved), then the rest in distribution order; skip those the user disabled."""
-        seen, disabled = set(), _disabled()
+        are reserved), then the rest in distribution order; skip those the user disabled (``disabled``:
+        entry-point or distribution names; default ``NADBENCH_DISABLE_PLUGINS``)."""
+        seen = set()
+        self.disabled = disabled = _disabled() if disabled is None else set(disabled)
 
         def order(ep):
             dist = ep.dist.name if ep.dist else ""

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import environment
+
 DEFAULT_DB = "nadbench.db"
 DEFAULT_EXPERIMENT = "nadbench"
 DEFAULT_TIMEOUT = 5.0  # seconds for the one reachability check of a tracking server
@@ -61,9 +63,7 @@ def check_store(uri: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         import urllib.error
         import urllib.request
 
-        # Later MLflow calls: a bounded number of retries instead of minutes of silent back-off.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        environment.mlflow_http()  # later MLflow calls: bounded retries, not minutes of back-off
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
                 pass
@@ -122,7 +122,7 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                  timeout: float = DEFAULT_TIMEOUT):
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        environment.mlflow_quiet()
         self.uri = uri or default_uri()
         check_store(self.uri, timeout)
         import mlflow

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from . import settings
 from .api import Split
 from .augment import augment, to_float
 from .config import PluginError, param
@@ -165,36 +163,10 @@ class LossStep(Step):
         return self.loss_fn(model, x, y)
 
 
-PRECISIONS = ("auto", "float32", "bf16")
-
-
-@lru_cache(maxsize=None)
-def native_bf16_cpu() -> bool:
-    """Whether this CPU executes bfloat16 natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates
-    bf16 on the CPU, many times slower than float32 (benchmarks/results/precision-cuda.md says by
-    how much on an AVX2-only EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def precision(device: torch.device) -> str:
-    """``bf16`` (autocast) or ``float32`` for training and evaluation on ``device``.
-
-    ``NADBENCH_PRECISION`` (set by ``bench run --precision``): ``auto`` (default) is bf16 on CPUs
-    with native bf16 and float32 elsewhere, CUDA included: on an H200 the small networks of this
-    benchmark are launch-bound and bf16 autocast (its casts are extra kernels) trained WRN-16-1
-    slower than float32 with TF32 convolutions (benchmarks/results/speed-cuda.md).
-    ``float32`` or ``bf16`` force it.
-    """
-    choice = os.environ.get("NADBENCH_PRECISION", "auto")
-    if choice not in PRECISIONS:
-        raise ValueError(f"NADBENCH_PRECISION={choice!r}; valid: {', '.join(PRECISIONS)}")
-    if choice == "auto":
-        return "bf16" if device.type == "cpu" and native_bf16_cpu() else "float32"
-    return choice
+    """``bf16`` (autocast) or ``float32`` for training and evaluation on ``device``: the precision of
+    the run settings in force (:func:`nadbench.settings.current`; ``bench run --precision``)."""
+    return settings.current().precision_on(device.type)
 
 
 def channels_last(device: torch.device, plain: bool = True) -> bool:
@@ -206,17 +178,18 @@ def channels_last(device: torch.device, plain: bool = True) -> bool:
 
 
 def compiled() -> bool:
-    """``NADBENCH_COMPILE=1`` (``bench run --compile``): ``torch.compile`` the model for the plain
-    cross-entropy phases (backdoor training, finetuning). Off by default: it costs a compilation
-    per process, and on an H200 it did not beat eager float32 (benchmarks/results/speed-cuda.md)."""
-    return os.environ.get("NADBENCH_COMPILE", "0") not in ("", "0", "false")
+    """Whether the run settings in force ask for ``torch.compile`` of the plain cross-entropy phases
+    (``bench run --compile``). Off by default: it costs a compilation per process, and on an H200 it did
+    not beat eager float32 (benchmarks/results/speed-cuda.md)."""
+    return settings.current().compile
 
 
-def numerics(device: torch.device) -> str:
-    """Everything above that changes a trained model's weights (as the backdoor training runs:
-    plain cross-entropy), for stage keys."""
-    parts = [precision(device)] + ["channels-last"] * channels_last(device) + ["compile"] * compiled()
-    return "+".join(parts)
+def numerics(run: settings.RunSettings, device: torch.device) -> str:
+    """What of ``run`` changes a backdoor-trained model's weights on ``device`` (precision,
+    channels-last, compile; fused: another code path trains it), for train keys. ``threads`` is left
+    out (see :mod:`nadbench.settings`)."""
+    parts = [run.precision_on(device.type)] + ["channels-last"] * channels_last(device)
+    return "+".join(parts + ["compile"] * run.compile + ["fused"] * run.fused)
 
 
 def _autocast(device: torch.device, enabled: bool):

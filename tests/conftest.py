@@ -56,15 +56,37 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def suite_precision():
-    """float32 for the whole session, set before any fixture trains (module fixtures included)."""
+    """float32 for the whole session, set before any fixture trains (module fixtures included): the
+    process's default RunSettings for in-process runs, and the CLI's default (its --precision reads
+    NADBENCH_PRECISION) for the `bench` processes tests start."""
+    from nadbench import settings
+
+    old = settings.set_default(settings.RunSettings(precision=SUITE_PRECISION))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NADBENCH_PRECISION", SUITE_PRECISION)
         yield SUITE_PRECISION
+    settings.set_default(old)
+
+
+@pytest.fixture
+def run_settings(monkeypatch):
+    """``run_settings(**fields)``: make the process default RunSettings the suite's with ``fields``
+    changed, for this test (e.g. ``precision="bf16"``, ``fused=True``); returns them."""
+    from nadbench import settings
+
+    def change(**fields):
+        new = settings.current().replace(**fields)
+        monkeypatch.setattr(settings, "_DEFAULT", [new])
+        return new
+    return change
 
 
 @pytest.fixture(autouse=True)
 def _bf16_marker(request, monkeypatch):
     if request.node.get_closest_marker("bf16"):
+        from nadbench import settings
+
+        monkeypatch.setattr(settings, "_DEFAULT", [settings.current().replace(precision="auto")])
         monkeypatch.setenv("NADBENCH_PRECISION", "auto")
 
 

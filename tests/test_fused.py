@@ -36,8 +36,8 @@ def learnable(n, seed):
 
 
 @pytest.fixture
-def float32(monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+def float32(monkeypatch, run_settings):
+    run_settings(precision="float32")
     monkeypatch.setattr(trainmod, "channels_last", lambda device, plain=True: False)
 
 
@@ -105,17 +105,17 @@ def test_fused_training_refuses_training_sets_of_different_sizes():
 
 
 # ------------------------------------------------------------------------------ the grid's scheduler
-def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_registry, tmp_path, monkeypatch):
+def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_registry, tmp_path, monkeypatch,
+                                                                           run_settings):
     """``bench run --fused``: the clean models (here for --clean-reference; Trojan and CL craft against
     them) train first, then the backdoored models of one architecture and schedule, in chunks of
-    NADBENCH_FUSED_MAX; the all-to-all variant's other schedule groups apart, and WaNet, whose step
+    ``fused_max``; the all-to-all variant's other schedule groups apart, and WaNet, whose step
     controls training, is left to its cells."""
     import nadbench.engine as engine
     from nadbench.engine import Runner, expand
     from nadbench.grid import profile
 
-    monkeypatch.setenv("NADBENCH_FUSED", "1")
-    monkeypatch.setenv("NADBENCH_FUSED_MAX", "2")
+    run_settings(fused=True, fused_max=2)
     fused_groups, alone = [], []
     real_fused, real_train = fused.train_fused, engine.train
     monkeypatch.setattr(fused, "train_fused", lambda models, datas, opt, **kw:
@@ -134,17 +134,17 @@ def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_
     for cell in cells:
         assert runner.backdoored(cell).hit == (cell.attack != "wanet")
     assert alone == ["backdoor wanet/wrn-16-1"] * 3
-    monkeypatch.setenv("NADBENCH_FUSED", "0")
+    run_settings(fused=False)
     lone = Runner(reg, prof, device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
     assert "fused" in runner.keys.numerics and "fused" not in lone.keys.numerics
     assert lone.plan(cells[0]).student != runner.plan(cells[0]).student  # fused models are keyed apart
 
 
-def test_a_group_whose_fused_training_fails_is_left_to_its_cells(toy_registry, tmp_path, monkeypatch):
+def test_a_group_whose_fused_training_fails_is_left_to_its_cells(toy_registry, tmp_path, monkeypatch, run_settings):
     from nadbench.engine import Cell, Runner
     from nadbench.grid import profile
 
-    monkeypatch.setenv("NADBENCH_FUSED", "1")
+    run_settings(fused=True)
 
     def fail(*a, **kw):
         raise RuntimeError("vmap: no batching rule for an op")

@@ -53,8 +53,7 @@ def test_teachers_without_a_teacher_using_defense_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------ keys
-def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")  # explicit: `auto` is bf16 on CPUs with native bf16
+def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatch, run_settings):
     base = _runner(registry, tmp_path)
 
     def keys(runner, cell=CELL):
@@ -73,17 +72,18 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     p, t, c = keys(_runner(registry, tmp_path, epochs="2"))
     assert p == p0 and t != t0 and c != c0
     # the numerics (precision) change the model, not the poisoning
-    monkeypatch.setenv("NADBENCH_PRECISION", "bf16")  # a runner plans each cell once: a new runner sees it
+    suite = run_settings()
+    run_settings(precision="bf16")  # a runner takes the settings in force when it is made
     p, t, c = keys(_runner(registry, tmp_path))
     assert p == p0 and t != t0 and c != c0
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision=suite.precision)
     # the attack's config and code change the poisoning and everything after it
     for runner in (_runner(registry, tmp_path, {"badnets": {"poison_rate": "0.2"}}),):
         assert len({keys(runner)[i] for i in range(3)} & {p0, t0, c0}) == 0
     monkeypatch.setattr(registry.attack("badnets"), "source_hash", "edited")
     assert len(set(keys(_runner(registry, tmp_path))) & {p0, t0, c0}) == 0
     monkeypatch.undo()
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision=suite.precision)
     # a model's code changes the model, not the poisoning
     model = registry.model
     monkeypatch.setattr(registry, "model", lambda name: dataclasses.replace(model(name), source_hash="edited"))
@@ -335,7 +335,6 @@ def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatc
     to the CLI or the table changes nothing."""
     from nadbench import codehash
 
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
     real = codehash.read_source
 
     def keys(edited: str | None):

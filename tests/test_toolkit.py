@@ -140,8 +140,8 @@ def test_clp_reads_no_data_prunes_a_planted_channel_and_leaves_every_other_weigh
     assert not set(pruned) & set(bn_after_sum(model))  # unpaired BNs are never pruned
 
 
-def test_sam_step_takes_two_passes_and_applies_the_gradient_at_the_ascended_point(monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")  # compared with a float32 computation by hand
+def test_sam_step_takes_two_passes_and_applies_the_gradient_at_the_ascended_point(monkeypatch, run_settings):
+    run_settings(precision="float32")  # compared with a float32 computation by hand
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     data = toy_split(8, 0)
@@ -186,10 +186,10 @@ def _only_masks_move(make_step):
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
 
-def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
+def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch, run_settings):
     """ANP's step moves the masks alone (the network's parameters are bit-identical after mask
     training); the repaired model differs from the original only in zeroed BN weights."""
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision="float32")
     reg = get_registry()
     anp = reg.defense("anp")
     from nadbench.plugins.defenses.anp import ANPStep
@@ -208,8 +208,8 @@ def test_anp_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
         assert (state[k][diff] == 0).all()
 
 
-def test_fst_reinitialises_the_head_and_keeps_its_norm(monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+def test_fst_reinitialises_the_head_and_keeps_its_norm(monkeypatch, run_settings):
+    run_settings(precision="float32")
     model = _wrn()
     head = model.get_submodule("net.fc")
     original = head.weight.detach().clone()
@@ -238,10 +238,10 @@ class _PlantedPatch(nn.Module):
         return x.flatten(1) @ self.w.T + bonus
 
 
-def test_trigger_inversion_recovers_a_planted_patch_and_flags_its_class(monkeypatch):
+def test_trigger_inversion_recovers_a_planted_patch_and_flags_its_class(monkeypatch, run_settings):
     from nadbench.adversarial import anomaly_indices, invert_trigger
 
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision="float32")
     model, gen = _PlantedPatch(), torch.Generator().manual_seed(0)
     images = torch.rand(256, 3, 8, 8, generator=gen)
     found = [invert_trigger(model, images, c, epochs=60, batch_size=64, generator=gen) for c in range(6)]
@@ -262,12 +262,12 @@ def test_anomaly_index_is_the_distance_from_the_median_in_consistent_mads():
     assert torch.allclose(index, torch.tensor([1, 0, 1, 2, 9]) / 1.4826)
 
 
-def test_neural_cleanse_logs_the_anomaly_index_and_the_inverted_triggers_and_unlearns_the_flagged_class(monkeypatch):
+def test_neural_cleanse_logs_the_anomaly_index_and_the_inverted_triggers_and_unlearns_the_flagged_class(monkeypatch, run_settings):
     import matplotlib.pyplot as plt
 
     from nadbench import Split
 
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision="float32")
     gen = torch.Generator().manual_seed(0)
     clean = Split(torch.randint(0, 256, (256, 3, 8, 8), dtype=torch.uint8, generator=gen), torch.arange(256) % 6)
     logged, figures, trained = {}, [], []
@@ -310,8 +310,8 @@ def test_the_implicit_hypergradient_matches_finite_differences():
     assert not torch.allclose(plain, fd, atol=1e-3)
 
 
-def test_i_bau_updates_the_model_with_its_own_adam_through_the_implicit_gradient(monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+def test_i_bau_updates_the_model_with_its_own_adam_through_the_implicit_gradient(monkeypatch, run_settings):
+    run_settings(precision="float32")
     model = _wrn()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logged = {}
@@ -378,8 +378,8 @@ def test_a_step_can_end_training_early():
     assert seen == [0, 1]
 
 
-def test_rnp_unlearns_until_its_window_accuracy_falls_then_learns_only_masks_and_prunes_only_bn_weights(monkeypatch):
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+def test_rnp_unlearns_until_its_window_accuracy_falls_then_learns_only_masks_and_prunes_only_bn_weights(monkeypatch, run_settings):
+    run_settings(precision="float32")
     from nadbench.plugins.defenses.rnp import RecoverStep, UnlearnStep
 
     model = _wrn()
@@ -403,10 +403,10 @@ def test_rnp_unlearns_until_its_window_accuracy_falls_then_learns_only_masks_and
     assert all((state[k][state[k] != original[k]] == 0).all() for k in changed)
 
 
-def test_sau_unlearns_shared_adversarial_examples_against_the_frozen_original_in_eval_mode(monkeypatch):
+def test_sau_unlearns_shared_adversarial_examples_against_the_frozen_original_in_eval_mode(monkeypatch, run_settings):
     """Each step attacks the model and an unchanged copy of the original; BN statistics stay as they
     were (both in eval mode, as the authors run them), and Adam moves every other parameter."""
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
+    run_settings(precision="float32")
     import nadbench.plugins.defenses.sau as sau
     from nadbench.adversarial import shared_adversarial
 

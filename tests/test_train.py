@@ -74,23 +74,25 @@ def test_training_learns_and_is_deterministic_on_cpu(tmp_path, effect_seed, reco
     assert all(torch.equal(fresh.state_dict()[k], a[k]) for k in a)
 
 
-def test_precision_follows_the_switch_and_the_cpu(monkeypatch):
+def test_precision_follows_the_settings_and_the_cpu(monkeypatch, run_settings):
+    from nadbench import settings
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("NADBENCH_PRECISION", raising=False)
-    monkeypatch.setattr(trainmod, "native_bf16_cpu", lambda: False)
+    run_settings(precision="auto")
+    monkeypatch.setattr(settings, "native_bf16_cpu", lambda: False)
     assert precision(cpu) == precision(cuda) == "float32"  # auto: bf16 only where the CPU has it
-    monkeypatch.setattr(trainmod, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(settings, "native_bf16_cpu", lambda: True)
     assert precision(cpu) == "bf16" and precision(cuda) == "float32"
-    monkeypatch.setenv("NADBENCH_PRECISION", "float32")
-    assert precision(cpu) == "float32"
-    monkeypatch.setenv("NADBENCH_PRECISION", "fp8")
+    with settings.use(settings.RunSettings(precision="float32")):  # a runner's own, over the default
+        assert precision(cpu) == "float32"
+    assert precision(cpu) == "bf16"
     with pytest.raises(ValueError, match="valid: auto, float32, bf16"):
-        precision(cpu)
+        settings.RunSettings(precision="fp8")
 
 
 @pytest.mark.parametrize("choice", ["float32", "bf16"])
-def test_the_loop_trains_in_the_chosen_precision_and_memory_format(monkeypatch, choice):
-    monkeypatch.setenv("NADBENCH_PRECISION", choice)
+def test_the_loop_trains_in_the_chosen_precision_and_memory_format(run_settings, choice):
+    run_settings(precision=choice)
     spec, data, seen = get_registry().model("wrn-16-1"), _toy(64), []
 
     def recording(model, x, y):
@@ -110,7 +112,9 @@ def test_the_loop_trains_in_the_chosen_precision_and_memory_format(monkeypatch, 
 def test_the_suite_runs_in_float32_unless_a_test_is_marked_bf16():
     """Whatever this CPU's `auto` precision is (tests/conftest.py): a verdict must not hang on one CPU
     kind's bf16 kernels."""
-    assert os.environ.get("NADBENCH_PRECISION") == "float32"
+    from nadbench import settings
+
+    assert settings.current().precision == "float32" and os.environ.get("NADBENCH_PRECISION") == "float32"
     assert precision(torch.device("cpu")) == "float32"
 
 
@@ -119,8 +123,10 @@ def test_the_cpus_default_precision_trains_a_model_that_learns(effect_seed, reco
     """The bf16 path as a user's run takes it (`auto`: autocast where the CPU has native bf16, float32
     elsewhere), held to what every bf16 kernel shares: the forward runs in the chosen dtype, the loss
     falls, and the model learns the toy task far above chance."""
-    assert os.environ["NADBENCH_PRECISION"] == "auto"
-    expected = torch.bfloat16 if trainmod.native_bf16_cpu() else torch.float32
+    from nadbench import settings
+
+    assert settings.current().precision == "auto"
+    expected = torch.bfloat16 if settings.native_bf16_cpu() else torch.float32
     dtypes, losses = set(), []
 
     def recording(model, x, y):
