@@ -27,24 +27,25 @@ from . import config as cfgmod
 from . import data as datamod
 from . import fused
 from . import poisoning as poisonmod
-from .api import AttackContext, DefenseContext, Split
-from .attention import layer_names
+from .api import DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
-from .evaluate import accuracy, evaluate
 from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
-from .models import build, classifier_name
 from .plan import (CELL_CODE, KIND_PREFIX, POISON_CODE, TRAIN_CODE, Keys, Plan,  # noqa: F401 — re-exported
                    configured, overrides_for)
 from .poisoning import Poisoning
-from .reactivation import retune, retuning_set
 from .record import (cell_params, figure_logger, git_commit, log_extras, log_table,  # noqa: F401 — re-exported
                      provenance, record_backdoor, record_result, side_metrics)
 from .registry import PluginError, Registry
 from .sources import cell_tag
-from .store import Store
-from .subsets import clean_subset
 from .settings import RunSettings, current, use
-from .train import numerics, train
+from .stages import defend as defend_stage
+from .stages import fused as fused_stage
+from .stages import poison as poison_stage
+from .stages import train as train_stage
+from .stages.defend import attention_layers, classifier_layer  # noqa: F401 — re-exported
+from .stages.train import check_learned  # noqa: F401 — re-exported
+from .store import Store
+from .train import numerics
 
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
 MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
@@ -64,46 +65,6 @@ def check_attack(attack, dataset) -> None:
     its target, then the attack's own ``check`` (``bench run`` and ``bench attack``)."""
     check_target(attack, dataset)
     attack.check(dataset)
-
-
-def check_learned(attack, when: str) -> dict[str, torch.Tensor]:
-    """``attack.learned_state()``, refused unless it is ``dict[str, Tensor]`` (it is stored with the
-    model): called after the first optimiser step too, so a wrong one fails then, not after training."""
-    state = attack.learned_state()
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in state.items())):
-        got = ("{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in state.items()) + "}"
-               if isinstance(state, dict) else type(state).__name__)
-        raise PluginError(f"attack {attack.name!r} ({attack.provider}) breaks the plugin contract: learned_state() "
-                          f"must return dict[str, Tensor] (stored with the model), and {when} it returned {got}: "
-                          "return tensors, e.g. a module's state_dict() items or torch.tensor(number)")
-    return state
-
-
-def attention_layers(registry: Registry, arch: str, dataset: str) -> tuple[str, ...]:
-    """The attention layers of a built model of ``arch``, checked to exist (a model plugin's contract)."""
-    spec = registry.model(arch)
-    model = build(spec, registry.dataset(dataset))
-    layers = layer_names(model, spec.attention_layers)
-    missing = [n for n in layers if not _has_module(model, n)]
-    if missing:
-        raise PluginError(f"model {arch!r} ({spec.provider}) breaks the plugin contract: its declared attention "
-                          f"layers {', '.join(missing)} do not exist in the built network")
-    return layers
-
-
-def classifier_layer(registry: Registry, arch: str, dataset: str) -> str:
-    """The final linear layer of a built model of ``arch`` ("" when it declares none), checked."""
-    spec = registry.model(arch)
-    return classifier_name(build(spec, registry.dataset(dataset)), spec)
-
-
-def _has_module(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[str, str]],
@@ -222,23 +183,9 @@ class Runner:
     def train_key(self, dataset: str, arch: str, seed: int, poison: str | None) -> tuple[str, str]:
         return self.keys.train(dataset, arch, seed, poison)
 
-    def poison_key(self, cell: Cell) -> tuple[str, str]:
-        return self.plan(cell).poison
-
-    def teacher_key(self, cell: Cell) -> str | None:
-        """The train key of the supplied teacher, when the cell needs one other than the student."""
-        teacher = self.plan(cell).teacher
-        return teacher and teacher[0]
-
     def cell_key(self, cell: Cell) -> tuple[str, str]:
         """Everything a cell's recorded result depends on (see ``Keys.plan``)."""
         return self.plan(cell).key
-
-    def _attack_obj(self, name: str):
-        return self.keys.configured("attacks", name)
-
-    def _defense_obj(self, name: str):
-        return self.keys.configured("defenses", name)
 
     def clean_share(self, cell: Cell) -> float:
         return self.profile.clean_share if cell.clean_share is None else cell.clean_share
@@ -275,68 +222,41 @@ class Runner:
                     self._poison[key] = poisonmod.restore(key, plan.attack, train_set, entry[0], self.device,
                                                            spec.num_classes)
                 else:
-                    self._poison[key] = self._craft(plan, spec, train_set, test_set)
+                    p, tensors = poison_stage.poison(
+                        key, plan.attack, spec, train_set, test_set, seed=plan.cell.seed, device=self.device,
+                        clean_model=lambda: self.clean_model(plan).model, progress=self.progress,
+                        load_dataset=lambda name: self.registry.dataset(name).load(self.data_root))
+                    self.store.save_tensors(POISON_DIR, key, text, tensors, {"attack": plan.attack.name})
+                    self._poison[key] = p
         return self._poison[key]
-
-    def _craft(self, plan: Plan, spec, train_set: Split, test_set: Split) -> Poisoning:
-        attack, (key, text) = plan.attack, plan.poison
-
-        def clean_model():
-            if not attack.uses_clean_model:
-                raise PluginError(f"attack {attack.name!r} ({attack.provider}) calls ctx.clean_model() but does not "
-                                  "declare uses_clean_model = True (its poisoning depends on that model, so the "
-                                  "engine must key the stored poisoning by it)")
-            return self.clean_model(plan).model
-
-        ctx = AttackContext(dataset=spec, train=train_set, device=self.device, seed=plan.cell.seed,
-                            clean_model=clean_model,
-                            load_dataset=lambda name: self.registry.dataset(name).load(self.data_root),
-                            progress=self.progress)
-        poisoning, tensors = poisonmod.craft(key, attack, ctx, train_set, test_set, plan.cell.seed)
-        self.store.save_tensors(POISON_DIR, key, text, tensors, {"attack": attack.name})
-        return poisoning
-
-    def attack(self, cell: Cell | Plan):
-        """(attack, poisoned train set, poisoned indices, ASR set, images the attack logged)."""
-        p = self.poisoning(cell)
-        return p.attack, p.poisoned, p.index, p.triggered, p.images
 
     def _trained(self, dataset: str, arch: str, seed: int, stage: tuple[str, str], data, desc: str,
                  attack=None, index=None):
-        """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` (a callable,
-        so that a cache hit builds nothing), with ``attack``'s training step when it gives one
-        (``index``: the poisoned rows) and its own epochs when its config sets ``epochs``. What an
-        attack that learns its trigger learnt, and the ASR set made with it, are stored with the model
-        and put back into ``attack`` on a hit. Returns (model in eval mode, cache hit)."""
+        """The train stage ``stage`` (key, text) of :mod:`nadbench.stages.train`: a model of ``arch``
+        trained on ``data()`` (a callable, so that a cache hit builds nothing) with ``attack`` (its step
+        over the poisoned rows ``index``, its epochs); what an attack that learns its trigger learnt is
+        put back into ``attack`` on a hit. Returns (model in eval mode, cache hit)."""
         key, text = stage
         spec, _, test_set = self.data(dataset)
-        torch.manual_seed(seed)
-        model = build(self.registry.model(arch), spec, self.device)
+        model = train_stage.initial(self.registry.model(arch), spec, seed, self.device)
         entry, hit = self._models.get(key), key in self._models
         if hit:
-            model.load_state_dict(_part(entry, ""))
+            model.load_state_dict(train_stage.part(entry, ""))
         else:
             with self.store.lock(MODELS_DIR, key):
                 stored = self.store.load_tensors(MODELS_DIR, key, text)
-                hit = stored is not None and _load_state(model, _part(stored[0], ""), self.store.path(MODELS_DIR, key))
+                hit = stored is not None and _load_state(model, train_stage.part(stored[0], ""),
+                                                         self.store.path(MODELS_DIR, key))
                 if hit:
                     entry = stored[0]
                 else:
-                    start, poisoned = time.perf_counter(), data()
-                    step = attack.train_step(index, len(poisoned)) if attack is not None else None
-                    epochs = getattr(attack.config, "epochs", None) if attack is not None else None
-
-                    def after_step(i):  # what the attack learnt, checked after the first optimiser step
-                        if i == 0 and attack is not None and attack.learns_trigger:
-                            check_learned(attack, "after the first optimiser step")
-                    train(model, poisoned, self.profile.backdoor_optim(epochs), seed=seed, step=step, desc=desc,
-                          progress=self.progress, on_step=after_step)
-                    entry = {**model.state_dict(), **_learned(attack, test_set)}
+                    start = time.perf_counter()
+                    entry = train_stage.trained(model, data(), self.profile, seed=seed, test_set=test_set,
+                                                attack=attack, index=index, desc=desc, progress=self.progress)
                     self.store.save_tensors(MODELS_DIR, key, text, entry,
                                             {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
             self._models[key] = {k: v.clone() for k, v in entry.items()}
-        if attack is not None and attack.learns_trigger:
-            attack.load_learned_state({k: v.to(self.device) for k, v in _part(entry, "attack/").items()})
+        train_stage.restore_learned(attack, entry, self.device)
         return model.eval(), hit
 
     @_in_force
@@ -348,7 +268,7 @@ class Runner:
         spec, train_set, test_set = self.data(c.dataset)
         model, hit = self._trained(c.dataset, c.student, c.seed, plan.clean, lambda: train_set, f"clean {c.student}")
         if plan.clean[0] not in self._metrics:
-            self._metrics[plan.clean[0]] = {"acc": accuracy(model, test_set)}
+            self._metrics[plan.clean[0]] = {"acc": defend_stage.accuracy(model, test_set)}
         return Trained(model, self._metrics[plan.clean[0]], hit)
 
     @_in_force
@@ -361,8 +281,7 @@ class Runner:
         stage = plan.student if arch == c.student else (plan.teacher or self.train_key(c.dataset, arch, c.seed,
                                                                                        plan.poison[0]))
         p = self.poisoning(plan)
-        # Another architecture's model is trained by a copy of the attack: it learns its own trigger.
-        attack = p.attack if arch == c.student else copy.deepcopy(p.attack)
+        attack = train_stage.attack_for(p.attack, arch, c.student)
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",
                              attack, p.index)
 
@@ -376,10 +295,7 @@ class Runner:
         if not p.attack.learns_trigger:
             return p
         self.supplied(plan, plan.cell.student)
-        entry = self._models[plan.student[0]]
-        asr = {k: v.to(self.device) for k, v in _part(entry, "asr/").items()}
-        return dataclasses.replace(p, triggered=Split(asr["images"], asr["labels"]), targets=asr["targets"],
-                                   evaluations=poisonmod.unpack(entry, self.device))
+        return train_stage.armed(p, self._models[plan.student[0]], self.device)
 
     @_in_force
     def backdoored(self, cell: Cell | Plan) -> Trained:
@@ -390,7 +306,7 @@ class Runner:
         model, hit = self.supplied(plan, plan.cell.student)
         p = self.armed(plan)
         if plan.student[0] not in self._metrics:
-            self._metrics[plan.student[0]] = evaluate(model, test_set, p.triggered, p.targets, p.evaluations)
+            self._metrics[plan.student[0]] = defend_stage.measure(model, test_set, p)
         return Trained(model, self._metrics[plan.student[0]], hit)
 
     @_in_force
@@ -401,11 +317,9 @@ class Runner:
         c = plan.cell
         _, _, test_set = self.data(c.dataset)
         p = self.armed(plan)
-        data, positions = retuning_set(p.poisoned, p.index, c.seed)
 
         def check(m):
-            retuned = retune(m, data, positions, p.attack, c.seed, self.profile.crop, self.profile.flip, self.progress)
-            return evaluate(retuned, test_set, p.triggered, p.targets)
+            return defend_stage.retuned(m, p, test_set, c.seed, self.profile, self.progress)
         ref = ("reactivated", plan.clean[0], plan.poison[0])
         if ref not in self._metrics:
             self._metrics[ref] = check(self.clean_model(plan).model)
@@ -444,7 +358,7 @@ class Runner:
                 plans.append(self.plan(cell))
             except Exception:  # noqa: BLE001 — the cell meets the same error and records it
                 pass
-        optim = self.profile.backdoor_optim()
+        optim = train_stage.schedule(self.profile)
         clean = {p.clean: fused.Job(p.clean, p.cell.dataset, p.cell.student, p.cell.seed,
                                     self.data(p.cell.dataset)[1], optim, f"clean {p.cell.student}")
                  for p in plans if p.uses_clean}
@@ -462,9 +376,8 @@ class Runner:
             if attack.learns_trigger or attack.train_step(poisoning.index, len(poisoning.poisoned)) is not None:
                 notes.append(f"{c.attack}/{c.student}: trained alone, its attack controls training")
                 continue
-            epochs = getattr(attack.config, "epochs", None)
             jobs[p.student] = fused.Job(p.student, c.dataset, c.student, c.seed, poisoning.poisoned,
-                                        self.profile.backdoor_optim(epochs), f"backdoor {c.student}")
+                                        train_stage.schedule(self.profile, attack), f"backdoor {c.student}")
         self._fuse(list(jobs.values()), notes)
         return notes
 
@@ -477,21 +390,17 @@ class Runner:
             with contextlib.ExitStack() as locks:
                 for job in group:
                     locks.enter_context(self.store.lock(MODELS_DIR, job.stage[0]))
-                models = []
-                for job in group:  # initialised as the lone path (Runner._trained) initialises them
-                    torch.manual_seed(job.seed)
-                    models.append(build(self.registry.model(job.arch), self.data(job.dataset)[0], self.device))
                 start = time.perf_counter()
                 try:
-                    fused.train_fused(models, [j.data for j in group], first.optim, seeds=[j.seed for j in group],
-                                      desc=first.desc, progress=self.progress)
+                    states = fused_stage.trained_together(
+                        self.registry.model(first.arch), self.data(first.dataset)[0], [j.data for j in group],
+                        [j.seed for j in group], first.optim, self.device, desc=first.desc, progress=self.progress)
                 except Exception as exc:  # noqa: BLE001 — e.g. an op vmap cannot batch: the cells train alone
                     notes += [f"{j.desc} (seed {j.seed}): trained alone, fused training failed: "
                               f"{type(exc).__name__}: {exc}" for j in group]
                     continue
                 spent = f"{time.perf_counter() - start:.1f}"
-                for job, model in zip(group, models):
-                    entry = model.state_dict()
+                for job, entry in zip(group, states):
                     self.store.save_tensors(MODELS_DIR, *job.stage, entry,
                                             {"train_s": spent, "arch": job.arch, "fused_with": str(len(group))})
                     self._models[job.stage[0]] = {k: v.clone() for k, v in entry.items()}
@@ -501,7 +410,7 @@ class Runner:
     def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Run one cell and log it as a child run of ``parent`` (or into the open run ``run_id``)."""
         t = self.tracker
-        params = cell_params(self, cell, self._defense_obj(cell.defense))
+        params = cell_params(self, cell, self.keys.configured("defenses", cell.defense))
         # The run starts before any stage, data loading included (the cell's key holds the data's
         # digest), so every failure has a run.
         if t:
@@ -527,16 +436,14 @@ class Runner:
             if t:
                 record_backdoor(t, run_id, p, before, {"backdoor.cache_hit": hit, "teacher.cache_hit": teacher_hit},
                                 len(train_set), len(test_set), t_backdoor, clean_ref)
-            # Nested over shares: the 1% subset of a seed lies inside its 5% one (subsets.clean_subset).
-            clean = clean_subset(train_set, plan.clean_share, cell.seed)
             original = copy.deepcopy(model)
             ctx = self.defense_context(plan, log, run_id)
-            repaired, t_defense = apply_defense(plan.defense, model, clean, ctx)
-            measured = measure_defended(repaired, lambda m: evaluate(m, test_set, p.triggered, p.targets,
-                                                                     p.evaluations), before)
+            repaired, t_defense, n_clean = defend_stage.defend(plan.defense, model, train_set, plan.clean_share,
+                                                               cell.seed, ctx)
+            measured = defend_stage.measured(repaired, test_set, p, before)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
-                      "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED",
+                      "n_clean": n_clean, "clean_model": clean_ref, "status": "FINISHED",
                       "profile": self.profile.name, "defense_config": cfgmod.key_values(plan.defense.config)}
             if self.reactivation:
                 start = time.perf_counter()
@@ -555,57 +462,17 @@ class Runner:
             raise
 
     def defense_context(self, cell: Cell | Plan, log, run_id: str | None = None) -> DefenseContext:
-        """What the cell's defense may reach: architectures, a model builder, the supplied models,
-        attention and classifier layers, device, seed, logging. Nothing that loads data: its
-        callables hold the registry, the dataset's spec and the supplied models' weights, never
-        this Runner (whose memory holds the test split and the ASR set)."""
+        """What the cell's defense may reach (:func:`nadbench.stages.defend.context`), with the
+        supplier's models it needs (the teacher is trained now if it is not stored)."""
         plan = self.plan(cell)
         cell = plan.cell
-        registry, device = self.registry, self.device
-        spec = registry.dataset(cell.dataset)
         uses_teacher = plan.defense.uses_teacher
-        # The supplier's models, as state dicts (the teacher is trained now if it is not stored).
         archs = [cell.teacher] if uses_teacher and cell.teacher_source == "supplied" else []
         archs += [cell.student] if not (uses_teacher and cell.teacher == cell.student) else []
         weights = {arch: self.supplied(plan, arch)[0].state_dict() for arch in archs}
-
-        def build_model(arch: str):
-            return build(registry.model(arch), spec, device)
-
-        def supplied_model(arch: str):  # a fresh copy each call
-            if arch not in weights:
-                return None
-            model = build_model(arch)
-            model.load_state_dict(weights[arch])
-            return model.eval()
-
-        return DefenseContext(
-            device=device, num_classes=spec.num_classes, student=cell.student, teacher=cell.teacher,
-            seed=cell.seed, student_layers=attention_layers(registry, cell.student, cell.dataset),
-            teacher_layers=attention_layers(registry, cell.teacher, cell.dataset),
-            classifier_layer=classifier_layer(registry, cell.student, cell.dataset),
-            build_model=build_model, supplied_model=supplied_model, log_metric=log,
-            log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
-
-
-def _learned(attack, test_set: Split) -> dict[str, torch.Tensor]:
-    """What ``attack`` learnt while training (``attack/`` tensors) and the ASR set and the sets of its
-    own evaluations made with it (``asr/``, ``eval/``), for an attack that learns its trigger; nothing
-    for the others."""
-    if attack is None or not attack.learns_trigger:
-        return {}
-    triggered = attack.trigger_test(test_set)
-    return {**{f"attack/{k}": v.detach() for k, v in check_learned(attack, "after training").items()},
-            "asr/images": triggered.images, "asr/labels": triggered.labels,
-            "asr/targets": attack.targets(triggered.labels),
-            **poisonmod.pack(poisonmod.evaluation_sets(attack, test_set))}
-
-
-def _part(entry: dict, prefix: str) -> dict:
-    """The tensors of a stored model entry under ``prefix`` (""): the model's own, whose names hold no "/")."""
-    if not prefix:
-        return {k: v for k, v in entry.items() if "/" not in k}
-    return {k[len(prefix):]: v for k, v in entry.items() if k.startswith(prefix)}
+        return defend_stage.context(self.registry, cell.dataset, student=cell.student, teacher=cell.teacher,
+                                    seed=cell.seed, device=self.device, weights=weights, log_metric=log,
+                                    log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
 
 
 def _load_state(model: torch.nn.Module, state: dict, path: Path) -> bool:

@@ -17,13 +17,13 @@ from .grid import Cell, Profile, by_profile, profile_values
 from .registry import Registry, addressing, spelling, variant_order
 from .store import stage_key
 
-# The core modules that compute each stage's output; their sources (and their imports within
-# nadbench, see core/codehash.py) are in the stage's key, beside the plugins' own code.
-POISON_CODE = ("nadbench.poisoning",)
+# The stage modules (core/stages/) whose code each key holds: their sources and their imports within
+# nadbench (core/codehash.py), the stage's wiring included. The driver (core/engine.py) is in none.
+POISON_CODE = ("nadbench.stages.poison",)
 NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench attack`)
-TRAIN_CODE = ("nadbench.train", "nadbench.models", "nadbench.grid")
-FUSED_CODE = ("nadbench.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
-CELL_CODE = ("nadbench.defending", "nadbench.evaluate", "nadbench.subsets", "nadbench.reactivation")
+TRAIN_CODE = ("nadbench.stages.train",)
+FUSED_CODE = ("nadbench.stages.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
+CELL_CODE = ("nadbench.stages.defend",)
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
 
 Key = tuple[str, str]  # (digest, the canonical text it digests)

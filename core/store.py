@@ -21,15 +21,10 @@ from safetensors.torch import load_file
 
 from .models import save_tensors
 
-# The code that computes a stage is in its key by content (core/codehash.py); this version covers
-# what is not: the engine's wiring of stages (core/engine.py: which data and models a stage gets,
-# the seed of a model's initialisation) and the store's format. Bump it when either changes.
-CORE_VERSION = "4"
-
-
 def stage_key(stage: str, parts: dict[str, Any]) -> tuple[str, str]:
-    """(short key, full key text) of a stage: a sha256 over the canonical JSON of its inputs."""
-    text = json.dumps({"stage": stage, "core": CORE_VERSION, **parts}, sort_keys=True, default=str)
+    """(short key, full key text) of a stage: a sha256 over the canonical JSON of its inputs, the code of
+    its stage module among them (core/plan.py, core/codehash.py)."""
+    text = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24], text
 
 

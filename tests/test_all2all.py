@@ -141,12 +141,12 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
 def test_the_engine_trains_a_backdoored_model_for_its_attacks_epochs(toy_registry, tmp_path, monkeypatch):
     """An attack's ``epochs`` (here set with ``--set``) replaces the profile's for the models it
     backdoors, and keys them; the clean model keeps the profile's."""
-    import nadbench.engine as engine
+    import nadbench.stages.train as train_stage
     from nadbench.engine import Cell
 
     seen = []
-    real = engine.train
-    monkeypatch.setattr(engine, "train", lambda model, data, opt, **kw: seen.append(opt.epochs) or real(model, data, opt, **kw))
+    real = train_stage.train
+    monkeypatch.setattr(train_stage, "train", lambda model, data, opt, **kw: seen.append(opt.epochs) or real(model, data, opt, **kw))
 
     def runner(epochs):
         return Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),

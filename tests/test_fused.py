@@ -111,16 +111,18 @@ def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_
     them) train first, then the backdoored models of one architecture and schedule, in chunks of
     ``fused_max``; the all-to-all variant's other schedule groups apart, and WaNet, whose step
     controls training, is left to its cells."""
-    import nadbench.engine as engine
+    import nadbench.stages.train as train_stage
     from nadbench.engine import Runner, expand
     from nadbench.grid import profile
 
     run_settings(fused=True, fused_max=2)
     fused_groups, alone = [], []
-    real_fused, real_train = fused.train_fused, engine.train
-    monkeypatch.setattr(fused, "train_fused", lambda models, datas, opt, **kw:
+    import nadbench.stages.fused as fused_stage
+
+    real_fused, real_train = fused.train_fused, train_stage.train
+    monkeypatch.setattr(fused_stage, "train_fused", lambda models, datas, opt, **kw:
                         fused_groups.append((len(models), opt.epochs)) or real_fused(models, datas, opt, **kw))
-    monkeypatch.setattr(engine, "train", lambda *a, **kw: alone.append(kw["desc"]) or real_train(*a, **kw))
+    monkeypatch.setattr(train_stage, "train", lambda *a, **kw: alone.append(kw["desc"]) or real_train(*a, **kw))
     reg = toy_registry()
     prof = profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
     runner = Runner(reg, prof, device=torch.device("cpu"), progress=False, cache_dir=tmp_path, clean_reference=True,
@@ -148,7 +150,7 @@ def test_a_group_whose_fused_training_fails_is_left_to_its_cells(toy_registry, t
 
     def fail(*a, **kw):
         raise RuntimeError("vmap: no batching rule for an op")
-    monkeypatch.setattr(fused, "train_fused", fail)
+    monkeypatch.setattr("nadbench.stages.fused.train_fused", fail)
     runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
                     device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
     cell = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)

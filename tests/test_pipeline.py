@@ -57,7 +57,7 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     base = _runner(registry, tmp_path)
 
     def keys(runner, cell=CELL):
-        poison = runner.poison_key(cell)[0]
+        poison = runner.plan(cell).poison[0]
         return poison, runner.train_key(cell.dataset, cell.student, cell.seed, poison)[0], runner.cell_key(cell)[0]
 
     p0, t0, c0 = keys(base)
@@ -93,18 +93,17 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
     # seeds and students: BadNets' poisoning is shared by architectures, Trojan's (crafted against
     # the student's clean model) is not; the seed changes all
     other = dataclasses.replace(CELL, student="wrn-16-2", teacher="wrn-16-2")
-    assert base.poison_key(other) == base.poison_key(CELL)
+    assert base.plan(other).poison == base.plan(CELL).poison
     trojan = dataclasses.replace(CELL, attack="trojan")
-    assert base.poison_key(dataclasses.replace(trojan, student="wrn-16-2")) != base.poison_key(trojan)
-    assert _runner(registry, tmp_path, epochs="2").poison_key(trojan) != base.poison_key(trojan)
+    assert base.plan(dataclasses.replace(trojan, student="wrn-16-2")).poison != base.plan(trojan).poison
+    assert _runner(registry, tmp_path, epochs="2").plan(trojan).poison != base.plan(trojan).poison
     assert len(set(keys(base, dataclasses.replace(CELL, seed=1))) & {p0, t0, c0}) == 0
     # the teacher: its architecture and source change the cell, not the student's model
     for teacher in (dataclasses.replace(CELL, teacher="wrn-16-2"), dataclasses.replace(CELL, teacher_source="scratch")):
         p, t, c = keys(base, teacher)
         assert (p, t) == (p0, t0) and c != c0
-    assert base.teacher_key(CELL) is None
-    assert base.teacher_key(dataclasses.replace(CELL, teacher="wrn-16-2")) == \
-        base.train_key("toy", "wrn-16-2", 0, p0)[0]
+    assert base.plan(CELL).teacher is None
+    assert base.plan(dataclasses.replace(CELL, teacher="wrn-16-2")).teacher == base.train_key("toy", "wrn-16-2", 0, p0)
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -235,13 +234,13 @@ def test_nad_runs_with_a_teacher_of_another_architecture_from_both_sources(regis
         result = runner.run_cell(cell)
         assert result["status"] == "FINISHED" and result["cell"]["teacher_source"] == source
     # the supplied WRN-16-2 was trained once, on the cell's poisoned data, and stored
-    key = runner.teacher_key(dataclasses.replace(CELL, teacher="wrn-16-2"))
+    key = runner.plan(dataclasses.replace(CELL, teacher="wrn-16-2")).teacher[0]
     assert (tmp_path / "models" / f"{key}.safetensors").exists()
 
 
 def test_stage_key_text_is_the_canonical_json():
     key, text = stage_key("x", {"b": 1, "a": [1, 2]})
-    assert key == stage_key("x", {"a": [1, 2], "b": 1})[0] and '"core"' in text and len(key) == 24
+    assert key == stage_key("x", {"a": [1, 2], "b": 1})[0] and '"stage": "x"' in text and len(key) == 24
 
 
 # ------------------------------------------------------------------------------------- heartbeats
@@ -300,7 +299,7 @@ def test_keys_hold_the_datas_content_not_its_name(toy_registry, tmp_path, monkey
 
     def keys(root):
         runner = Runner(reg, profile("quick"), device=torch.device("cpu"), data_root=root, cache_dir=tmp_path)
-        poison = runner.poison_key(cell)[0]
+        poison = runner.plan(cell).poison[0]
         return poison, runner.train_key("tiny", "wrn-16-1", 0, poison)[0], runner.cell_key(cell)[0]
 
     a, b, c = (keys(root) for root in roots)
@@ -317,49 +316,58 @@ def test_a_file_a_config_names_is_keyed_by_its_content(registry, tmp_path):
     keys = []
     for seed in (0, 1, 0):  # a runner plans a cell once (when the grid starts): one runner per content
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(key_image)
-        keys.append(_runner(registry, tmp_path, {"blend": {"key_image": str(key_image)}}).poison_key(cell)[0])
+        keys.append(_runner(registry, tmp_path, {"blend": {"key_image": str(key_image)}}).plan(cell).poison[0])
     assert keys[0] != keys[1] and keys[0] == keys[2]
     folder = tmp_path / "reflections"
 
     def refool():
         return _runner(registry, tmp_path, {"refool": {"reflection_folder": str(folder)}})
     _tiny_folder(folder, 0)
-    before = refool().poison_key(dataclasses.replace(CELL, attack="refool"))[0]
+    before = refool().plan(dataclasses.replace(CELL, attack="refool")).poison[0]
     _tiny_folder(folder, 1)  # the same names, other pictures
-    assert refool().poison_key(dataclasses.replace(CELL, attack="refool"))[0] != before
+    assert refool().plan(dataclasses.replace(CELL, attack="refool")).poison[0] != before
 
 
 def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatch):
-    """An edit to core/adversarial.py (Trojan's and CL's) re-crafts Trojan's poisoning and not
-    BadNets'; an edit to the evaluation re-evaluates cells without retraining any model; an edit
-    to the CLI or the table changes nothing."""
+    """An edit to a stage's module (core/stages/: its wiring, e.g. the epochs rule or the seeding in
+    stages/train.py) changes exactly the keys of that stage and of those that take its output; an edit
+    to core/adversarial.py (Trojan's and CL's) re-crafts Trojan's poisoning and not BadNets'; an edit
+    to the evaluation re-evaluates cells without retraining any model; an edit to the driver, the CLI,
+    tracking, the table or the README changes nothing (there is no version to bump)."""
     from nadbench import codehash
 
     real = codehash.read_source
 
-    def keys(edited: str | None):
-        monkeypatch.setattr(codehash, "read_source",
-                            lambda file: real(file) + (b"\n# edited" if file.name == edited else b""))
+    def keys(edited: str | None):  # ``edited``: a path under core/ standing for an edited file
+        monkeypatch.setattr(codehash, "read_source", lambda file: real(file) + (
+            b"\n# edited" if edited and file.as_posix().endswith(f"core/{edited}") else b""))
         codehash.code_hash.cache_clear()
         runner = _runner(toy_registry(), tmp_path)  # a fresh registry: plugin hashes are taken at load
         out = {}
         for attack in ("badnets", "trojan"):
             cell = dataclasses.replace(CELL, attack=attack)
-            poison = runner.poison_key(cell)[0]
-            out[attack] = (poison, runner.train_key("toy", "wrn-16-1", 0, poison)[0], runner.cell_key(cell)[0])
+            plan = runner.plan(cell)
+            out[attack] = (plan.poison[0], plan.student[0], plan.key[0])
         return out
 
     base = keys(None)
     adversarial = keys("adversarial.py")
     assert adversarial["badnets"] == base["badnets"]
     assert not set(adversarial["trojan"]) & set(base["trojan"])
-    evaluation = keys("evaluate.py")
+    for edited in ("evaluate.py", "stages/defend.py"):  # the cell stage: poisonings and models stay
+        evaluation = keys(edited)
+        for attack in ("badnets", "trojan"):
+            assert evaluation[attack][:2] == base[attack][:2] and evaluation[attack][2] != base[attack][2], edited
+    for edited in ("train.py", "stages/train.py"):  # the loop, the train stage's wiring: models and cells,
+        training = keys(edited)                      # and the poisoning crafted against the clean model
+        assert training["badnets"][0] == base["badnets"][0], edited
+        assert training["badnets"][1] != base["badnets"][1] and training["badnets"][2] != base["badnets"][2]
+        assert not set(training["trojan"]) & set(base["trojan"]), edited
+    poisoning = keys("stages/poison.py")
     for attack in ("badnets", "trojan"):
-        assert evaluation[attack][:2] == base[attack][:2] and evaluation[attack][2] != base[attack][2]
-    training = keys("train.py")  # the loop: models (the clean one Trojan crafts against too) and cells
-    assert training["badnets"][0] == base["badnets"][0] and training["badnets"][1] != base["badnets"][1]
-    assert training["trojan"][0] != base["trojan"][0]
-    for unrelated in ("cli.py", "table.py", "tracking.py", "engine.py"):
+        assert not set(poisoning[attack]) & set(base[attack])
+    for unrelated in ("cli.py", "table.py", "tracking.py", "engine.py", "plan.py", "executors.py", "record.py",
+                      "../README.md"):
         assert keys(unrelated) == base, unrelated
     codehash.code_hash.cache_clear()
 
@@ -403,9 +411,9 @@ def test_set_overrides_reach_only_the_plugin_of_their_kind(toy_registry, tmp_pat
     _, over = _parse_sets(("attack.twin.strength=3",), reg, grid)
     assert over == {"attack.twin": {"strength": "3"}}
     runner = _runner(reg, tmp_path, over)
-    assert runner._attack_obj("twin").config.strength == 3.0 and runner._defense_obj("twin").config.strength == 2.0
+    assert runner.keys.configured("attacks", "twin").config.strength == 3.0 and runner.keys.configured("defenses", "twin").config.strength == 2.0
     with pytest.raises(ConfigError, match="ambiguous"):
-        _runner(reg, tmp_path, {"twin": {"strength": "3"}})._attack_obj("twin")
+        _runner(reg, tmp_path, {"twin": {"strength": "3"}}).keys.configured("attacks", "twin")
     _, over = _parse_sets(("badnets.target=0", "nad.epochs=2"), reg, {"attacks": ["badnets"], "defenses": ["nad"]})
     assert over == {"attack.badnets": {"target": "0"}, "defense.nad": {"epochs": "2"}}
 

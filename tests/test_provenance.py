@@ -211,14 +211,14 @@ def test_a_profile_sets_only_the_fields_a_defense_declares_and_the_engine_applie
     reg = toy_registry(defenses=[Undeclared, Declared])
     quick = Runner(reg, profile("quick"), device=torch.device("cpu"), cache_dir=tmp_path)
     paper = Runner(reg, profile("paper"), device=torch.device("cpu"), cache_dir=tmp_path)
-    assert quick._defense_obj("undeclared").config.lr == 0.1  # its own default
-    assert (quick._defense_obj("declared").config.lr, quick._defense_obj("declared").config.rounds) == (0.03, 2)
-    assert (paper._defense_obj("declared").config.lr, paper._defense_obj("declared").config.rounds) == (0.1, 9)
+    assert quick.keys.configured("defenses", "undeclared").config.lr == 0.1  # its own default
+    assert (quick.keys.configured("defenses", "declared").config.lr, quick.keys.configured("defenses", "declared").config.rounds) == (0.03, 2)
+    assert (paper.keys.configured("defenses", "declared").config.lr, paper.keys.configured("defenses", "declared").config.rounds) == (0.1, 9)
     for name in ("finetune", "nad", "fine-pruning", "mcr"):
-        assert quick._defense_obj(name).config.lr == 0.03 and paper._defense_obj(name).config.lr == 0.1
+        assert quick.keys.configured("defenses", name).config.lr == 0.03 and paper.keys.configured("defenses", name).config.lr == 0.1
     mine = Runner(reg, profile("quick"), device=torch.device("cpu"), cache_dir=tmp_path,
                   overrides={"defense.nad": {"lr": "0.5"}})
-    assert mine._defense_obj("nad").config.lr == 0.5  # the user's --set wins
+    assert mine.keys.configured("defenses", "nad").config.lr == 0.5  # the user's --set wins
     from click.testing import CliRunner
 
     from nadbench.cli import main

@@ -44,14 +44,14 @@ def test_a_runner_computes_under_its_own_settings_whatever_the_process_default(t
                                                                               monkeypatch):
     """The settings a Runner was made with are in force in its stages (the loop reads them there), and
     its train keys hold their numerics; the process default is untouched outside."""
-    import nadbench.engine as engine
+    import nadbench.stages.train as train_stage
     from nadbench import settings
     from nadbench.engine import Cell, Runner
     from nadbench.grid import profile
 
     seen = []
-    real = engine.train
-    monkeypatch.setattr(engine, "train", lambda *a, **kw: seen.append(settings.current()) or real(*a, **kw))
+    real = train_stage.train
+    monkeypatch.setattr(train_stage, "train", lambda *a, **kw: seen.append(settings.current()) or real(*a, **kw))
     reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
     cell = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)
     own = settings.RunSettings(precision="bf16", threads=torch.get_num_threads())
