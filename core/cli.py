@@ -798,25 +798,59 @@ def _cache_parts() -> dict[str, Path]:
     return {"datasets": root / DATASETS_DIR, "poison": root / POISON_DIR, "models": root / MODELS_DIR}
 
 
+def _entries(folder: Path):
+    """(path, why it is unreachable or None) of each stored stage entry in ``folder``."""
+    from safetensors import safe_open
+
+    from .plan import unreachable
+
+    registry = _registry()
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(path), "pt") as f:
+                text = (f.metadata() or {}).get("key", "")
+        except Exception as exc:  # noqa: BLE001 — a broken file: no key reaches it
+            yield path, f"unreadable ({type(exc).__name__})"
+            continue
+        yield path, unreachable(text, registry)
+
+
 @cache.command("info")
 def cache_info():
-    """Where the cache lives, and how many files and bytes each part holds."""
+    """Where the cache lives, how many files and bytes each part holds, and how many stored stages
+    no key of the current code can reach (their stage's or plugin's code changed since)."""
     parts = _cache_parts()
     click.echo(f"cache: {next(iter(parts.values())).parent}")
     for name, folder in parts.items():
         files = [f for f in folder.glob("*.safetensors")] if folder.is_dir() else []
         size = sum(f.stat().st_size for f in files)
-        click.echo(f"  {name:<9} {len(files):>5} file(s) {size / 2**20:>9.1f} MiB  {folder}")
+        line = f"  {name:<9} {len(files):>5} file(s) {size / 2**20:>9.1f} MiB  {folder}"
+        if name != "datasets":
+            stale = [p for p, why in _entries(folder) if why]
+            line += f"  ({len(stale)} unreachable: bench cache clear --unreachable)" if stale else ""
+        click.echo(line)
 
 
 @cache.command("clear")
 @click.argument("part", required=False, type=click.Choice(["datasets", "poison", "models"]))
-def cache_clear(part):
+@click.option("--unreachable", is_flag=True,
+              help="Only the stored poisonings and models no key of the current code can reach, saying why.")
+def cache_clear(part, unreachable):
     """Delete the cached models and datasets (or one PART): they are recomputed when next needed."""
     for name, folder in _cache_parts().items():
-        if part in (None, name) and folder.is_dir():
+        if part not in (None, name) or not folder.is_dir():
+            continue
+        if not unreachable:
             shutil.rmtree(folder)
             click.echo(f"cleared {folder}")
+        elif name != "datasets":
+            removed = 0
+            for path, why in _entries(folder):
+                if why:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                    click.echo(f"removed {path.name}: {why}")
+            click.echo(f"{name}: removed {removed} unreachable entr{'y' if removed == 1 else 'ies'}")
 
 
 @main.command()

@@ -7,6 +7,7 @@ the plugins' configs and code, the core modules that compute the stage, the devi
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -160,3 +161,34 @@ class Keys:
                     self.clean_reference or self.reactivation or attack.uses_clean_model, key, share)
         self._plans[cell] = plan
         return plan
+
+
+def unreachable(text: str, registry: Registry) -> str | None:
+    """Why no key the current code computes can be the stored entry's key ``text`` (None: one may).
+    Judged by what a key holds of the code, the stage's and the plugin's, not by data or configs:
+    an entry it passes may still belong to data or settings no grid uses now."""
+    try:
+        parts = json.loads(text)
+    except ValueError:
+        return "its key is not a stage key"
+    stage = parts.get("stage")
+    if "core" in parts:
+        return "written by a nadbench whose keys held a version number, not the stages' code"
+    if stage == "train":
+        fused = "fused" in str(parts.get("precision", "")).split("+")
+        if parts.get("code") != code_hash(*TRAIN_CODE, *(FUSED_CODE if fused else ())):
+            return "the train stage's code changed"
+        kind, name, plugin = "models", parts.get("model"), parts.get("model_plugin")
+    elif stage == "poison":
+        if parts.get("code") != code_hash(*POISON_CODE):
+            return "the poison stage's code changed"
+        kind, name, plugin = "attacks", parts.get("attack"), parts.get("plugin")
+    else:
+        return f"stage {stage!r} stores no entries"
+    try:
+        item = registry.get(kind, name)
+    except Exception:  # noqa: BLE001 — not registered (or ambiguous) here: nothing can reach it
+        return f"{kind[:-1]} {name!r} is not registered"
+    if plugin != [item.provider, item.source_hash]:
+        return f"{kind[:-1]} {name!r} is another version or its code changed"
+    return None
