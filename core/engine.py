@@ -7,7 +7,6 @@ The defense sees only the model and the clean subset; the engine alone evaluates
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -15,7 +14,6 @@ import itertools
 import json
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +23,6 @@ from tqdm.auto import tqdm
 
 from . import config as cfgmod
 from . import data as datamod
-from . import fused
 from . import poisoning as poisonmod
 from .api import DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
@@ -33,18 +30,17 @@ from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_val
 from .plan import (CELL_CODE, KIND_PREFIX, POISON_CODE, TRAIN_CODE, Keys, Plan,  # noqa: F401 — re-exported
                    configured, overrides_for)
 from .poisoning import Poisoning
-from .record import (cell_params, figure_logger, git_commit, log_extras, log_table,  # noqa: F401 — re-exported
-                     provenance, record_backdoor, record_result, side_metrics)
-from .registry import PluginError, Registry
+from .record import (cell_params, cell_run, figure_logger, git_commit, log_extras,  # noqa: F401 — re-exported
+                     log_table, provenance, record_backdoor, record_result, side_metrics)
+from .registry import Registry
 from .sources import cell_tag
 from .settings import RunSettings, current, use
 from .stages import defend as defend_stage
-from .stages import fused as fused_stage
 from .stages import poison as poison_stage
 from .stages import train as train_stage
 from .stages.defend import attention_layers, classifier_layer  # noqa: F401 — re-exported
 from .stages.train import check_learned  # noqa: F401 — re-exported
-from .store import Store
+from .store import StageCache, Store
 from .train import numerics
 
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
@@ -141,10 +137,11 @@ class Trained(NamedTuple):
 
 
 class Runner:
-    """Runs cells as content-keyed stages (see ``core/store.py``): poison -> train (the backdoored
-    model, and the clean one an attack may craft against) -> defend -> evaluate -> record. Each stage
-    is computed once per key, across processes, and kept in memory for the cells of this process.
-    A cell's keys are computed once into its :class:`~nadbench.plan.Plan`, which the stages take.
+    """Runs cells as content-keyed stages (the functions of :mod:`nadbench.stages`): poison -> train
+    (the backdoored model, and the clean one an attack may craft against) -> defend -> evaluate ->
+    record. Each stage goes through one :class:`~nadbench.store.StageCache`: computed once per key,
+    across processes, and kept in memory for the cells of this process. A cell's keys are computed
+    once into its :class:`~nadbench.plan.Plan`, which the stages take. Only the driver records.
 
     ``overrides``: ``--set`` values per plugin, keyed ``attack.NAME`` / ``defense.NAME`` (or by the
     plain name, when no attack and defense share it); they win over the profile's settings."""
@@ -167,16 +164,13 @@ class Runner:
         self.reactivation = reactivation  # the retuning check after each defense (nadbench.reactivation)
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
-        self.store = Store(self.cache_root)
+        self.cache = StageCache(Store(self.cache_root))
         self.keys = Keys(registry, prof, device.type, numerics(self.settings, device), self.overrides, clean_reference,
                          lambda name: self._load(name)[2], reactivation)
         self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
         self._data: dict[str, tuple] = {}
-        self._poison: dict[str, Poisoning] = {}
-        self._models: dict[str, dict] = {}       # train key -> state dict
-        self._metrics: dict[tuple, dict] = {}
+        self._metrics: dict[tuple, dict] = {}    # evaluations, by the keys of what they measure
 
-    # -- plans and keys -------------------------------------------------------------------------
     def plan(self, cell: Cell | Plan) -> Plan:
         return cell if isinstance(cell, Plan) else self.keys.plan(cell)
 
@@ -190,7 +184,6 @@ class Runner:
     def clean_share(self, cell: Cell) -> float:
         return self.profile.clean_share if cell.clean_share is None else cell.clean_share
 
-    # -- data -----------------------------------------------------------------------------------
     def _load(self, name: str) -> tuple:
         """(train, test, digests) of a dataset as the profile limits it, on the CPU: keys need the
         digests before any stage runs (the driver of a grid with workers never trains)."""
@@ -208,56 +201,45 @@ class Runner:
             self._data[name] = (self.registry.dataset(name), train_set.to(self.device), test_set.to(self.device))
         return self._data[name]
 
-    # -- stages, each stored by key and kept in memory ----------------------------------------
+    # -- stages -----------------------------------------------------------------------------------
     @_in_force
     def poisoning(self, cell: Cell | Plan) -> Poisoning:
-        """The poison stage of (attack config, dataset, seed[, clean model]): crafted once, stored."""
+        """The poison stage of (attack config, dataset, seed[, clean model])."""
         plan = self.plan(cell)
-        key, text = plan.poison
-        if key not in self._poison:
-            spec, train_set, test_set = self.data(plan.cell.dataset)
-            with self.store.lock(POISON_DIR, key):
-                entry = self.store.load_tensors(POISON_DIR, key, text)
-                if entry is not None:
-                    self._poison[key] = poisonmod.restore(key, plan.attack, train_set, entry[0], self.device,
-                                                           spec.num_classes)
-                else:
-                    p, tensors = poison_stage.poison(
-                        key, plan.attack, spec, train_set, test_set, seed=plan.cell.seed, device=self.device,
-                        clean_model=lambda: self.clean_model(plan).model, progress=self.progress,
-                        load_dataset=lambda name: self.registry.dataset(name).load(self.data_root))
-                    self.store.save_tensors(POISON_DIR, key, text, tensors, {"attack": plan.attack.name})
-                    self._poison[key] = p
-        return self._poison[key]
+        spec, train_set, test_set = self.data(plan.cell.dataset)
+        key = plan.poison[0]
+        return self.cache.get(POISON_DIR, plan.poison, lambda: poison_stage.poison(
+            key, plan.attack, spec, train_set, test_set, seed=plan.cell.seed, device=self.device,
+            clean_model=lambda: self.clean_model(plan).model, progress=self.progress,
+            load_dataset=lambda name: self.registry.dataset(name).load(self.data_root)),
+            lambda stored: poisonmod.restore(key, plan.attack, train_set, stored, self.device, spec.num_classes),
+            {"attack": plan.attack.name})[0]
 
     def _trained(self, dataset: str, arch: str, seed: int, stage: tuple[str, str], data, desc: str,
                  attack=None, index=None):
-        """The train stage ``stage`` (key, text) of :mod:`nadbench.stages.train`: a model of ``arch``
-        trained on ``data()`` (a callable, so that a cache hit builds nothing) with ``attack`` (its step
-        over the poisoned rows ``index``, its epochs); what an attack that learns its trigger learnt is
-        put back into ``attack`` on a hit. Returns (model in eval mode, cache hit)."""
-        key, text = stage
+        """The train stage ``stage`` (key, text): a model of ``arch`` trained on ``data()`` (a callable,
+        so that a cache hit builds nothing) with ``attack`` (its step over the poisoned rows ``index``,
+        its epochs); what an attack that learns its trigger learnt is put back into ``attack`` on a hit.
+        Returns (model in eval mode, cache hit)."""
         spec, _, test_set = self.data(dataset)
         model = train_stage.initial(self.registry.model(arch), spec, seed, self.device)
-        entry, hit = self._models.get(key), key in self._models
-        if hit:
-            model.load_state_dict(train_stage.part(entry, ""))
-        else:
-            with self.store.lock(MODELS_DIR, key):
-                stored = self.store.load_tensors(MODELS_DIR, key, text)
-                hit = stored is not None and _load_state(model, train_stage.part(stored[0], ""),
-                                                         self.store.path(MODELS_DIR, key))
-                if hit:
-                    entry = stored[0]
-                else:
-                    start = time.perf_counter()
-                    entry = train_stage.trained(model, data(), self.profile, seed=seed, test_set=test_set,
-                                                attack=attack, index=index, desc=desc, progress=self.progress)
-                    self.store.save_tensors(MODELS_DIR, key, text, entry,
-                                            {"train_s": f"{time.perf_counter() - start:.1f}", "arch": arch})
-            self._models[key] = {k: v.clone() for k, v in entry.items()}
+
+        def compute():
+            entry = train_stage.trained(model, data(), self.profile, seed=seed, test_set=test_set, attack=attack,
+                                        index=index, desc=desc, progress=self.progress)
+            return {k: v.clone() for k, v in entry.items()}, entry
+
+        def load(stored):  # an entry whose weights do not fit the model is reported and recomputed
+            fits = _load_state(model, train_stage.part(stored, ""), self.cache.store.path(MODELS_DIR, stage[0]))
+            return {k: v.clone() for k, v in stored.items()} if fits else None
+        entry, hit = self.cache.get(MODELS_DIR, stage, compute, load, {"arch": arch})
+        model.load_state_dict(train_stage.part(entry, ""))
         train_stage.restore_learned(attack, entry, self.device)
         return model.eval(), hit
+
+    def model_entry(self, stage: tuple[str, str]) -> dict:
+        """What the train stage ``stage`` stored (in this process's memory once it ran or was loaded)."""
+        return self.cache.memory[MODELS_DIR][stage[0]]
 
     @_in_force
     def clean_model(self, cell: Cell | Plan) -> Trained:
@@ -273,154 +255,70 @@ class Runner:
 
     @_in_force
     def supplied(self, cell: Cell | Plan, arch: str):
-        """The supplier's model of ``arch`` for this cell: backdoored on the cell's poisoning (the
-        student's own backdoored model when ``arch`` is the student), with the attack's training step
-        when it controls training (a fresh one per model). Returns (model, cache hit)."""
+        """The supplier's model of ``arch`` for this cell, backdoored on the cell's poisoning (the
+        student's own backdoored model when ``arch`` is the student). Returns (model, cache hit)."""
         plan = self.plan(cell)
         c = plan.cell
         stage = plan.student if arch == c.student else (plan.teacher or self.train_key(c.dataset, arch, c.seed,
                                                                                        plan.poison[0]))
         p = self.poisoning(plan)
-        attack = train_stage.attack_for(p.attack, arch, c.student)
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",
-                             attack, p.index)
+                             train_stage.attack_for(p.attack, arch, c.student), p.index)
 
     @_in_force
     def armed(self, cell: Cell | Plan) -> Poisoning:
-        """The cell's poisoning with the ASR set its student is measured on: the poison stage's, or,
-        for an attack that learns its trigger (``Attack.learns_trigger``), the one made after the
-        student's training with what it learnt (stored with that model, keyed by its train key)."""
+        """The cell's poisoning with the ASR set its student is measured on (``stages.train.armed``)."""
         plan = self.plan(cell)
         p = self.poisoning(plan)
-        if not p.attack.learns_trigger:
-            return p
-        self.supplied(plan, plan.cell.student)
-        return train_stage.armed(p, self._models[plan.student[0]], self.device)
+        if p.attack.learns_trigger:
+            self.supplied(plan, plan.cell.student)
+            return train_stage.armed(p, self.model_entry(plan.student), self.device)
+        return p
 
     @_in_force
     def backdoored(self, cell: Cell | Plan) -> Trained:
-        """The backdoored model of (dataset, attack config, student, seed, profile), trained once,
-        with its metrics {"acc", "asr"}."""
+        """The backdoored model of (dataset, attack config, student, seed, profile), with its metrics."""
         plan = self.plan(cell)
         spec, train_set, test_set = self.data(plan.cell.dataset)
         model, hit = self.supplied(plan, plan.cell.student)
-        p = self.armed(plan)
         if plan.student[0] not in self._metrics:
-            self._metrics[plan.student[0]] = defend_stage.measure(model, test_set, p)
+            self._metrics[plan.student[0]] = defend_stage.measure(model, test_set, self.armed(plan))
         return Trained(model, self._metrics[plan.student[0]], hit)
 
     @_in_force
     def reactivated(self, plan: Plan, model: torch.nn.Module) -> dict:
-        """The reactivation check of a repaired ``model`` (:mod:`nadbench.reactivation`): ACC, ASR and RA
-        after the retuning attack, and under ``clean`` the same for the clean model of the student's
-        architecture retuned on the same images (computed once per poisoning)."""
+        """The reactivation check of a repaired ``model`` (``stages.defend.retuned``), and under ``clean``
+        the same for the clean model of the student's architecture (computed once per poisoning)."""
         c = plan.cell
         _, _, test_set = self.data(c.dataset)
         p = self.armed(plan)
-
-        def check(m):
-            return defend_stage.retuned(m, p, test_set, c.seed, self.profile, self.progress)
         ref = ("reactivated", plan.clean[0], plan.poison[0])
         if ref not in self._metrics:
-            self._metrics[ref] = check(self.clean_model(plan).model)
-        return {**check(model), "clean": self._metrics[ref]}
+            self._metrics[ref] = defend_stage.retuned(self.clean_model(plan).model, p, test_set, c.seed,
+                                                      self.profile, self.progress)
+        return {**defend_stage.retuned(model, p, test_set, c.seed, self.profile, self.progress),
+                "clean": self._metrics[ref]}
 
     def forget(self, cells: list[Cell]) -> int:
         """Remove the stored stages these cells use (``--rerun all``), so each is recomputed once.
         Returns the number of keys removed."""
         keys = set()
-        for cell in cells:
-            plan = self.plan(cell)
+        for plan in map(self.plan, cells):
             keys |= {(POISON_DIR, plan.poison[0]), (MODELS_DIR, plan.student[0])}
             if plan.teacher:
                 keys.add((MODELS_DIR, plan.teacher[0]))
             if plan.uses_clean:
                 keys.add((MODELS_DIR, plan.clean[0]))
         for stage, key in keys:
-            self.store.forget(stage, key)
-        self._poison.clear()
-        self._models.clear()
+            self.cache.forget(stage, key)
         self._metrics.clear()
         return len(keys)
 
     @_in_force
-    def train_fused(self, cells: list[Cell]) -> list[str]:
-        """``bench run --fused`` (``run_grid``, for the cells it will run): train the models these cells
-        need in fused groups (:mod:`nadbench.fused`) before the cells run, which then find them stored:
-        first the clean models (Trojan and CL craft against them), then the backdoored ones. A model
-        already stored is skipped; one whose attack controls training or learns its trigger, and a group
-        whose fused training fails, are left to their cells, which train them alone. Returns a line per
-        model left alone, saying why."""
-        notes: list[str] = []
-        plans = []
-        for cell in cells:
-            try:
-                plans.append(self.plan(cell))
-            except Exception:  # noqa: BLE001 — the cell meets the same error and records it
-                pass
-        optim = train_stage.schedule(self.profile)
-        clean = {p.clean: fused.Job(p.clean, p.cell.dataset, p.cell.student, p.cell.seed,
-                                    self.data(p.cell.dataset)[1], optim, f"clean {p.cell.student}")
-                 for p in plans if p.uses_clean}
-        self._fuse(list(clean.values()), notes)
-        jobs: dict[tuple[str, str], fused.Job] = {}
-        for p in plans:
-            c = p.cell
-            if p.student in jobs:
-                continue
-            try:
-                poisoning = self.poisoning(p)
-            except Exception:  # noqa: BLE001 — the cell meets the same error and records it
-                continue
-            attack = poisoning.attack
-            if attack.learns_trigger or attack.train_step(poisoning.index, len(poisoning.poisoned)) is not None:
-                notes.append(f"{c.attack}/{c.student}: trained alone, its attack controls training")
-                continue
-            jobs[p.student] = fused.Job(p.student, c.dataset, c.student, c.seed, poisoning.poisoned,
-                                        train_stage.schedule(self.profile, attack), f"backdoor {c.student}")
-        self._fuse(list(jobs.values()), notes)
-        return notes
-
-    def _fuse(self, jobs: list, notes: list[str]) -> None:
-        """Train the jobs not yet stored, group by group, and store each model as its train stage."""
-        todo = [j for j in jobs if j.stage[0] not in self._models
-                and not self.store.path(MODELS_DIR, j.stage[0]).exists()]
-        for group in fused.groups(todo, self.settings.fused_max):
-            first = group[0]
-            with contextlib.ExitStack() as locks:
-                for job in group:
-                    locks.enter_context(self.store.lock(MODELS_DIR, job.stage[0]))
-                start = time.perf_counter()
-                try:
-                    states = fused_stage.trained_together(
-                        self.registry.model(first.arch), self.data(first.dataset)[0], [j.data for j in group],
-                        [j.seed for j in group], first.optim, self.device, desc=first.desc, progress=self.progress)
-                except Exception as exc:  # noqa: BLE001 — e.g. an op vmap cannot batch: the cells train alone
-                    notes += [f"{j.desc} (seed {j.seed}): trained alone, fused training failed: "
-                              f"{type(exc).__name__}: {exc}" for j in group]
-                    continue
-                spent = f"{time.perf_counter() - start:.1f}"
-                for job, entry in zip(group, states):
-                    self.store.save_tensors(MODELS_DIR, *job.stage, entry,
-                                            {"train_s": spent, "arch": job.arch, "fused_with": str(len(group))})
-                    self._models[job.stage[0]] = {k: v.clone() for k, v in entry.items()}
-
-    # -- one cell -----------------------------------------------------------------------------
-    @_in_force
     def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Run one cell and log it as a child run of ``parent`` (or into the open run ``run_id``)."""
-        t = self.tracker
         params = cell_params(self, cell, self.keys.configured("defenses", cell.defense))
-        # The run starts before any stage, data loading included (the cell's key holds the data's
-        # digest), so every failure has a run.
-        if t:
-            if run_id is None:
-                run_id = t.start(cell.label, params, parent=parent)
-            else:
-                t.params(run_id, params)
-        log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else \
-            (lambda *a, **k: None)
-        try:
+        with cell_run(self.tracker, cell.label, params, parent, run_id) as (t, run_id, log):
             plan = self.plan(cell)
             if t:
                 t.tag(run_id, "nadbench.cell_key", plan.key[0])
@@ -452,14 +350,7 @@ class Runner:
             if t:
                 record_result(t, run_id, plan, result, p, repaired, original, train_set, test_set,
                               ctx.student_layers)
-                t.end(run_id)
             return result
-        except BaseException as exc:  # recorded on the cell's run; the grid goes on (see run_grid)
-            if t:
-                t.text(run_id, traceback.format_exc(), "error.txt")
-                t.tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-                t.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
 
     def defense_context(self, cell: Cell | Plan, log, run_id: str | None = None) -> DefenseContext:
         """What the cell's defense may reach (:func:`nadbench.stages.defend.context`), with the
@@ -520,7 +411,9 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
         if runner.rerun == "all":
             runner.forget(todo)
         if runner.settings.fused and todo:  # --fused: the models the cells to run need, trained together first
-            for line in runner.train_fused(todo):
+            from .executors import train_fused
+
+            for line in train_fused(runner, todo):
                 tqdm.write(f"note: {line}", file=sys.stderr)
         if len(todo) < len(cells):
             tqdm.write(f"resuming: {len(cells) - len(todo)} cell(s) already recorded, {len(todo)} to run",

@@ -241,3 +241,77 @@ def make(executor: str, workers: int | None, *, device: str, threads: int | None
     if executor == "processes" or (workers or 0) > 1 or (cells_per_gpu > 1 and device.startswith("cuda")):
         return Processes(workers, device=device, threads=threads, cells_per_gpu=cells_per_gpu)
     return None
+
+
+def train_fused(runner, cells: list) -> list[str]:
+    """``bench run --fused`` (``run_grid``, for the cells it will run): a scheduler that trains the
+    train stages these cells need in fused groups of one dataset, architecture, schedule and size
+    (:mod:`nadbench.fused`, :mod:`nadbench.stages.fused`) before the cells run, which then find them
+    stored: first the clean models (Trojan and CL craft against them), then the backdoored ones. A
+    model already stored is skipped; one whose attack controls training or learns its trigger, and a
+    group whose fused training fails, are left to their cells, which train them alone. Returns a line
+    per model left alone, saying why."""
+    from . import fused
+    from .settings import use
+    from .stages import train as train_stage
+
+    notes: list[str] = []
+    plans = []
+    for cell in cells:
+        try:
+            plans.append(runner.plan(cell))
+        except Exception:  # noqa: BLE001 — the cell meets the same error and records it
+            pass
+    with use(runner.settings):
+        optim = train_stage.schedule(runner.profile)
+        clean = {p.clean: fused.Job(p.clean, p.cell.dataset, p.cell.student, p.cell.seed,
+                                    runner.data(p.cell.dataset)[1], optim, f"clean {p.cell.student}")
+                 for p in plans if p.uses_clean}
+        _fuse(runner, list(clean.values()), notes)
+        jobs: dict[tuple[str, str], Any] = {}
+        for p in plans:
+            c = p.cell
+            if p.student in jobs:
+                continue
+            try:
+                poisoning = runner.poisoning(p)
+            except Exception:  # noqa: BLE001 — the cell meets the same error and records it
+                continue
+            attack = poisoning.attack
+            if attack.learns_trigger or attack.train_step(poisoning.index, len(poisoning.poisoned)) is not None:
+                notes.append(f"{c.attack}/{c.student}: trained alone, its attack controls training")
+                continue
+            jobs[p.student] = fused.Job(p.student, c.dataset, c.student, c.seed, poisoning.poisoned,
+                                        train_stage.schedule(runner.profile, attack), f"backdoor {c.student}")
+        _fuse(runner, list(jobs.values()), notes)
+    return notes
+
+
+def _fuse(runner, jobs: list, notes: list[str]) -> None:
+    """Train the jobs not yet stored, group by group, and store each model as its train stage."""
+    import contextlib
+    import time
+
+    from . import fused
+    from .engine import MODELS_DIR
+    from .stages import fused as fused_stage
+
+    cache = runner.cache
+    for group in fused.groups([j for j in jobs if not cache.has(MODELS_DIR, j.stage[0])], runner.settings.fused_max):
+        first = group[0]
+        with contextlib.ExitStack() as locks:
+            for job in group:
+                locks.enter_context(cache.store.lock(MODELS_DIR, job.stage[0]))
+            start = time.perf_counter()
+            try:
+                states = fused_stage.trained_together(
+                    runner.registry.model(first.arch), runner.data(first.dataset)[0], [j.data for j in group],
+                    [j.seed for j in group], first.optim, runner.device, desc=first.desc, progress=runner.progress)
+            except Exception as exc:  # noqa: BLE001 — e.g. an op vmap cannot batch: the cells train alone
+                notes += [f"{j.desc} (seed {j.seed}): trained alone, fused training failed: "
+                          f"{type(exc).__name__}: {exc}" for j in group]
+                continue
+            spent = f"{time.perf_counter() - start:.1f}"
+            for job, entry in zip(group, states):
+                cache.put(MODELS_DIR, job.stage, {k: v.clone() for k, v in entry.items()}, entry,
+                          {"seconds": spent, "arch": job.arch, "fused_with": str(len(group))})

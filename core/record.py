@@ -4,9 +4,11 @@ The stages (core/engine.py) compute; this module only writes what they computed 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,29 @@ def cell_params(runner, cell: Cell, defense) -> dict[str, Any]:
             "defense.clean_share": runner.clean_share(cell), "device": str(runner.device),
             **provenance(runner.registry, cell), **cfgmod.flatten(defense.config, "defense"),
             **cfgmod.flatten(runner.profile, "profile")}
+
+
+@contextlib.contextmanager
+def cell_run(tracker, label: str, params: dict, parent: str | None, run_id: str | None):
+    """A cell's run around its stages, yielding (tracker, run id, ``log(key, value, step)``): started
+    before any stage (data loading included: the cell's key holds the data's digest), so every failure
+    has a run; ended when the block ends, or FAILED (KILLED on Ctrl-C) with the traceback."""
+    t = tracker
+    if t and run_id is None:
+        run_id = t.start(label, params, parent=parent)
+    elif t:
+        t.params(run_id, params)
+    log = (lambda key, value, step=None: t.metrics(run_id, {key: value}, step)) if t else (lambda *a, **k: None)
+    try:
+        yield t, run_id, log
+    except BaseException as exc:  # recorded on the cell's run; the grid goes on (see engine.run_grid)
+        if t:
+            t.text(run_id, traceback.format_exc(), "error.txt")
+            t.tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+            t.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if t:
+        t.end(run_id)
 
 
 def record_backdoor(t, run_id: str, p, before: dict, hits: dict, n_train: int, n_test: int, t_backdoor: float,

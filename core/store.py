@@ -7,13 +7,15 @@ truncated or written for another key is reported and recomputed, never trusted.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -77,3 +79,56 @@ class Store:
 
 def _report(path: Path, exc: Exception) -> None:
     warnings.warn(f"ignoring cache entry {path}: {type(exc).__name__}: {exc}; recomputing it", stacklevel=3)
+
+
+class StageCache:
+    """The one cache every stage goes through (:meth:`get`): this process's memory, then the store
+    (under the key's lock, so processes sharing the folder compute a stage once), then the stage's
+    computation, stored. ``counts[stage, how]`` counts the lookups by how they were served:
+    ``"memory"``, ``"loaded"`` or ``"computed"``."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.memory: dict[str, dict[str, Any]] = {}
+        self.counts: collections.Counter = collections.Counter()
+
+    def get(self, stage: str, key: tuple[str, str], compute: Callable[[], tuple[Any, dict[str, torch.Tensor]]],
+            load: Callable[[dict[str, torch.Tensor]], Any] = lambda tensors: tensors,
+            metadata: dict[str, str] | None = None) -> tuple[Any, bool]:
+        """(the stage's value for ``key``, whether it was stored). ``compute()`` returns the value and
+        the tensors to store; ``load(tensors)`` makes the value from a stored entry, or None when the
+        entry does not fit (it is then recomputed). ``metadata`` is stored beside the tensors, with the
+        seconds the computation took."""
+        k, text = key
+        memo = self.memory.setdefault(stage, {})
+        if k in memo:
+            self.counts[stage, "memory"] += 1
+            return memo[k], True
+        with self.store.lock(stage, k):
+            stored = self.store.load_tensors(stage, k, text)
+            value = load(stored[0]) if stored is not None else None
+            hit = value is not None
+            if hit:
+                self.counts[stage, "loaded"] += 1
+            else:
+                start = time.perf_counter()
+                value, tensors = compute()
+                self.put(stage, key, value, tensors, {**(metadata or {}),
+                                                      "seconds": f"{time.perf_counter() - start:.1f}"})
+        memo[k] = value
+        return value, hit
+
+    def put(self, stage: str, key: tuple[str, str], value: Any, tensors: dict[str, torch.Tensor],
+            metadata: dict[str, str] | None = None) -> None:
+        """Store a value computed elsewhere (the fused trainer's models), counted as computed."""
+        self.store.save_tensors(stage, *key, tensors, metadata)
+        self.memory.setdefault(stage, {})[key[0]] = value
+        self.counts[stage, "computed"] += 1
+
+    def has(self, stage: str, key: str) -> bool:
+        return key in self.memory.get(stage, {}) or self.store.path(stage, key).exists()
+
+    def forget(self, stage: str, key: str) -> None:
+        """Remove an entry (``bench run --rerun all``) from memory and the store."""
+        self.memory.get(stage, {}).pop(key, None)
+        self.store.forget(stage, key)

@@ -115,7 +115,7 @@ def test_a_learnt_trigger_is_stored_per_model_and_the_asr_set_is_the_students(to
     first = runner()
     first.run_cell(cell)
     plan = first.plan(cell)
-    student, teacher = (first._models[k[0]]["attack/pattern"] for k in (plan.student, plan.teacher))
+    student, teacher = (first.model_entry(k)["attack/pattern"] for k in (plan.student, plan.teacher))
     assert not torch.equal(student, teacher)  # each model's own training learnt its own patch
     assert torch.equal(plan.attack.pattern, student)  # the teacher's training did not overwrite the cell's
     p = first.armed(cell)
