@@ -336,12 +336,12 @@ class Runner:
                                 len(train_set), len(test_set), t_backdoor, clean_ref)
             original = copy.deepcopy(model)
             ctx = self.defense_context(plan, log, run_id)
-            repaired, t_defense, n_clean = defend_stage.defend(plan.defense, model, train_set, plan.clean_share,
-                                                               cell.seed, ctx)
+            clean = defend_stage.clean_data(train_set, plan.clean_share, cell.seed)
+            repaired, t_defense = defend_stage.defend(plan.defense, model, clean, ctx)
             measured = defend_stage.measured(repaired, test_set, p, before)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
-                      "n_clean": n_clean, "clean_model": clean_ref, "status": "FINISHED",
+                      "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED",
                       "profile": self.profile.name, "defense_config": cfgmod.key_values(plan.defense.config)}
             if self.reactivation:
                 start = time.perf_counter()
@@ -360,9 +360,10 @@ class Runner:
         uses_teacher = plan.defense.uses_teacher
         archs = [cell.teacher] if uses_teacher and cell.teacher_source == "supplied" else []
         archs += [cell.student] if not (uses_teacher and cell.teacher == cell.student) else []
-        weights = {arch: self.supplied(plan, arch)[0].state_dict() for arch in archs}
-        return defend_stage.context(self.registry, cell.dataset, student=cell.student, teacher=cell.teacher,
-                                    seed=cell.seed, device=self.device, weights=weights, log_metric=log,
+        spec = self.registry.dataset(cell.dataset)
+        supplied = {arch: self.supplied(plan, arch)[0] for arch in archs}
+        return defend_stage.context(self.registry, spec, student=cell.student, teacher=cell.teacher, seed=cell.seed,
+                                    device=self.device, supplied=supplied, log_metric=log,
                                     log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
 
 

@@ -17,15 +17,16 @@ import torch
 
 from . import __version__
 from . import data as datamod
-from .api import DatasetSpec, DefenseContext, Split
+from .api import DatasetSpec, Split
 from .attention import layer_names
 from .config import flatten
-from .defending import apply_defense, measure_defended
+from .defending import measure_defended
 from .engine import Cell, Runner, figure_logger, log_extras, side_metrics
 from .plan import NO_DEFENSE
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
-from .models import build, classifier_name, save_weights
+from .models import save_weights
 from .registry import Registry
+from .stages import defend as defend_stage
 from .evaluate import accuracy, attack_evaluations, backdoor_metrics
 
 HELD_OUT = 0.1  # share of the clean data kept for ACC when no --test data is given
@@ -137,12 +138,13 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     defense_cls = registry.defense(defense_name)
     defense = defense_cls.from_overrides(overrides)
     dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
-    # The teacher's layer names are those of the model the defense will tap: the teacher file, the
-    # model itself, or what ctx.build_model makes (nadbench's wrapper: names under "net.").
-    teacher_net = teacher if teacher is not None else model if teacher_spec is spec else build(teacher_spec, dataset)
-    student_layers = layer_names(model, spec.attention_layers)
-    teacher_layers = layer_names(teacher_net, teacher_spec.attention_layers)
-    defense.check(student_layers, teacher_layers)
+    # What the user was handed, per architecture, as a grid cell's supplier's models: the teacher
+    # file, else the model itself. The layers a defense taps are those of these models (or of what
+    # ctx.build_model makes: nadbench's wrapper, names under "net.").
+    supplied = {teacher_spec.name: teacher} if teacher is not None else {spec.name: copy.deepcopy(model)}
+    student_layers = defend_stage.layers_of(registry, dataset, spec.name, model)
+    defense.check(student_layers, defend_stage.layers_of(registry, dataset, teacher_spec.name,
+                                                         supplied.get(teacher_spec.name)))
 
     clean_split, notes = clean.split, [n for n in (clean.note,) if n]
     if test is None:  # ACC on a held-out slice of the clean data, which the defense then never sees
@@ -193,21 +195,12 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
     log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
         (lambda *a, **k: None)
 
-    def supplied_model(name: str):
-        """What the user was handed, per architecture: the teacher file, else the model itself."""
-        if teacher is not None and name == teacher_spec.name:
-            return copy.deepcopy(teacher)
-        return copy.deepcopy(model) if name == spec.name and teacher is None else None
-
-    ctx = DefenseContext(device=device, num_classes=clean.num_classes, student=spec.name, teacher=teacher_spec.name,
-                         seed=seed, student_layers=student_layers, teacher_layers=teacher_layers,
-                         classifier_layer=classifier_name(model, spec),
-                         build_model=lambda name: build(registry.model(name), dataset, device),
-                         supplied_model=supplied_model, log_metric=log, log_figure=figure_logger(tracker, run_id),
-                         progress=progress)
+    ctx = defend_stage.context(registry, dataset, student=spec.name, teacher=teacher_spec.name, seed=seed,
+                               device=device, supplied=supplied, log_metric=log,
+                               log_figure=figure_logger(tracker, run_id), progress=progress)
     try:
         original = copy.deepcopy(model)
-        repaired, seconds = apply_defense(defense, model, clean_dev, ctx)
+        repaired, seconds = defend_stage.defend(defense, model, clean_dev, ctx)
         defended = repaired.model
         measured = measure_defended(repaired, measure, before)  # after (with DER), extras, side models
         after = measured["after"]

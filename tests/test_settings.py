@@ -79,27 +79,3 @@ def test_workers_get_the_drivers_settings_and_plugin_filter_as_values(toy_regist
     assert spec.settings == settings.RunSettings(device="cpu", precision="bf16", fused=True, threads=3)
     assert spec.disabled == ("some-plugin",)
 
-
-def test_each_stage_runs_once_per_key_for_a_grid_that_needs_it_several_times(toy_registry, tmp_path):
-    """Two defenses at two clean shares with the clean reference: four cells that need one poisoning,
-    one backdoored and one clean model. Counted through the one stage cache, not timed; a second runner
-    on the same folder loads each once and computes nothing."""
-    from nadbench.engine import MODELS_DIR, POISON_DIR, Runner, expand, run_grid
-    from nadbench.grid import profile
-
-    reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
-    cells = expand(reg, ["toy"], ["badnets"], ["finetune", "fine-pruning"], ["wrn-16-1"], None, [0],
-                   clean_shares=[0.05, 0.1])
-    assert len(cells) == 4
-    first = Runner(reg, prof, progress=False, cache_dir=tmp_path, clean_reference=True)
-    results, failures = run_grid(first, cells)
-    assert len(results) == 4 and not failures, failures
-    counts = first.cache.counts
-    assert (counts[POISON_DIR, "computed"], counts[MODELS_DIR, "computed"]) == (1, 2), counts
-    assert counts[POISON_DIR, "loaded"] == counts[MODELS_DIR, "loaded"] == 0
-    second = Runner(reg, prof, progress=False, cache_dir=tmp_path, clean_reference=True)
-    again, _ = run_grid(second, cells)
-    assert [r["after"] for r in again] == [r["after"] for r in results]
-    counts = second.cache.counts
-    assert (counts[POISON_DIR, "loaded"], counts[MODELS_DIR, "loaded"]) == (1, 2), counts
-    assert counts[POISON_DIR, "computed"] == counts[MODELS_DIR, "computed"] == 0

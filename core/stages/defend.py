@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..api import Defended, DefenseContext, Split
+from ..api import DatasetSpec, Defended, DefenseContext, Split
 from ..attention import layer_names
 from ..config import PluginError
 from ..defending import apply_defense, measure_defended
@@ -18,20 +18,26 @@ from ..poisoning import Poisoning
 from ..reactivation import retune, retuning_set
 from ..subsets import clean_subset
 
-__all__ = ["accuracy", "attention_layers", "classifier_layer", "context", "defend", "measure", "measured",
-           "retuned"]
+__all__ = ["accuracy", "attention_layers", "classifier_layer", "clean_data", "context", "defend", "layers_of",
+           "measure", "measured", "retuned"]
 
 
-def attention_layers(registry, arch: str, dataset: str) -> tuple[str, ...]:
-    """The attention layers of a built model of ``arch``, checked to exist (a model plugin's contract)."""
+def layers_of(registry, dataset: DatasetSpec, arch: str, model: torch.nn.Module | None = None) -> tuple[str, ...]:
+    """The attention layers of ``model`` (default: a model of ``arch`` built for ``dataset``), checked
+    to exist (a model plugin's contract)."""
     spec = registry.model(arch)
-    model = build(spec, registry.dataset(dataset))
+    model = model if model is not None else build(spec, dataset)
     layers = layer_names(model, spec.attention_layers)
     missing = [n for n in layers if not _has_module(model, n)]
     if missing:
         raise PluginError(f"model {arch!r} ({spec.provider}) breaks the plugin contract: its declared attention "
                           f"layers {', '.join(missing)} do not exist in the built network")
     return layers
+
+
+def attention_layers(registry, arch: str, dataset: str) -> tuple[str, ...]:
+    """The attention layers of a model of ``arch`` built for the registered ``dataset``, checked."""
+    return layers_of(registry, registry.dataset(dataset), arch)
 
 
 def classifier_layer(registry, arch: str, dataset: str) -> str:
@@ -48,41 +54,43 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def context(registry, dataset: str, *, student: str, teacher: str, seed: int, device: torch.device,
-            weights: dict[str, dict], log_metric: Callable, log_figure: Callable,
+def context(registry, dataset: DatasetSpec, *, student: str, teacher: str, seed: int, device: torch.device,
+            supplied: dict[str, torch.nn.Module], log_metric: Callable, log_figure: Callable,
             progress: bool = True) -> DefenseContext:
-    """What a cell's defense may reach: architectures, a model builder, the supplier's models (their
-    state dicts in ``weights``, by architecture), attention and classifier layers, device, seed,
-    logging. Nothing that loads data: its callables hold the registry, the dataset's spec and the
-    weights, never the driver (whose memory holds the test split and the ASR set)."""
-    spec = registry.dataset(dataset)
-
+    """What a defense may reach, in a grid cell and in ``bench defend`` alike: architectures, a model
+    builder for ``dataset``, the supplier's models (``supplied``, by architecture: a fresh copy per
+    call), attention layers (of the supplied model of that architecture, else of a built one) and the
+    student's classifier layer, device, seed, logging. Nothing that loads data: its callables hold the
+    registry, the dataset's spec and the supplied models, never the driver (whose memory holds the
+    test split and the ASR set)."""
     def build_model(arch: str):
-        return build(registry.model(arch), spec, device)
+        return build(registry.model(arch), dataset, device)
 
-    def supplied_model(arch: str):  # a fresh copy each call
-        if arch not in weights:
+    def supplied_model(arch: str):  # a fresh copy each call, built as the defense's own models are
+        if arch not in supplied:
             return None
         model = build_model(arch)
-        model.load_state_dict(weights[arch])
+        model.load_state_dict(supplied[arch].state_dict())
         return model.eval()
 
+    spec = registry.model(student)
     return DefenseContext(
-        device=device, num_classes=spec.num_classes, student=student, teacher=teacher, seed=seed,
-        student_layers=attention_layers(registry, student, dataset),
-        teacher_layers=attention_layers(registry, teacher, dataset),
-        classifier_layer=classifier_layer(registry, student, dataset),
+        device=device, num_classes=dataset.num_classes, student=student, teacher=teacher, seed=seed,
+        student_layers=layers_of(registry, dataset, student, supplied.get(student)),
+        teacher_layers=layers_of(registry, dataset, teacher, supplied.get(teacher)),
+        classifier_layer=classifier_name(supplied.get(student) or build(spec, dataset), spec),
         build_model=build_model, supplied_model=supplied_model, log_metric=log_metric, log_figure=log_figure,
         progress=progress)
 
 
-def defend(defense, model: torch.nn.Module, train_set: Split, share: float, seed: int,
-           ctx: DefenseContext) -> tuple[Defended, float, int]:
-    """(the repaired model, the defense's seconds, the number of clean images it got): the defense on
-    the cell's clean subset, nested over shares (a seed's 1 % subset lies inside its 5 % one)."""
-    clean = clean_subset(train_set, share, seed)
-    repaired, seconds = apply_defense(defense, model, clean, ctx)
-    return repaired, seconds, len(clean)
+def clean_data(train_set: Split, share: float, seed: int) -> Split:
+    """The defender's clean subset of a cell, nested over shares (a seed's 1 % subset lies inside its 5 % one)."""
+    return clean_subset(train_set, share, seed)
+
+
+def defend(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[Defended, float]:
+    """(the repaired model, the defense's seconds): the defense run on ``model`` with ``clean``."""
+    return apply_defense(defense, model, clean, ctx)
 
 
 def measure(model: torch.nn.Module, test_set: Split, p: Poisoning) -> dict[str, float]:
