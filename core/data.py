@@ -321,3 +321,33 @@ def digest(split: Split) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}\n".encode())
         h.update(t.numpy())  # the buffer itself: no copy
     return h.hexdigest()
+
+
+class GridData:
+    """A grid's datasets as its profile limits them (``train_limit``, ``test_limit``): on the CPU with
+    their content digests, which keys need before any stage runs (the driver of a grid with workers
+    never trains), and on the grid's device, loaded once each."""
+
+    def __init__(self, registry, profile, data_root, device):
+        self.registry, self.profile, self.data_root, self.device = registry, profile, data_root, device
+        self._cpu: dict[str, tuple] = {}
+        self._device: dict[str, tuple] = {}
+
+    def on_cpu(self, name: str) -> tuple:
+        """(train, test, digests) on the CPU."""
+        if name not in self._cpu:
+            train_set, test_set = self.registry.dataset(name).load(self.data_root)
+            train_set = limit(train_set, self.profile.train_limit, seed=0)
+            test_set = limit(test_set, self.profile.test_limit, seed=0)
+            self._cpu[name] = (train_set, test_set, {"train": digest(train_set), "test": digest(test_set)})
+        return self._cpu[name]
+
+    def digests(self, name: str) -> dict[str, str]:
+        return self.on_cpu(name)[2]
+
+    def on_device(self, name: str) -> tuple:
+        """(spec, train, test) on the device."""
+        if name not in self._device:
+            train_set, test_set, _ = self.on_cpu(name)
+            self._device[name] = (self.registry.dataset(name), train_set.to(self.device), test_set.to(self.device))
+        return self._device[name]

@@ -26,12 +26,13 @@ from . import data as datamod
 from . import poisoning as poisonmod
 from .api import DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
+from .executors import train_fused
 from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
-from .plan import (CELL_CODE, KIND_PREFIX, POISON_CODE, TRAIN_CODE, Keys, Plan,  # noqa: F401 — re-exported
-                   configured, overrides_for)
+from .plan import (CELL_CODE, KIND_PREFIX, MODELS_DIR, POISON_CODE, POISON_DIR, TRAIN_CODE,  # noqa: F401
+                   Keys, Plan, configured, overrides_for)
 from .poisoning import Poisoning
-from .record import (cell_params, cell_run, figure_logger, git_commit, log_extras,  # noqa: F401 — re-exported
-                     log_table, provenance, record_backdoor, record_result, side_metrics)
+from .record import (cell_params, cell_run, close_grid, figure_logger, git_commit, log_extras,  # noqa: F401
+                     log_table, provenance, record_backdoor, record_result, reuse_finished, side_metrics)
 from .registry import Registry
 from .sources import cell_tag
 from .settings import RunSettings, current, use
@@ -43,9 +44,6 @@ from .stages.train import check_learned  # noqa: F401 — re-exported
 from .store import StageCache, Store
 from .train import numerics
 
-# Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
-MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
-POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
 
 
 def check_target(attack, dataset) -> None:
@@ -165,41 +163,17 @@ class Runner:
         self.rerun = rerun  # None | "cells" (defend + evaluate again) | "all" (every stage again)
         self.cache_root = Path(cache_dir or datamod.cache_dir())
         self.cache = StageCache(Store(self.cache_root))
+        self.datasets = datamod.GridData(registry, prof, data_root, device)
         self.keys = Keys(registry, prof, device.type, numerics(self.settings, device), self.overrides, clean_reference,
-                         lambda name: self._load(name)[2], reactivation)
-        self._loaded: dict[str, tuple] = {}      # dataset -> (train, test, digests), on the CPU
-        self._data: dict[str, tuple] = {}
+                         self.datasets.digests, reactivation)
         self._metrics: dict[tuple, dict] = {}    # evaluations, by the keys of what they measure
 
     def plan(self, cell: Cell | Plan) -> Plan:
         return cell if isinstance(cell, Plan) else self.keys.plan(cell)
 
-    def train_key(self, dataset: str, arch: str, seed: int, poison: str | None) -> tuple[str, str]:
-        return self.keys.train(dataset, arch, seed, poison)
-
-    def cell_key(self, cell: Cell) -> tuple[str, str]:
-        """Everything a cell's recorded result depends on (see ``Keys.plan``)."""
-        return self.plan(cell).key
-
-    def clean_share(self, cell: Cell) -> float:
-        return self.profile.clean_share if cell.clean_share is None else cell.clean_share
-
-    def _load(self, name: str) -> tuple:
-        """(train, test, digests) of a dataset as the profile limits it, on the CPU: keys need the
-        digests before any stage runs (the driver of a grid with workers never trains)."""
-        if name not in self._loaded:
-            train_set, test_set = self.registry.dataset(name).load(self.data_root)
-            train_set = datamod.limit(train_set, self.profile.train_limit, seed=0)
-            test_set = datamod.limit(test_set, self.profile.test_limit, seed=0)
-            self._loaded[name] = (train_set, test_set,
-                                  {"train": datamod.digest(train_set), "test": datamod.digest(test_set)})
-        return self._loaded[name]
-
     def data(self, name: str):
-        if name not in self._data:
-            train_set, test_set, _ = self._load(name)
-            self._data[name] = (self.registry.dataset(name), train_set.to(self.device), test_set.to(self.device))
-        return self._data[name]
+        """(spec, train, test) of a dataset as the profile limits it, on the runner's device."""
+        return self.datasets.on_device(name)
 
     # -- stages -----------------------------------------------------------------------------------
     @_in_force
@@ -259,7 +233,7 @@ class Runner:
         student's own backdoored model when ``arch`` is the student). Returns (model, cache hit)."""
         plan = self.plan(cell)
         c = plan.cell
-        stage = plan.student if arch == c.student else (plan.teacher or self.train_key(c.dataset, arch, c.seed,
+        stage = plan.student if arch == c.student else (plan.teacher or self.keys.train(c.dataset, arch, c.seed,
                                                                                        plan.poison[0]))
         p = self.poisoning(plan)
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",
@@ -302,13 +276,7 @@ class Runner:
     def forget(self, cells: list[Cell]) -> int:
         """Remove the stored stages these cells use (``--rerun all``), so each is recomputed once.
         Returns the number of keys removed."""
-        keys = set()
-        for plan in map(self.plan, cells):
-            keys |= {(POISON_DIR, plan.poison[0]), (MODELS_DIR, plan.student[0])}
-            if plan.teacher:
-                keys.add((MODELS_DIR, plan.teacher[0]))
-            if plan.uses_clean:
-                keys.add((MODELS_DIR, plan.clean[0]))
+        keys = {(stage, key[0]) for plan in map(self.plan, cells) for stage, key in plan.stored()}
         for stage, key in keys:
             self.cache.forget(stage, key)
         self._metrics.clear()
@@ -357,11 +325,8 @@ class Runner:
         supplier's models it needs (the teacher is trained now if it is not stored)."""
         plan = self.plan(cell)
         cell = plan.cell
-        uses_teacher = plan.defense.uses_teacher
-        archs = [cell.teacher] if uses_teacher and cell.teacher_source == "supplied" else []
-        archs += [cell.student] if not (uses_teacher and cell.teacher == cell.student) else []
+        supplied = {arch: self.supplied(plan, arch)[0] for arch in defend_stage.supplied_archs(plan.defense, cell)}
         spec = self.registry.dataset(cell.dataset)
-        supplied = {arch: self.supplied(plan, arch)[0] for arch in archs}
         return defend_stage.context(self.registry, spec, student=cell.student, teacher=cell.teacher, seed=cell.seed,
                                     device=self.device, supplied=supplied, log_metric=log,
                                     log_figure=figure_logger(self.tracker, run_id), progress=self.progress)
@@ -396,24 +361,10 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
     status = "KILLED"  # unless the loop completes
     bar = tqdm(total=len(cells), desc="grid", unit="cell", disable=not runner.progress, dynamic_ncols=True)
     try:
-        todo = []
-        for cell in cells:
-            try:
-                prior = t.finished_cell(runner.cell_key(cell)[0]) if t and not runner.rerun else None
-            except Exception:  # noqa: BLE001 — e.g. data that cannot be loaded: the cell runs and records why
-                prior = None
-            if prior is None:
-                todo.append(cell)
-                continue
-            # The cell as this grid names it: a key also matches a cell of a grid that left an axis
-            # at its default (clean share None: the profile's 0.05 is the same subset as 0.05).
-            results.append({**t.reuse(prior, cell.label, parent), "cell": dataclasses.asdict(cell)})
-            bar.update()
+        todo = reuse_finished(runner, cells, parent, results, bar)
         if runner.rerun == "all":
             runner.forget(todo)
         if runner.settings.fused and todo:  # --fused: the models the cells to run need, trained together first
-            from .executors import train_fused
-
             for line in train_fused(runner, todo):
                 tqdm.write(f"note: {line}", file=sys.stderr)
         if len(todo) < len(cells):
@@ -440,14 +391,5 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
         status = "FAILED" if failures else "FINISHED"
     finally:
         bar.close()
-        order = {cell: i for i, cell in enumerate(cells)}
-        results.sort(key=lambda r: order.get(Cell(**r["cell"]), 0))
-        if t:
-            t.text(parent, json.dumps(results, indent=2), "results.json")
-            try:
-                if results:
-                    log_table(t, parent, results, name)
-            except Exception as exc:  # noqa: BLE001 — a table that cannot be drawn must not lose the grid's status
-                warnings.warn(f"could not log the grid's table: {type(exc).__name__}: {exc}", stacklevel=2)
-            t.end(parent, status)
+        close_grid(t, parent, cells, results, name, status)
     return results, failures

@@ -25,6 +25,9 @@ NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench at
 TRAIN_CODE = ("nadbench.stages.train",)
 FUSED_CODE = ("nadbench.stages.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
 CELL_CODE = ("nadbench.stages.defend",)
+# Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
+MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
+POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
 
 Key = tuple[str, str]  # (digest, the canonical text it digests)
@@ -92,6 +95,11 @@ class Plan:
     uses_clean: bool            # whether the cell uses that clean model (attack or clean reference)
     key: Key | None             # the cell's recorded result (None without a defense)
     clean_share: float
+
+    def stored(self) -> list[tuple[str, Key]]:
+        """(cache folder, key) of each stored stage the cell uses."""
+        keys = [(POISON_DIR, self.poison), (MODELS_DIR, self.student)]
+        return keys + [(MODELS_DIR, self.teacher)] * bool(self.teacher) + [(MODELS_DIR, self.clean)] * self.uses_clean
 
 
 class Keys:

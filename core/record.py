@@ -5,10 +5,12 @@ The stages (core/engine.py) compute; this module only writes what they computed 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import subprocess
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,7 @@ def cell_params(runner, cell: Cell, defense) -> dict[str, Any]:
     return {"dataset": cell.dataset, "attack.name": cell.attack, "defense.name": cell.defense,
             "model.student": cell.student, "model.teacher": cell.teacher,
             "teacher.source": cell.teacher_source or "none", "seed": cell.seed,
-            "defense.clean_share": runner.clean_share(cell), "device": str(runner.device),
+            "defense.clean_share": runner.profile.clean_share if cell.clean_share is None else cell.clean_share, "device": str(runner.device),
             **provenance(runner.registry, cell), **cfgmod.flatten(defense.config, "defense"),
             **cfgmod.flatten(runner.profile, "profile")}
 
@@ -179,3 +181,37 @@ def record_result(t, run_id: str, plan, result: dict, p, repaired, original, tra
     t.weights(run_id, original, "model/backdoored.safetensors")
     t.weights(run_id, repaired.model, "model/defended.safetensors")
     t.tag(run_id, "nadbench.result", json.dumps(result))
+
+
+def reuse_finished(runner, cells: list[Cell], parent: str | None, results: list[dict], bar) -> list[Cell]:
+    """The cells to run: a cell whose result is recorded as FINISHED under its cell key (and no
+    ``--rerun``) gets a child run of ``parent`` linked to the original, its result in ``results``."""
+    t, todo = runner.tracker, []
+    for cell in cells:
+        try:
+            prior = t.finished_cell(runner.plan(cell).key[0]) if t and not runner.rerun else None
+        except Exception:  # noqa: BLE001 — e.g. data that cannot be loaded: the cell runs and records why
+            prior = None
+        if prior is None:
+            todo.append(cell)
+            continue
+        # The cell as this grid names it: a key also matches a cell of a grid that left an axis
+        # at its default (clean share None: the profile's 0.05 is the same subset as 0.05).
+        results.append({**t.reuse(prior, cell.label, parent), "cell": dataclasses.asdict(cell)})
+        bar.update()
+    return todo
+
+
+def close_grid(t, parent: str | None, cells: list[Cell], results: list[dict], name: str, status: str) -> None:
+    """Put ``results`` in the grid's cell order and end the grid's run with them (results.json, its table)."""
+    order = {cell: i for i, cell in enumerate(cells)}
+    results.sort(key=lambda r: order.get(Cell(**r["cell"]), 0))
+    if not t:
+        return
+    t.text(parent, json.dumps(results, indent=2), "results.json")
+    try:
+        if results:
+            log_table(t, parent, results, name)
+    except Exception as exc:  # noqa: BLE001 — a table that cannot be drawn must not lose the grid's status
+        warnings.warn(f"could not log the grid's table: {type(exc).__name__}: {exc}", stacklevel=2)
+    t.end(parent, status)

@@ -288,7 +288,7 @@ def test_nads_teacher_is_measured_and_is_the_finetuning_baselines_model(toy_regi
     for name in ("finetune", "nad"):
         cell = Cell("toy", "badnets", name, "wrn-16-1", "wrn-16-1", 0)
         model = runner.backdoored(cell)[0]
-        clean = clean_subset(runner.data("toy")[1], runner.clean_share(cell), cell.seed)
+        clean = clean_subset(runner.data("toy")[1], runner.plan(cell).clean_share, cell.seed)
         models[name] = apply_defense(runner.keys.configured("defenses", name), model, clean,
                                      runner.defense_context(cell, lambda *a, **k: None))[0]
     finetuned, teacher = models["finetune"].model.state_dict(), models["nad"].models["teacher"].state_dict()

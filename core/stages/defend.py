@@ -19,7 +19,7 @@ from ..reactivation import retune, retuning_set
 from ..subsets import clean_subset
 
 __all__ = ["accuracy", "attention_layers", "classifier_layer", "clean_data", "context", "defend", "layers_of",
-           "measure", "measured", "retuned"]
+           "measure", "measured", "retuned", "supplied_archs"]
 
 
 def layers_of(registry, dataset: DatasetSpec, arch: str, model: torch.nn.Module | None = None) -> tuple[str, ...]:
@@ -81,6 +81,14 @@ def context(registry, dataset: DatasetSpec, *, student: str, teacher: str, seed:
         classifier_layer=classifier_name(supplied.get(student) or build(spec, dataset), spec),
         build_model=build_model, supplied_model=supplied_model, log_metric=log_metric, log_figure=log_figure,
         progress=progress)
+
+
+def supplied_archs(defense, cell) -> list[str]:
+    """The architectures whose supplier's model a cell's defense gets: the teacher's when it uses a
+    supplied teacher, and the student's backdoored model unless that model is its teacher."""
+    uses_teacher = defense.uses_teacher
+    archs = [cell.teacher] if uses_teacher and cell.teacher_source == "supplied" else []
+    return archs + ([cell.student] if not (uses_teacher and cell.teacher == cell.student) else [])
 
 
 def clean_data(train_set: Split, share: float, seed: int) -> Split:
