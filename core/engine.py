@@ -304,12 +304,11 @@ class Runner:
                                 len(train_set), len(test_set), t_backdoor, clean_ref)
             original = copy.deepcopy(model)
             ctx = self.defense_context(plan, log, run_id)
-            clean = defend_stage.clean_data(train_set, plan.clean_share, cell.seed)
-            repaired, t_defense = defend_stage.defend(plan.defense, model, clean, ctx)
-            measured = defend_stage.measured(repaired, test_set, p, before)
+            repaired, t_defense, n_clean, measured = defend_stage.cell(plan.defense, model, train_set, test_set, p,
+                                                                       before, plan.clean_share, cell.seed, ctx)
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
-                      "n_clean": len(clean), "clean_model": clean_ref, "status": "FINISHED",
+                      "n_clean": n_clean, "clean_model": clean_ref, "status": "FINISHED",
                       "profile": self.profile.name, "defense_config": cfgmod.key_values(plan.defense.config)}
             if self.reactivation:
                 start = time.perf_counter()

@@ -18,7 +18,7 @@ from ..poisoning import Poisoning
 from ..reactivation import retune, retuning_set
 from ..subsets import clean_subset
 
-__all__ = ["accuracy", "attention_layers", "classifier_layer", "clean_data", "context", "defend", "layers_of",
+__all__ = ["accuracy", "attention_layers", "cell", "classifier_layer", "clean_data", "context", "defend", "layers_of",
            "measure", "measured", "retuned", "supplied_archs"]
 
 
@@ -99,6 +99,15 @@ def clean_data(train_set: Split, share: float, seed: int) -> Split:
 def defend(defense, model: torch.nn.Module, clean: Split, ctx: DefenseContext) -> tuple[Defended, float]:
     """(the repaired model, the defense's seconds): the defense run on ``model`` with ``clean``."""
     return apply_defense(defense, model, clean, ctx)
+
+
+def cell(defense, model: torch.nn.Module, train_set: Split, test_set: Split, p: Poisoning, before: dict,
+         share: float, seed: int, ctx: DefenseContext) -> tuple[Defended, float, int, dict]:
+    """A grid cell's defend stage: the defense on the cell's clean subset of ``train_set``, then the
+    repaired model measured against ``before``. Returns (repaired, seconds, clean images, metrics)."""
+    clean = clean_data(train_set, share, seed)
+    repaired, seconds = defend(defense, model, clean, ctx)
+    return repaired, seconds, len(clean), measured(repaired, test_set, p, before)
 
 
 def measure(model: torch.nn.Module, test_set: Split, p: Poisoning) -> dict[str, float]:
