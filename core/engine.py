@@ -26,7 +26,7 @@ from . import data as datamod
 from . import poisoning as poisonmod
 from .api import DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
-from .executors import train_fused
+from .executors import pretrain_fused
 from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
 from .plan import (CELL_CODE, KIND_PREFIX, MODELS_DIR, POISON_CODE, POISON_DIR, TRAIN_CODE,  # noqa: F401
                    Keys, Plan, configured, overrides_for)
@@ -364,7 +364,7 @@ def run_grid(runner: Runner, cells: list[Cell], name: str = "grid", params: dict
         if runner.rerun == "all":
             runner.forget(todo)
         if runner.settings.fused and todo:  # --fused: the models the cells to run need, trained together first
-            for line in train_fused(runner, todo):
+            for line in pretrain_fused(runner, todo):
                 tqdm.write(f"note: {line}", file=sys.stderr)
         if len(todo) < len(cells):
             tqdm.write(f"resuming: {len(cells) - len(todo)} cell(s) already recorded, {len(todo)} to run",

@@ -243,7 +243,7 @@ def make(executor: str, workers: int | None, *, device: str, threads: int | None
     return None
 
 
-def train_fused(runner, cells: list) -> list[str]:
+def pretrain_fused(runner, cells: list) -> list[str]:
     """``bench run --fused`` (``run_grid``, for the cells it will run): a scheduler that trains the
     train stages these cells need in fused groups of one dataset, architecture, schedule and size
     (:mod:`nadbench.fused`, :mod:`nadbench.stages.fused`) before the cells run, which then find them

@@ -128,7 +128,7 @@ def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_
     runner = Runner(reg, prof, device=torch.device("cpu"), progress=False, cache_dir=tmp_path, clean_reference=True,
                     overrides={"attack.badnets@all2all": {"epochs": "2"}})
     cells = expand(reg, ["toy"], ["badnets", "badnets@all2all", "wanet"], ["finetune"], ["wrn-16-1"], None, [0, 1, 2])
-    notes = executors.train_fused(runner, cells)
+    notes = executors.pretrain_fused(runner, cells)
     # 3 seeds each: clean models, then BadNets (1 epoch), then its all-to-all variant (2 epochs)
     assert fused_groups == [(2, 1), (1, 1), (2, 1), (1, 1), (2, 2), (1, 2)], fused_groups
     assert len(notes) == 3 and all("wanet" in n and "controls training" in n for n in notes), notes
@@ -154,7 +154,7 @@ def test_a_group_whose_fused_training_fails_is_left_to_its_cells(toy_registry, t
     runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
                     device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
     cell = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)
-    notes = executors.train_fused(runner, [cell])
+    notes = executors.pretrain_fused(runner, [cell])
     assert len(notes) == 1 and "no batching rule" in notes[0]
     assert not runner.backdoored(cell).hit  # trained alone by the cell
 
