@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-import json
 import sys
 import time
 import warnings
