@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import Split
+from .train import Optim, Step, train
+
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -202,73 +205,104 @@ def smooth_universal_perturbation(model: nn.Module, images: torch.Tensor, target
     return best, rates
 
 
-def invert_trigger(model: nn.Module, images: torch.Tensor, target: int, *, epochs: int = 80,
+class TriggerInversion(nn.Module):
+    """Neural Cleanse's trigger: a mask m (H, W) and a pattern p (C, H, W), both in [0, 1] through a
+    tanh, stamped on float images as ``(1 - m) x + m p``; drawn uniformly at random from ``generator``."""
+
+    EPS = 1e-7
+
+    def __init__(self, shape: Sequence[int], generator: torch.Generator, device):
+        super().__init__()
+        start = lambda size: torch.atanh((_uniform(size, generator, device) - 0.5) * (2 - self.EPS))  # noqa: E731
+        self.mask_t = nn.Parameter(start(tuple(shape[1:])))
+        self.pattern_t = nn.Parameter(start(tuple(shape)))
+
+    def mask(self) -> torch.Tensor:
+        return torch.tanh(self.mask_t) / (2 - self.EPS) + 0.5
+
+    def pattern(self) -> torch.Tensor:
+        return torch.tanh(self.pattern_t) / (2 - self.EPS) + 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        return (1 - m) * x + m * self.pattern()
+
+
+class InversionStep(Step):
+    """Per batch, cross-entropy of the stamped images to the target + cost * |m|_1; after each
+    epoch, the cost's schedule, the best (smallest successful) trigger and the early stop (see
+    :func:`invert_trigger`)."""
+
+    def __init__(self, model: nn.Module, success: float, init_cost: float, patience: int, multiplier: float,
+                 early_stop_patience: int):
+        self.model, self.success, self.init_cost = model, success, init_cost
+        self.patience, self.multiplier, self.early_stop_patience = patience, multiplier, early_stop_patience
+        self.cost, self.best, self.best_l1 = 0.0, None, float("inf")
+        self.counters = {"set": 0, "up": 0, "down": 0, "stop": 0}
+        self.hits = self.seen = 0
+
+    def loss(self, inversion, x, y):
+        logits = self.model(inversion(x)).float()
+        m = inversion.mask()
+        self.hits += int((logits.argmax(1) == y).sum())
+        self.seen += len(x)
+        self.last = {"mask": m.detach().clone(), "pattern": inversion.pattern().detach().clone(),
+                     "l1": float(m.detach().abs().sum())}
+        return F.cross_entropy(logits, y) + self.cost * m.abs().sum()
+
+    def end_epoch(self, epoch):
+        rate, l1, c = self.hits / self.seen, self.last["l1"], self.counters
+        self.hits = self.seen = 0
+        self.last["success"] = rate
+        if rate >= self.success and l1 < self.best_l1:
+            self.best = dict(self.last)
+        # early stop: no 1 % improvement of the best L1 for early_stop_patience epochs, once the cost is set
+        c["stop"] = 0 if l1 < 0.99 * self.best_l1 or self.cost == 0 else c["stop"] + 1
+        if rate >= self.success:
+            self.best_l1 = min(self.best_l1, l1)
+        if self.cost > 0 and c["stop"] >= self.early_stop_patience:
+            return True
+        if self.cost == 0:  # the cost starts once the attack succeeds
+            c["set"] = c["set"] + 1 if rate >= self.success else 0
+            if c["set"] >= self.patience:
+                self.cost, c["up"], c["down"] = self.init_cost, 0, 0
+            return False
+        c["up"], c["down"] = (c["up"] + 1, 0) if rate >= self.success else (0, c["down"] + 1)
+        if c["up"] >= self.patience:
+            self.cost, c["up"] = self.cost * self.multiplier, 0
+        elif c["down"] >= self.patience:
+            self.cost, c["down"] = self.cost / self.multiplier ** 1.5, 0
+        return False
+
+
+def invert_trigger(model: nn.Module, images: torch.Tensor, target: int, *, seed: int, epochs: int = 80,
                    batch_size: int = 256, lr: float = 0.1, init_cost: float = 1e-3,
                    success: float = 0.98, patience: int = 5, multiplier: float = 2.0,
-                   early_stop_patience: int = 25, generator: torch.Generator | None = None,
-                   progress: bool = False) -> dict:
+                   early_stop_patience: int = 25, progress: bool = False) -> dict:
     """Neural Cleanse's trigger inversion (Wang et al., S&P 2019): the smallest mask m (H, W) and
     pattern p (C, H, W), both in [0, 1] through a tanh, such that ``(1 - m) x + m p`` sends the
-    float ``images`` (N, C, H, W in [0, 1]) to ``target``. Adam (betas 0.5, 0.9) on cross-entropy
-    + cost * |m|_1, over ``epochs`` passes of shuffled batches; the cost starts at 0 and is set to
-    ``init_cost`` once the attack succeeds on ``success`` of the images for ``patience`` epochs,
-    then multiplied by ``multiplier`` after ``patience`` successful epochs and divided by
-    ``multiplier ** 1.5`` after as many failed ones; the search stops after
-    ``early_stop_patience`` epochs without a 1 % smaller mask. Returns the best (smallest L1 among
-    the successful) ``{"mask", "pattern", "l1", "success"}``; if no epoch succeeded, the last."""
-    from .train import _autocast, precision
-
-    device = images.device
-    autocast = lambda: _autocast(device, precision(device) == "bf16")  # noqa: E731 — the run's precision
-    h, w = images.shape[-2:]
-    eps = 1e-7
-    start = lambda shape: torch.atanh((_uniform(shape, generator, device) - 0.5) * (2 - eps))  # noqa: E731
-    mask_t = start((h, w)).requires_grad_(True)
-    pattern_t = start(images.shape[1:]).requires_grad_(True)
-    opt = torch.optim.Adam([mask_t, pattern_t], lr=lr, betas=(0.5, 0.9))
-    labels = torch.full((batch_size,), target, device=device)
-    cost, best, counters = 0.0, None, {"set": 0, "up": 0, "down": 0, "stop": 0}
-    best_l1 = float("inf")
+    uint8 ``images`` (N, C, H, W) to ``target``. It is a training run of the one loop
+    (:class:`TriggerInversion` is the model, the classifier frozen in eval mode): Adam (betas 0.5, 0.9)
+    on cross-entropy + cost * |m|_1, over ``epochs`` passes of shuffled batches; the cost starts at 0
+    and is set to ``init_cost`` once the attack succeeds on ``success`` of the images for ``patience``
+    epochs, then multiplied by ``multiplier`` after ``patience`` successful epochs and divided by
+    ``multiplier ** 1.5`` after as many failed ones; the search stops after ``early_stop_patience``
+    epochs without a 1 % smaller mask. ``seed`` draws the start and the batches. Returns the best
+    (smallest L1 among the successful) ``{"mask", "pattern", "l1", "success"}``; if no epoch
+    succeeded, the last."""
+    inversion = TriggerInversion(images.shape[1:], torch.Generator().manual_seed(seed), images.device)
+    step = InversionStep(model, success, init_cost, patience, multiplier, early_stop_patience)
+    opt = Optim(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam", betas=(0.5, 0.9), weight_decay=0.0)
+    data = Split(images, torch.full((len(images),), target, device=images.device))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with eval_mode(model):
-        for _ in tqdm(range(epochs), desc=f"invert {target}", disable=not progress, leave=False):
-            order = torch.randperm(len(images), generator=generator, device=generator.device if generator else device)
-            hits, seen, l1 = 0, 0, 0.0
-            for i in range(0, len(images), batch_size):
-                x = images[order[i:i + batch_size].to(device)]
-                m = torch.tanh(mask_t) / (2 - eps) + 0.5
-                p = torch.tanh(pattern_t) / (2 - eps) + 0.5
-                with autocast():
-                    logits = model((1 - m) * x + m * p).float()
-                ce = F.cross_entropy(logits, labels[:len(x)])
-                loss = ce + cost * m.abs().sum()
-                mask_t.grad, pattern_t.grad = torch.autograd.grad(loss, [mask_t, pattern_t])
-                opt.step()
-                hits += int((logits.argmax(1) == target).sum())
-                seen += len(x)
-                l1 = float(m.detach().abs().sum())
-            rate = hits / seen
-            if rate >= success and l1 < best_l1:
-                best = {"mask": m.detach().clone(), "pattern": p.detach().clone(), "l1": l1, "success": rate}
-            # early stop: no 1 % improvement of the best L1 for early_stop_patience epochs, once the cost is set
-            counters["stop"] = 0 if l1 < 0.99 * best_l1 or cost == 0 else counters["stop"] + 1
-            if rate >= success:
-                best_l1 = min(best_l1, l1)
-            if cost > 0 and counters["stop"] >= early_stop_patience:
-                break
-            if cost == 0:  # the cost starts once the attack succeeds
-                counters["set"] = counters["set"] + 1 if rate >= success else 0
-                if counters["set"] >= patience:
-                    cost, counters["up"], counters["down"] = init_cost, 0, 0
-                continue
-            counters["up"], counters["down"] = ((counters["up"] + 1, 0) if rate >= success
-                                                else (0, counters["down"] + 1))
-            if counters["up"] >= patience:
-                cost, counters["up"] = cost * multiplier, 0
-            elif counters["down"] >= patience:
-                cost, counters["down"] = cost / multiplier ** 1.5, 0
-    if best is None:
-        best = {"mask": m.detach(), "pattern": p.detach(), "l1": l1, "success": rate}
-    return best
+        model.requires_grad_(False)  # the input's gradient only
+        try:
+            train(inversion, data, opt, seed=seed, step=step, desc=f"invert {target}", progress=progress)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+    return step.best or step.last
 
 
 def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,18 @@ Each model keeps exactly what :func:`nadbench.train.train` would give it alone: 
 seed (its own generator draws its batch order and augmentation, in the loop's order), its own
 batch-norm statistics (the stacked buffers are updated in place per model), and the loss is the
 *sum* over models of each model's mean cross-entropy, so each model's gradient is its own and no
-learning rate is divided by N. SGD is elementwise, so one optimiser over the stacked parameters is
-N exact optimisers. Only plain cross-entropy steps fuse; a model with random layers (dropout) draws
+learning rate is divided by N. The optimisers are elementwise (SGD, Adam), so one optimiser over the
+stacked parameters is N exact optimisers. Only plain cross-entropy steps fuse; a model with random layers (dropout) draws
 different randomness than alone (``vmap(randomness="different")``). The fused path runs NCHW
 (no channels-last) and uncompiled; which models fused is in their train keys (``Keys.train``).
+
+Why a loop beside :func:`nadbench.train.train` and not that loop over a stacked model: a fused step
+draws N batches from N training sets with N generators and runs one ``vmap``-ed functional call over
+stacked parameters, while every hook of the one loop's :class:`~nadbench.train.Step` (a batch, a loss,
+an update, side networks, entries held at zero) is one model's and has no stacked form. What the two
+share: the :class:`~nadbench.train.Optim` (its optimiser, ``build`` and schedule, ``set_lr``), the
+batched augmentation, the precision's autocast and the order of draws (a permutation per epoch, then
+each step's augmentation) that makes each fused model the one trained alone (tests/test_fused.py).
 """
 from __future__ import annotations
 
@@ -61,8 +69,7 @@ def train_fused(models: list[nn.Module], datas: list[Split], opt: Optim, *, seed
     stacked = vmap(forward, randomness="different")
     torch.set_flush_denormal(True)  # as train(): denormal gradients slow CPU kernels
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    sgd = torch.optim.SGD(list(params.values()), lr=opt.lr, momentum=opt.momentum,
-                          nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
+    optimizer = opt.build(list(params.values()))
     n = sizes.pop()
     steps_per_epoch = math.ceil(n / opt.batch_size)
     bar = tqdm(total=opt.epochs * steps_per_epoch, desc=f"{desc} ({len(models)} models)", disable=not progress,
@@ -72,8 +79,7 @@ def train_fused(models: list[nn.Module], datas: list[Split], opt: Optim, *, seed
             orders = [torch.randperm(n, device=device, generator=g) for g in gens]
             total, seen = torch.zeros(len(models), device=device), 0
             for i in range(steps_per_epoch):
-                for group in sgd.param_groups:
-                    group["lr"] = opt.lr_at(epoch + i / steps_per_epoch)
+                opt.set_lr(optimizer, epoch + i / steps_per_epoch)
                 xs, ys = [], []
                 for data, order, g in zip(datas, orders, gens):  # each model's own draws, as train() makes them
                     idx = order[i * opt.batch_size:(i + 1) * opt.batch_size]
@@ -84,9 +90,9 @@ def train_fused(models: list[nn.Module], datas: list[Split], opt: Optim, *, seed
                     logits = stacked(params, buffers, torch.stack(xs))  # (models, batch, classes)
                     losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
                 loss = losses.sum() if reduction == "sum" else losses.mean()
-                sgd.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                sgd.step()
+                optimizer.step()
                 total += losses.detach().float() * y.shape[1]
                 seen += y.shape[1]
                 bar.update()

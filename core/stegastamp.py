@@ -54,28 +54,20 @@ class StegaStamp(nn.Module):
 
 
 class StegaStampStep(Step):
-    """Trains a :class:`StegaStamp` in the core loop: random bit strings per batch, encode, round,
-    decode; binary cross-entropy of the bits; its own Adam at the loop's learning rate."""
+    """Trains a :class:`StegaStamp` (the loop's model) in the core loop: random bit strings per batch,
+    encode, round, decode; binary cross-entropy of the bits."""
 
-    def __init__(self, net: StegaStamp):
-        self.net = net
-        self.adam = torch.optim.Adam(net.parameters(), lr=1e-3)  # lr set from the loop's schedule
+    def __init__(self, bits: int):
+        self.bits_per_image = bits
 
     def batch(self, x, y, index, generator):
-        self.bits = torch.randint(0, 2, (len(x), self.net.bits), generator=generator,
+        self.bits = torch.randint(0, 2, (len(x), self.bits_per_image), generator=generator,
                                   device=generator.device).to(x.device)
         return x, y
 
-    def update(self, model, x, y, optimizer):
-        for group in self.adam.param_groups:
-            group["lr"] = optimizer.param_groups[0]["lr"]
-        with self.autocast():
-            logits = self.net.decode(self.net.stamp(x, self.bits))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), self.bits.float())
-        self.adam.zero_grad(set_to_none=True)
-        loss.backward()
-        self.adam.step()
-        return loss.detach()
+    def loss(self, model, x, y):
+        logits = model.decode(model.stamp(x, self.bits))
+        return F.binary_cross_entropy_with_logits(logits.float(), self.bits.float())
 
 
 def train_stegastamp(images: Split, bits: int, epochs: int, seed: int, lr: float = 1e-3, batch_size: int = 64,
@@ -84,8 +76,8 @@ def train_stegastamp(images: Split, bits: int, epochs: int, seed: int, lr: float
     torch.manual_seed(seed)
     c, size = images.images.shape[1], images.images.shape[-1]
     net = StegaStamp(bits, c, size, width, bound).to(images.images.device)
-    opt = Optim(epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine", weight_decay=0.0, momentum=0.0)
-    return train(net, images, opt, seed=seed, step=StegaStampStep(net), desc="StegaStamp", progress=progress)
+    opt = Optim(epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine", optimizer="adam", weight_decay=0.0)
+    return train(net, images, opt, seed=seed, step=StegaStampStep(bits), desc="StegaStamp", progress=progress)
 
 
 @torch.no_grad()

@@ -27,25 +27,36 @@ from .config import PluginError, param
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 @dataclass(frozen=True)
 class Optim:
-    """SGD settings and the learning-rate schedule of one training phase."""
+    """The optimiser of one training phase (SGD by default, Adam, AdamW), its settings and its
+    learning-rate schedule. The loop builds it (:meth:`build`) and sets its learning rate before
+    every step (:meth:`set_lr`); a step's side networks each have one too (:meth:`Step.networks`)."""
 
     epochs: int
     lr: float = 0.1
     batch_size: int = 64
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
+    momentum: float = 0.9           # sgd
+    nesterov: bool = True           # sgd
+    weight_decay: float = 1e-4      # L2 (sgd, adam) or decoupled (adamw)
     schedule: str = "step"          # step | cosine | onecycle
-    milestones: tuple[int, ...] = ()  # "step": lr *= gamma at the start of each listed epoch
+    milestones: tuple[float, ...] = ()  # "step": lr *= gamma at the start of each listed epoch
     gamma: float = 0.1
     crop: int = 0                   # random-crop padding (0: off)
     flip: bool = False
     cutout: int = 0                 # cutout square size (0: off)
+    optimizer: str = "sgd"          # sgd | adam | adamw
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    start: float = 0.0              # the schedule runs over epochs [start, epochs), compressed into them
+    #                                 (side networks train first); before ``start`` the lr is the first
 
     def lr_at(self, t: float) -> float:
         """Learning rate at fractional epoch ``t``."""
+        if self.start:
+            t = max(t - self.start, 0.0) * self.epochs / (self.epochs - self.start)
         if self.schedule == "step":
             return self.lr * self.gamma ** sum(t >= m for m in self.milestones)
         frac = t / max(self.epochs, 1e-9)
@@ -55,33 +66,57 @@ class Optim:
             return self.lr * (frac / 0.2 if frac < 0.2 else max(0.0, (1 - frac) / 0.8))
         raise ValueError(f"unknown schedule {self.schedule!r}; valid: step, cosine, onecycle")
 
+    def build(self, params) -> torch.optim.Optimizer:
+        """The torch optimiser over ``params`` (parameters or parameter groups) at ``lr``."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                   nesterov=self.nesterov and self.momentum > 0, weight_decay=self.weight_decay)
+        if self.optimizer in ("adam", "adamw"):
+            cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+            return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
+    def set_lr(self, optimizer: torch.optim.Optimizer, t: float) -> None:
+        """Set ``optimizer``'s learning rate to the schedule's at fractional epoch ``t``: the one place
+        a learning rate is assigned (a test pins it)."""
+        lr = self.lr_at(t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
 class Step:
-    """What one step of :func:`train` does; this base class is plain cross-entropy SGD. Override any
-    of its methods (each has the default behaviour):
+    """What one step of :func:`train` does; this base class is plain cross-entropy on the run's
+    optimiser. Override any of its methods (each has the default behaviour):
 
     - :meth:`batch` — the float [0, 1] batch before augmentation (``index``: its rows of the
       training set): poison or add samples per batch. ``x``, ``y``, ``index`` and ``generator`` (the
       loop's, seeded by the run's seed: draw every random choice from it) are on the model's device;
     - :meth:`loss` — the objective on the (augmented) batch: one number (a 0-d tensor), checked;
-    - :meth:`update` — forward, backward and optimiser step(s), e.g. two passes (SAM) or another
-      module's optimiser beside the model's (it reads the loop's lr from ``optimizer``);
-    - :meth:`parameters` — what the loop's SGD optimises (e.g. only masks);
+    - :meth:`update` — forward, backward and optimiser step(s), e.g. two passes (SAM), a gradient of
+      its own (an implicit hypergradient), or a side network's optimiser beside the model's;
+    - :meth:`parameters` — what the model's optimiser optimises (e.g. only masks);
+    - :meth:`networks` — side networks the step trains beside the model, each with its own
+      optimiser and schedule, which the loop builds and schedules (``self.optimizers[name]``);
+    - :meth:`schedule` — the model's schedule for this step, from the run's (e.g. compressed into
+      the epochs after a side network's own);
     - :meth:`end_epoch` — after each epoch; returning True ends training there (an early stop,
       e.g. RNP's unlearning, which stops once clean accuracy has collapsed).
 
     A step whose ``loss`` and ``update`` are the defaults trains the model as plain cross-entropy,
     which the loop may run channels-last or compiled (see :func:`channels_last`, :func:`compiled`).
     An ``update`` runs its forward passes under ``self.autocast()``, which the loop sets to the
-    run's precision (backward passes outside it); ``self.optim`` is the run's :class:`Optim`.
+    run's precision (backward passes outside it). The loop also sets ``self.optim`` (the model's
+    :class:`Optim`) before the first step and ``self.t`` (the fractional epoch) before each.
     """
 
     autocast: Callable[[], Any] = contextlib.nullcontext
-    optim: "Optim | None" = None  # the run's schedule (epochs, lr), set by the loop before the first step
+    optim: "Optim | None" = None  # the model's schedule (epochs, lr), set by the loop before the first step
+    optimizers: "dict[str, torch.optim.Optimizer]" = {}  # the side networks', by name (networks())
+    t: float = 0.0  # the current step's fractional epoch, set by the loop
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +137,16 @@ class Step:
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def networks(self, model: nn.Module, data: Split) -> "dict[str, tuple[nn.Module, Optim]]":
+        """Side networks to train beside ``model`` (on ``data``), by name, each with its optimiser and
+        schedule (its ``epochs`` scale a cosine or onecycle schedule; batching and augmentation are
+        the run's). Called once, before the first batch; ``update`` steps ``self.optimizers[name]``."""
+        return {}
+
+    def schedule(self, optim: Optim) -> Optim:
+        """The model's :class:`Optim` for this step, given the run's."""
+        return optim
 
     def end_epoch(self, epoch: int) -> bool | None:
         return None
@@ -202,7 +247,8 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
           on_step: Callable[[int], None] | None = None) -> nn.Module:
     """Train ``model`` in place on ``data`` (uint8 on the model's device) and return it.
 
-    Batches are index permutations of the device-resident data; augmentation runs batched.
+    ``opt`` is the optimiser and its schedule (SGD, Adam, AdamW; :class:`Optim`). Batches are index
+    permutations of the device-resident data; augmentation runs batched.
     ``step`` changes what a step does (see :class:`Step`); ``loss_fn`` is short for
     ``step=LossStep(loss_fn)``. ``on_epoch(epoch, mean_loss)`` is called after every epoch,
     ``on_step(i)`` after every optimiser step (i = 0 first). Entries held at zero
@@ -214,6 +260,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
     device = next(model.parameters()).device
     bf16 = precision(device) == "bf16"
     plain = step.plain()
+    opt = step.schedule(opt)
     step.autocast, step.optim = (lambda: _autocast(device, bf16)), opt
     fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
     model.to(memory_format=fmt)
@@ -226,8 +273,11 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
     for p in step.parameters(model):
         (decay if p.ndim > 1 else no_decay).append(p)
     # Weight decay on all parameters, as the reference code does (BN included).
-    sgd = torch.optim.SGD([{"params": decay}, {"params": no_decay}], lr=opt.lr, momentum=opt.momentum,
-                          nesterov=opt.nesterov and opt.momentum > 0, weight_decay=opt.weight_decay)
+    optimizer = opt.build([{"params": decay}, {"params": no_decay}])
+    side = {name: (net_opt, net_opt.build([p for p in net.parameters() if p.requires_grad]))
+            for name, (net, net_opt) in step.networks(model, data).items()}
+    step.optimizers = {name: built for name, (_, built) in side.items()}
+    schedules = [(opt, optimizer), *side.values()]
     n = len(data)
     steps_per_epoch = math.ceil(n / opt.batch_size)
     held = _held(model)
@@ -239,13 +289,13 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
             order = torch.randperm(n, device=device, generator=gen)
             total, seen = torch.zeros((), device=device), 0
             for i in range(steps_per_epoch):
-                lr = opt.lr_at(epoch + i / steps_per_epoch)
-                for group in sgd.param_groups:
-                    group["lr"] = lr
+                step.t = epoch + i / steps_per_epoch
+                for schedule, built in schedules:
+                    schedule.set_lr(built, step.t)
                 idx = order[i * opt.batch_size:(i + 1) * opt.batch_size]
                 x, y = step.batch(to_float(data.images[idx]), data.labels[idx], idx, gen)
                 x = augment(x, gen, opt.crop, opt.flip, opt.cutout)
-                loss = step.update(forward, x.contiguous(memory_format=fmt), y, sgd)
+                loss = step.update(forward, x.contiguous(memory_format=fmt), y, optimizer)
                 if held:
                     with torch.no_grad():
                         for param, mask in held:

@@ -103,23 +103,23 @@ def test_the_step_trains_the_mask_first_then_classifier_and_generator_on_backdoo
     class Recording(IADStep):
         def batch(self, x, y, index, generator):
             out_x, out_y = super().batch(x, y, index, generator)
-            if not snaps:  # the networks are built at the first batch
+            if not snaps:  # the networks are built before the first batch
                 snaps.append((_snap(model), _snap(self.G), _snap(self.M)))
-            batches.append({"epoch": self.epoch, "x": x.clone(), "y": y.clone(), "y_out": out_y.clone()})
+            batches.append({"epoch": int(self.t), "x": x.clone(), "y": y.clone(), "y_out": out_y.clone()})
             return out_x, out_y
 
         def update(self, model, x, y, optimizer):
             rec = batches[-1]
             loss = super().update(lambda inp: (rec.__setitem__("input", inp.detach().clone()), model(inp))[1],
                                   x, y, optimizer)
-            rec.update(lr=optimizer.param_groups[0]["lr"], lr_G=self.opt_G.param_groups[0]["lr"])
+            rec.update(lr=optimizer.param_groups[0]["lr"], lr_G=self.optimizers["generator"].param_groups[0]["lr"])
             return loss
 
-    step = Recording(attack, len(data))
+    step = Recording(attack)
     opt = Optim(epochs=2, lr=0.1, batch_size=8, schedule="onecycle")
     train(model, data, opt, seed=0, step=step, progress=False,
           on_epoch=lambda epoch, loss: snaps.append((_snap(model), _snap(step.G), _snap(step.M))))
-    assert step.mask_epochs() == 1 and [b["epoch"] for b in batches] == [0, 0, 1, 1]
+    assert step.m == 1 and [b["epoch"] for b in batches] == [0, 0, 1, 1]
     start, after_mask, after_joint = snaps
     # epoch 0: only the mask network learns (the classifier is not even run)
     assert any(not torch.equal(start[2][k], after_mask[2][k]) for k in start[2])
@@ -144,9 +144,7 @@ def test_the_step_trains_the_mask_first_then_classifier_and_generator_on_backdoo
 
 @pytest.mark.parametrize("epochs, mask", [(1, 0), (2, 1), (10, 2), (100, 25)])
 def test_mask_epochs_are_a_share_of_the_run_and_leave_joint_epochs(epochs, mask):
-    step = IADStep(IAD(), 100)
-    step.optim = Optim(epochs=epochs)
-    assert step.mask_epochs() == mask
+    assert IADStep(IAD()).mask_epochs(epochs) == mask
 
 
 def test_all_to_all_targets_are_the_next_class():
@@ -154,7 +152,8 @@ def test_all_to_all_targets_are_the_next_class():
     attack.num_classes = 10
     data = toy_split(16, 3)
     step = attack.train_step(attack.poison_train(data, torch.Generator())[1], len(data))
-    step.optim = Optim(epochs=1, batch_size=16)  # one epoch: no mask epoch, straight to joint batches
+    step.optim = step.schedule(Optim(epochs=1, batch_size=16))  # one epoch: no mask epoch, straight to joint batches
+    step.networks(None, data)
     _, y = step.batch(data.images.float() / 255, data.labels, torch.arange(16), torch.Generator().manual_seed(0))
     assert torch.equal(y[:4], (data.labels[:4] + 1) % 10) and torch.equal(y[4:], data.labels[4:])
     triggered = attack.trigger_test(data)  # every image's target differs from its label: all kept

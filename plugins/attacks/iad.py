@@ -27,15 +27,14 @@ network; 16 makes a training step markedly cheaper. The quick profile sets ``p_a
 the backdoor only partly (benchmarks/results/table1-quick-iad-ssba.md), where the official schedule
 has 600.
 """
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from nadbench import TARGET_MODES, Attack, Deviation, Source, Split, hookimpl, param
 from nadbench.generators import EPSILON, IADGenerator, MaskGenerator
-from nadbench.train import Step
+from nadbench.train import Optim, Step
 
 
 @dataclass(frozen=True)
@@ -73,22 +72,29 @@ def _step(loss: torch.Tensor, *optimizers) -> torch.Tensor:
 
 
 class IADStep(Step):
-    """Mask epochs, then joint epochs (see the module docstring); builds fresh networks on the attack."""
+    """Mask epochs, then joint epochs (see the module docstring); trains fresh networks of the attack."""
 
-    def __init__(self, attack: "IAD", n_train: int):
-        self.attack, self.n_train, self.epoch, self.i, self.G = attack, n_train, 0, 0, None
+    def __init__(self, attack: "IAD"):
+        self.attack = attack
 
-    def mask_epochs(self) -> int:
-        share, epochs = self.attack.config.mask_epochs_share, self.optim.epochs
+    def mask_epochs(self, epochs: int) -> int:
+        share = self.attack.config.mask_epochs_share
         return min(max(1, round(share * epochs)) if share > 0 else 0, epochs - 1)
+
+    def schedule(self, optim):
+        self.m = self.mask_epochs(optim.epochs)
+        return replace(optim, start=self.m)  # the classifier's whole schedule in the joint epochs
+
+    def networks(self, model, data):
+        c, m = self.attack.config, self.m
+        self.G, self.M = self.attack.build(data.images.shape[1], data.images.device, c.width)
+        adam = dict(optimizer="adam", betas=(0.5, 0.9), weight_decay=0.0)
+        return {"generator": (self.G, replace(self.optim, lr=c.lr_G, **adam)),  # in proportion to the classifier
+                "mask": (self.M, Optim(epochs=m, lr=c.lr_M, schedule="step", milestones=(0.4 * m, 0.8 * m), **adam))}
 
     def batch(self, x, y, index, generator):
         c = self.attack.config
-        if self.G is None:
-            self.G, self.M = self.attack.build(x.shape[1], x.device, c.width)
-            self.opt_G = torch.optim.Adam(self.G.parameters(), lr=c.lr_G, betas=(0.5, 0.9))
-            self.opt_M = torch.optim.Adam(self.M.parameters(), lr=c.lr_M, betas=(0.5, 0.9))
-        if self.epoch < self.mask_epochs():
+        if self.t < self.m:
             return x, y
         nb, nc = int(c.p_attack * len(y)), int(c.p_cross * len(y))
         rest = torch.randperm(len(y) - nb - nc, device=x.device, generator=generator)
@@ -99,21 +105,14 @@ class IADStep(Step):
         return x, y
 
     def update(self, model, x, y, optimizer):
-        t = self.epoch + self.i / math.ceil(self.n_train / self.optim.batch_size)  # fractional epoch
-        self.i += 1
-        c, m, epochs = self.attack.config, self.mask_epochs(), self.optim.epochs
-        if self.epoch < m:  # mask network only
-            self.opt_M.param_groups[0]["lr"] = c.lr_M * 0.1 ** ((t >= 0.4 * m) + (t >= 0.8 * m))
+        c = self.attack.config
+        if self.t < self.m:  # mask network only
             self.M.train()
             with self.autocast():
                 masks = self.M(x).float()
             loss = (c.lambda_norm * F.relu(masks - c.mask_density).mean()
                     + c.lambda_div * diversity(x, x.roll(1, 0), masks, masks.roll(1, 0)))
-            return _step(loss, self.opt_M)
-        lr = self.optim.lr_at((t - m) * epochs / (epochs - m))  # the whole schedule in the joint epochs
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        self.opt_G.param_groups[0]["lr"] = c.lr_G * (lr / self.optim.lr if self.optim.lr else 1.0)
+            return _step(loss, self.optimizers["mask"])
         self.M.eval().requires_grad_(False)
         self.G.train()
         nb, nc, others = self.plan
@@ -127,11 +126,8 @@ class IADStep(Step):
         with self.autocast():
             ce = F.cross_entropy(model(torch.cat([triggered, x[k:]])), y)
         loss = ce + c.lambda_div * diversity(x[:d], x[others[:d]], patterns[:d], patterns[nb:nb + d])
-        _step(loss, optimizer, self.opt_G)
+        _step(loss, optimizer, self.optimizers["generator"])
         return ce.detach()
-
-    def end_epoch(self, epoch):
-        self.epoch, self.i = epoch + 1, 0
 
 
 class IAD(Attack):
@@ -169,7 +165,7 @@ class IAD(Attack):
         return Split(train.images.clone(), train.labels.clone()), train.labels.new_zeros(0)
 
     def train_step(self, poisoned, n_train):
-        return IADStep(self, n_train)
+        return IADStep(self)
 
     def learned_state(self):
         nets = {"generator.": self.generator, "mask.": self.mask_net} if self.generator is not None else {}

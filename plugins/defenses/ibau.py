@@ -14,8 +14,8 @@ point map always reads the first batch, ours the current one. Rounds are costly 
 ``quick`` runs 3 (``time_defense_s`` in ``benchmarks/results/table1-quick-paper-attacks-nc-ibau.json``);
 ``paper`` keeps 5. On the test fixture's BadNets model 5 rounds remove most of the backdoor and 2
 about half (``python benchmarks/defenses_fixture.py``, ``benchmarks/results/defenses-fixture.md``).
-The rounds run on the one training loop as its epochs (``IBAUStep``:
-the outer step with its own Adam, the next round's perturbation after each epoch).
+The rounds run on the one training loop as its epochs, with Adam (``IBAUStep``: the outer step's
+hypergradient, the next round's perturbation after each epoch).
 """
 from dataclasses import dataclass
 
@@ -48,13 +48,9 @@ class IBAUStep(Step):
     def __init__(self, model, clean, cfg: IBAUConfig, seed: int):
         self.cfg, self.images = cfg, to_float(clean.images)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.adam = torch.optim.Adam(self.params, lr=cfg.lr)
         self.gen = torch.Generator(device=self.images.device).manual_seed(seed)
         self.model = model
         self.end_epoch(-1)  # the first round's perturbation
-
-    def parameters(self, model):
-        return []  # the loop's SGD has nothing to do: this step owns its Adam
 
     def end_epoch(self, epoch):
         if epoch + 1 >= self.cfg.rounds:
@@ -86,7 +82,7 @@ class IBAUStep(Step):
             grads = fixed_point_hypergradient([self.delta], self.params, cfg.fixed_point_steps, fp_map, outer_loss)
         for p, g in zip(self.params, grads):
             p.grad = g
-        self.adam.step()
+        optimizer.step()
         return seen[-1].detach()
 
 
@@ -115,8 +111,7 @@ class IBAU(Defense):
 
     def defend(self, model, clean, ctx):
         cfg = self.config
-        optim = Optim(epochs=cfg.rounds, lr=0.0, batch_size=cfg.batch_size, momentum=0.0, nesterov=False,
-                      weight_decay=0.0, schedule="step")
+        optim = Optim(epochs=cfg.rounds, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adam", weight_decay=0.0)
         return train(model, clean, optim, seed=ctx.seed, step=IBAUStep(model, clean, cfg, ctx.seed), desc="i-bau",
                      progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
 

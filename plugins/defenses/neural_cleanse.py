@@ -65,8 +65,9 @@ class NeuralCleanse(Defense):
         cfg = self.config
         images = to_float(clean.images)
         gen = torch.Generator(device=images.device).manual_seed(ctx.seed)
-        found = [invert_trigger(model, images, c, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.mask_lr,
-                                init_cost=cfg.init_cost, success=cfg.success, generator=gen, progress=ctx.progress)
+        found = [invert_trigger(model, clean.images, c, seed=ctx.seed * ctx.num_classes + c, epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, lr=cfg.mask_lr, init_cost=cfg.init_cost,
+                                success=cfg.success, progress=ctx.progress)
                  for c in range(ctx.num_classes)]
         norms = torch.tensor([f["l1"] for f in found])
         index = anomaly_indices(norms)

@@ -7,7 +7,7 @@ keeps its clean predictions and does not give such examples the label the origin
 The outer loss per batch (``SAUStep``): ``lmd_1 * CE(x) + lmd_2 * CE(x + delta) + lmd_3 * L_shared``,
 L_shared the mean over the batch of ``-log(1 - p(y_ref | x + delta))`` on the images where the original
 model's label of ``x + delta`` is neither the true one nor its own clean prediction (p the repaired
-model's softmax; probabilities under 0.001 give no gradient, as there). Adam (its own, in the step).
+model's softmax; probabilities under 0.001 give no gradient, as there). Adam, on the loop.
 
 Settings of the authors' implementation (BackdoorBench ``defense/sau.py``, ``config/defense/sau/
 config.yaml``; read for settings only): L-inf bound 0.2 in [0, 1] pixels, 5 PGD steps of 0.2 from
@@ -46,19 +46,15 @@ class SAUConfig:
 
 
 class SAUStep(Step):
-    """Per batch: shared adversarial examples against the model and the frozen ``reference``, then
-    one Adam step on the outer loss (the loop's SGD holds nothing)."""
+    """Per batch: shared adversarial examples against the model and the frozen ``reference``; the
+    outer loss on them (the loop steps the model's Adam)."""
 
-    def __init__(self, model, reference, cfg: SAUConfig):
+    def __init__(self, reference, cfg: SAUConfig):
         self.reference, self.cfg = reference, cfg
-        self.adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
-    def parameters(self, model):
-        return []
-
-    def update(self, model, x, y, optimizer):
+    def loss(self, model, x, y):
         cfg = self.cfg
-        with eval_mode(model), self.autocast():
+        with eval_mode(model):
             delta = shared_adversarial(model, self.reference, x, y, eps=cfg.eps, step=cfg.pgd_step,
                                        steps=cfg.pgd_steps, beta_adv=cfg.beta_1, beta_shared=cfg.beta_2)
             with torch.no_grad():
@@ -67,11 +63,7 @@ class SAUStep(Step):
         suspect = (ref_adv != y) & (ref_adv != ref_clean)
         p_shared = adv_logits.softmax(1).gather(1, ref_adv[:, None]).squeeze(1)
         shared = -(torch.log(1 + 1e-6 - p_shared.clamp(min=0.001)) * suspect).sum() / len(y)
-        loss = cfg.lmd_1 * F.cross_entropy(logits, y) + cfg.lmd_2 * F.cross_entropy(adv_logits, y) + cfg.lmd_3 * shared
-        self.adam.zero_grad(set_to_none=True)
-        loss.backward()
-        self.adam.step()
-        return loss.detach()
+        return cfg.lmd_1 * F.cross_entropy(logits, y) + cfg.lmd_2 * F.cross_entropy(adv_logits, y) + cfg.lmd_3 * shared
 
 
 class SAU(Defense):
@@ -95,9 +87,8 @@ class SAU(Defense):
     def defend(self, model, clean, ctx):
         cfg = self.config
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-        optim = Optim(epochs=cfg.rounds, lr=0.0, batch_size=cfg.batch_size, momentum=0.0, nesterov=False,
-                      weight_decay=0.0, schedule="step")
-        return train(model, clean, optim, seed=ctx.seed, step=SAUStep(model, reference, cfg), desc="sau",
+        optim = Optim(epochs=cfg.rounds, lr=cfg.lr, batch_size=cfg.batch_size, optimizer="adam", weight_decay=0.0)
+        return train(model, clean, optim, seed=ctx.seed, step=SAUStep(reference, cfg), desc="sau",
                      progress=ctx.progress, on_epoch=lambda e, loss: ctx.log_metric("defense.loss", loss, e))
 
 

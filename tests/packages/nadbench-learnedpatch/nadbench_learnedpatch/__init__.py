@@ -1,5 +1,5 @@
 """A third-party attack that controls training and learns its trigger: a corner patch whose colours
-are optimised with the classifier (their own Adam optimiser, in the same step), the smallest case of
+are optimised with the classifier (a side network of the step, with its own Adam), the smallest case of
 what IAD's generator or LIRA's trigger network do. Used by tests/test_training_attacks.py: the
 trigger exists only after training, so a cache hit, a worker or `bench attack` that did not get the
 learnt patch back from the store could not trigger the model at all.
@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from nadbench import Attack, hookimpl, param
-from nadbench.train import Step
+from nadbench.train import Optim, Step
 
 
 @dataclass(frozen=True)
@@ -23,16 +24,20 @@ class LearnedPatchConfig:
 
 class PatchStep(Step):
     """Stamps the current patch on the batch's poisoned rows after augmentation, and takes one step
-    of the model's optimiser and one of the patch's on the same loss."""
+    of the model's optimiser and one of the patch's (a side network the loop builds and schedules)
+    on the same loss."""
 
     def __init__(self, attack: "LearnedPatch", poisoned: torch.Tensor, n_train: int):
         self.attack = attack
         self.rows = torch.zeros(n_train, dtype=torch.bool, device=poisoned.device)
         self.rows[poisoned] = True
-        s = attack.config.size
-        self.logits = torch.zeros(3, s, s, device=poisoned.device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.logits], lr=attack.config.lr)
         self.mine = None
+
+    def networks(self, model, data):
+        s = self.attack.config.size
+        self.logits = nn.Parameter(torch.zeros(3, s, s, device=data.images.device))
+        adam = Optim(epochs=self.optim.epochs, lr=self.attack.config.lr, optimizer="adam", weight_decay=0.0)
+        return {"patch": (nn.ParameterList([self.logits]), adam)}
 
     def batch(self, x, y, index, generator):
         self.mine = self.rows[index.to(self.rows.device)]
@@ -45,10 +50,10 @@ class PatchStep(Step):
         with self.autocast():
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers["patch"].zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        self.optimizer.step()
+        self.optimizers["patch"].step()
         self.attack.pattern = torch.sigmoid(self.logits).detach()
         return loss.detach()
 
