@@ -107,7 +107,11 @@ class IntList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
         if not values:
             self.fail("no values given (e.g. 0,1,2)", param, ctx)
-        return list(dict.fromkeys(values))
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            self.fail(f"{', '.join(map(str, repeated))} given more than once (each value is one run of the grid)",
+                      param, ctx)
+        return values
 
 
 class ShareList(click.ParamType):
@@ -417,6 +421,10 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
 
     if len(run_ids) > 1 and not leaderboard:
         raise click.UsageError("several --run-id need --leaderboard (Table 1 is one grid's)")
+    try:  # before the store is read: a typo is named before anything about the runs
+        metrics = tablemod.check_metrics(tuple(m.strip() for m in metrics.split(",") if m.strip()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from None
     try:
         tracker = Tracker(tracking_uri, experiment)
         grids = [tracker.grid_results(run_id) for run_id in run_ids or [None]]
@@ -434,10 +442,7 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         click.echo(text, nl=False)
         click.echo(f"{len(grids)} run(s): " + ", ".join(p.info.run_id for p, _ in grids), err=True)
         return
-    try:
-        built = tablemod.build(results, paper=paper, metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics") from None
+    built = tablemod.build(results, paper=paper, metrics=metrics)
     text = tablemod.render(built, fmt)
     if paired:
         a, _, b = (x.strip() for x in paired.partition(","))
@@ -577,6 +582,15 @@ def _fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def _safetensors_path(ctx, param, path: Path) -> Path:
+    """A model file to write: ``.safetensors``, checked before anything trains (a pickle's suffix
+    would name a file `bench defend` refuses unopened)."""
+    if path.suffix != ".safetensors":
+        raise click.BadParameter(f"{path}: a model is written as safetensors: name it {path.stem}.safetensors",
+                                 ctx, param)
+    return path
+
+
 def _floats(text: str | None, option: str):
     if text is None:
         return None
@@ -596,7 +610,7 @@ def _floats(text: str | None, option: str):
               help="Override the attack's or the profile's config: badnets.target=0, profile.epochs=5.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("backdoored.safetensors"),
-              show_default=True, help="Where to write the backdoored model (safetensors).")
+              show_default=True, callback=_safetensors_path, help="Where to write the backdoored model (safetensors).")
 @click.option("--triggered-out", type=click.Path(file_okay=False, path_type=Path), default=Path("triggered"),
               show_default=True, help="Folder for the triggered test images (PNG, <true label>/<n>.png).")
 @click.option("--device", default="auto", show_default=True)
@@ -669,7 +683,8 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
                    "attack declares, e.g. triggered-cover): triggered images with their true labels and a "
                    "targets.csv; reported as attack.NAME, the share classified as their target.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("repaired.safetensors"),
-              show_default=True, help="Where to write the repaired model; the report goes beside it.")
+              show_default=True, callback=_safetensors_path,
+              help="Where to write the repaired model (safetensors); the report goes beside it.")
 @click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
 @click.option("--std", default=None, help="Input normalisation std of a bare state dict.")
 @click.option("--normalize", default=None, metavar="DATASET", help="Take mean/std from a registered dataset.")

@@ -5,6 +5,7 @@ One declaration feeds `bench list`, `--set` parsing, validation errors and the M
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 
@@ -83,6 +84,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
         items = value if isinstance(value, tuple) else (value,)
         if meta.get("nonempty") and isinstance(value, tuple) and not value:
             raise ConfigError(f"{name} is empty: it needs at least one value")
+        if meta.get("path") and isinstance(value, str) and value:
+            found = Path(value).expanduser()
+            if not (found.is_dir() if meta["path"] == "folder" else found.is_file()):
+                raise ConfigError(f"{name} = {value!r} is invalid: no such {meta['path']}")
         for v in items:
             if meta.get("choices") and v not in meta["choices"]:
                 raise ConfigError(f"{name} = {v!r} is invalid: must be {_range_text(meta)}")
@@ -171,7 +176,6 @@ def content_digest(path: str) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order).
     A missing path digests as such: the stage that reads it reports it."""
     import hashlib
-    from pathlib import Path
 
     root = Path(path).expanduser()
     digest = hashlib.sha256()

@@ -100,11 +100,16 @@ def train_fused(models: list[nn.Module], datas: list[Split], opt: Optim, *, seed
             bar.set_postfix(epoch=epoch + 1, loss=f"{sum(means) / len(means):.3f}")
             if on_epoch is not None:
                 on_epoch(epoch, means)
-    with torch.no_grad():
-        for i, m in enumerate(models):
-            for name, t in [*m.named_parameters(), *m.named_buffers()]:
-                t.copy_((params.get(name) if name in params else buffers[name])[i])
-            m.eval()
+    return _unstacked(models, params, buffers)
+
+
+@torch.no_grad()
+def _unstacked(models: list[nn.Module], params: dict, buffers: dict) -> list[nn.Module]:
+    """``models`` with the stacked parameters and buffers written back, in eval mode."""
+    for i, m in enumerate(models):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            t.copy_((params.get(name) if name in params else buffers[name])[i])
+        m.eval()
     return models
 
 

@@ -111,15 +111,21 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def check_metrics(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """``metrics`` if each is one a table shows; ``ValueError`` naming the valid ones otherwise."""
+    unknown = [m for m in metrics if m not in ALL_METRICS and not m.startswith(ATTACK_METRIC)]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ALL_METRICS)}"
+                         f", {ATTACK_METRIC}NAME (an attack's own evaluation)")
+    return metrics
+
+
 def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = METRICS) -> Table:
     """Aggregate cell results (``Runner.run_cell``'s dicts) into a table of ``metrics`` (of
     ``ALL_METRICS``, or ``attack.<name>``: an attack's own evaluation, ``Attack.evaluations``); "no
     defense" is the backdoored model of each (dataset, attack, student, seed), counted once. A metric
     a result lacks (RA before it was measured, another attack's evaluation) stays empty."""
-    unknown = [m for m in metrics if m not in ALL_METRICS and not m.startswith(ATTACK_METRIC)]
-    if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ALL_METRICS)}"
-                         f", {ATTACK_METRIC}NAME (an attack's own evaluation)")
+    check_metrics(metrics)
     from .grid import Cell
 
     cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]

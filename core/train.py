@@ -198,6 +198,12 @@ def _held(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for n, mask in m.named_buffers(recurse=False) if n.endswith(HELD)]
 
 
+@torch.no_grad()
+def _zero_held(held: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for tensor, mask in held:
+        tensor.masked_fill_(mask, 0)
+
+
 class LossStep(Step):
     """A step with another objective: ``loss_fn(model, x, y)`` (``train(..., loss_fn=)``)."""
 
@@ -241,6 +247,20 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _optimizers(step: Step, model: nn.Module, data: Split, opt: Optim):
+    """The model's optimiser over ``step.parameters(model)``, the side networks' (``step.networks``,
+    set as ``step.optimizers``), and each optimiser with its schedule."""
+    decay, no_decay = [], []
+    for p in step.parameters(model):
+        (decay if p.ndim > 1 else no_decay).append(p)
+    # Weight decay on all parameters, as the reference code does (BN included).
+    optimizer = opt.build([{"params": decay}, {"params": no_decay}])
+    side = {name: (net_opt, net_opt.build([p for p in net.parameters() if p.requires_grad]))
+            for name, (net, net_opt) in step.networks(model, data).items()}
+    step.optimizers = {name: built for name, (_, built) in side.items()}
+    return optimizer, [(opt, optimizer), *side.values()]
+
+
 def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | None = None,
           loss_fn: LossFn | None = None, desc: str = "train", progress: bool = True,
           on_epoch: Callable[[int, float], None] | None = None,
@@ -263,21 +283,10 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
     opt = step.schedule(opt)
     step.autocast, step.optim = (lambda: _autocast(device, bf16)), opt
     fmt = torch.channels_last if channels_last(device, plain) else torch.contiguous_format
-    model.to(memory_format=fmt)
-    forward = torch.compile(model) if plain and compiled() else model
-    # Tiny gradients turn into denormal floats that slow CPU kernels; flushing them changes
-    # nothing measurable in the results.
-    torch.set_flush_denormal(True)
+    forward = torch.compile(model.to(memory_format=fmt)) if plain and compiled() else model.to(memory_format=fmt)
+    torch.set_flush_denormal(True)  # tiny gradients become denormals, which slow CPU kernels; no result moves
     gen = torch.Generator(device=device).manual_seed(seed)
-    decay, no_decay = [], []
-    for p in step.parameters(model):
-        (decay if p.ndim > 1 else no_decay).append(p)
-    # Weight decay on all parameters, as the reference code does (BN included).
-    optimizer = opt.build([{"params": decay}, {"params": no_decay}])
-    side = {name: (net_opt, net_opt.build([p for p in net.parameters() if p.requires_grad]))
-            for name, (net, net_opt) in step.networks(model, data).items()}
-    step.optimizers = {name: built for name, (_, built) in side.items()}
-    schedules = [(opt, optimizer), *side.values()]
+    optimizer, schedules = _optimizers(step, model, data, opt)
     n = len(data)
     steps_per_epoch = math.ceil(n / opt.batch_size)
     held = _held(model)
@@ -296,10 +305,7 @@ def train(model: nn.Module, data: Split, opt: Optim, *, seed: int, step: Step | 
                 x, y = step.batch(to_float(data.images[idx]), data.labels[idx], idx, gen)
                 x = augment(x, gen, opt.crop, opt.flip, opt.cutout)
                 loss = step.update(forward, x.contiguous(memory_format=fmt), y, optimizer)
-                if held:
-                    with torch.no_grad():
-                        for param, mask in held:
-                            param.masked_fill_(mask, 0)
+                _zero_held(held)
                 if on_step is not None:
                     on_step(epoch * steps_per_epoch + i)
                 total += loss * len(y)

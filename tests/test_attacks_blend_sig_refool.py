@@ -81,9 +81,8 @@ def test_blend_config_errors(tmp_path):
         _attack("blend", alpha=1.5)
     with pytest.raises(ConfigError, match=r"blend\.key_seed .* must be >= 0"):
         _attack("blend", key_seed=-1)
-    attack = _attack("blend", key_image=tmp_path / "missing.png")
-    with pytest.raises(ConfigError, match=r"blend\.key_image"):
-        attack.prepare(_ctx("cifar10", classes=10))
+    with pytest.raises(ConfigError, match=r"blend\.key_image = .*missing\.png' is invalid: no such file"):
+        _attack("blend", key_image=tmp_path / "missing.png")  # with the other checks, before anything runs
 
 
 # --------------------------------------------------------------------------------------- SIG
