@@ -186,6 +186,39 @@ def main():
     Distillation (NAD). Results go to MLflow (an SQLite store in the working directory by default)."""
 
 
+def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares,
+          profile_name, sets, device):
+    """`bench run`'s profile, --set overrides, cells and device, every config and pair checked before
+    anything trains: a usage error otherwise."""
+    from .config import ConfigError
+    from .engine import check_grid, expand, profile, resolve_device
+    from .registry import PluginError
+
+    try:
+        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses})
+        prof = profile(profile_name, prof_over)
+        dev = resolve_device(device)
+        if teachers and not any(registry.defense(d).uses_teacher for d in defenses):
+            users = [n for n in registry.names("defenses") if registry.defense(n).uses_teacher]
+            raise ConfigError(f"--teachers applies to defenses that use a teacher ({', '.join(users) or 'none'}), "
+                              f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
+        picked = getattr(attacks, "picked_by_all", ())
+        cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
+                       tuple(teacher_sources.split(",")), clean_shares, picked)
+        for name in picked:
+            only = registry.attack(name).all_datasets
+            if only and set(datasets) - set(only):
+                click.echo(f"note: --attacks all runs {name} on {', '.join(only)} only (where it implants on "
+                           f"the quick profile); name it in --attacks to run it on "
+                           f"{', '.join(sorted(set(datasets) - set(only)))}", err=True)
+        if not cells:
+            raise ConfigError(f"no cells: --attacks all runs none of its attacks on {', '.join(datasets)}")
+        check_grid(registry, cells, plugin_over, prof)  # every config and pair, before anything trains
+    except (ConfigError, PluginError) as exc:
+        raise click.UsageError(str(exc)) from None
+    return prof, plugin_over, cells, dev
+
+
 @main.command()
 @click.option("--datasets", type=NameList("datasets"), default="cifar10", show_default=True,
               help="Comma-separated datasets.")
@@ -263,35 +296,14 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
 
     from . import executors
     from .config import ConfigError
-    from .engine import Runner, check_grid, expand, profile, resolve_device, run_grid
-    from .registry import PluginError
+    from .engine import Runner, run_grid
     from .tracking import Tracker, TrackingError
 
     registry = _registry()
     for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
         click.secho(f"warning: {line}", fg="yellow", err=True)
-    try:
-        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses})
-        prof = profile(profile_name, prof_over)
-        dev = resolve_device(device)
-        if teachers and not any(registry.defense(d).uses_teacher for d in defenses):
-            users = [n for n in registry.names("defenses") if registry.defense(n).uses_teacher]
-            raise ConfigError(f"--teachers applies to defenses that use a teacher ({', '.join(users) or 'none'}), "
-                              f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
-        picked = getattr(attacks, "picked_by_all", ())
-        cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
-                       tuple(teacher_sources.split(",")), clean_shares, picked)
-        for name in picked:
-            only = registry.attack(name).all_datasets
-            if only and set(datasets) - set(only):
-                click.echo(f"note: --attacks all runs {name} on {', '.join(only)} only (where it implants on "
-                           f"the quick profile); name it in --attacks to run it on "
-                           f"{', '.join(sorted(set(datasets) - set(only)))}", err=True)
-        if not cells:
-            raise ConfigError(f"no cells: --attacks all runs none of its attacks on {', '.join(datasets)}")
-        check_grid(registry, cells, plugin_over, prof)  # every config and pair, before anything trains
-    except (ConfigError, PluginError) as exc:
-        raise click.UsageError(str(exc)) from None
+    prof, plugin_over, cells, dev = _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sources,
+                                          seeds, clean_shares, profile_name, sets, device)
     try:
         tracker = Tracker(tracking_uri, experiment, timeout=tracking_timeout)
         for run_id in tracker.reap(stale_after):
@@ -326,10 +338,15 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
                      results=results, failures=failures, executor=pool)
         except KeyboardInterrupt:
             interrupted = 128 + (signalled[0] if signalled else signal.SIGINT)
-    wall = time.perf_counter() - start
+    _grid_ended(results, failures, len(cells), time.perf_counter() - start, interrupted, output, dev, prof)
+
+
+def _grid_ended(results: list, failures: list, n_cells: int, wall: float, interrupted: int | None, output, dev,
+                prof) -> None:
+    """`bench run`'s end: the table, a summary, --output, the failures, and the exit code."""
     click.echo(_table(results))
     click.echo(f"wall time {wall:.0f} s; {len(results)} cell(s) finished, {len(failures)} failed"
-               f"{f', interrupted ({len(cells) - len(results) - len(failures)} not finished)' if interrupted else ''}. "
+               f"{f', interrupted ({n_cells - len(results) - len(failures)} not finished)' if interrupted else ''}. "
                f"Table: bench table; browse: bench ui", err=True)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -733,14 +750,7 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         spec, defense_cls = registry.model(arch), registry.defense(defense_name)
         if teacher_arch:
             registry.model(teacher_arch)
-        if clean_data is None and defense_cls.uses_clean_data:
-            free = [n for n in registry.names("defenses") if not registry.defense(n).uses_clean_data]
-            _fail(f"--clean is required: {defense_name} repairs the model with clean data (data-free defenses, "
-                  f"which run without it: {', '.join(free) or 'none registered'})")
-        if clean_data is None and test_data is None:
-            _fail(f"{defense_name} reads no data, but ACC needs some: give --test (or --clean)")
-        if target is not None and triggered_data is None:
-            _fail("--target goes with --triggered: ASR needs the triggered images and their target label")
+        _check_data_options(registry, defense_name, defense_cls, clean_data, test_data, triggered_data, target)
         if normalize and (mean or std):
             _fail("give either --normalize or --mean/--std, not both")
         norm = registry.dataset(normalize) if normalize else None
@@ -754,19 +764,17 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         size = image_size or next((registry.dataset(d.partition(":")[0]).image_size
                                    for d in (clean_data, test_data) if d and d.partition(":")[0]
                                    in registry.names("datasets")), None)
-        test = load_user_data(registry, test_data, train=False, image_size=size, seed=seed,
-                              data_root=data_root) if test_data else None
-        clean = load_user_data(registry, clean_data, train=True, image_size=size, seed=seed,
-                               data_root=data_root) if clean_data else None
-        triggered = load_user_data(registry, triggered_data, train=False, image_size=size, seed=seed,
-                                   data_root=data_root) if triggered_data else None
+        def load(text, train=False):
+            return load_user_data(registry, text, train=train, image_size=size, seed=seed, data_root=data_root)
+        test = load(test_data) if test_data else None
+        clean = load(clean_data, train=True) if clean_data else None
+        triggered = load(triggered_data) if triggered_data else None
         evaluations = {}
         for item in evaluation_data:
             name, eq, where = item.partition("=")
             if not eq or not name.isidentifier() or not where:
                 _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
-            evaluations[name] = load_user_data(registry, where, train=False, image_size=size, seed=seed,
-                                               data_root=data_root)
+            evaluations[name] = load(where)
         settings = run_settings(str(dev), precision, compile_, threads)
         if threads:
             torch.set_num_threads(threads)
@@ -781,6 +789,24 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         _fail(str(exc))
     except TrackingError as exc:
         _fail(str(exc), code=1)
+    _echo_report(report, defense_name, out)
+
+
+def _check_data_options(registry, defense_name: str, defense_cls, clean_data, test_data, triggered_data, target):
+    """`bench defend`'s data options that only make sense together, refused in one line each."""
+    if clean_data is None and defense_cls.uses_clean_data:
+        free = [n for n in registry.names("defenses") if not registry.defense(n).uses_clean_data]
+        _fail(f"--clean is required: {defense_name} repairs the model with clean data (data-free defenses, "
+              f"which run without it: {', '.join(free) or 'none registered'})")
+    if clean_data is None and test_data is None:
+        _fail(f"{defense_name} reads no data, but ACC needs some: give --test (or --clean)")
+    if target is not None and triggered_data is None:
+        _fail("--target goes with --triggered: ASR needs the triggered images and their target label")
+
+
+def _echo_report(report: dict, defense_name: str, out: Path) -> None:
+    """`bench defend`'s printed report: notes, ACC/ASR/RA and the attack's evaluations before and
+    after, DER, the time and the files written."""
     for note in report["notes"]:
         click.echo(f"note: {note}")
     rows = [("", "before", "after"), ("ACC", report["before"]["acc"], report["after"]["acc"])]

@@ -166,6 +166,7 @@ class Runner:
         self.keys = Keys(registry, prof, device.type, numerics(self.settings, device), self.overrides, clean_reference,
                          self.datasets.digests, reactivation)
         self._metrics: dict[tuple, dict] = {}    # evaluations, by the keys of what they measure
+        self._armed: tuple[tuple, Poisoning] | None = None  # the last cell's (it measures, retunes, records)
 
     def plan(self, cell: Cell | Plan) -> Plan:
         return cell if isinstance(cell, Plan) else self.keys.plan(cell)
@@ -243,10 +244,13 @@ class Runner:
         """The cell's poisoning with the ASR set its student is measured on (``stages.train.armed``)."""
         plan = self.plan(cell)
         p = self.poisoning(plan)
-        if p.attack.learns_trigger:
+        if not p.attack.learns_trigger:
+            return p
+        key = (plan.poison[0], plan.student[0])
+        if self._armed is None or self._armed[0] != key:  # once per cell, however many stages ask
             self.supplied(plan, plan.cell.student)
-            return train_stage.armed(p, self.model_entry(plan.student), self.device)
-        return p
+            self._armed = key, train_stage.armed(p, self.model_entry(plan.student), self.device)
+        return self._armed[1]
 
     @_in_force
     def backdoored(self, cell: Cell | Plan) -> Trained:
@@ -279,6 +283,7 @@ class Runner:
         for stage, key in keys:
             self.cache.forget(stage, key)
         self._metrics.clear()
+        self._armed = None
         return len(keys)
 
     @_in_force

@@ -21,10 +21,11 @@ from .api import DatasetSpec, Split
 from .attention import layer_names
 from .config import flatten
 from .defending import measure_defended
-from .engine import Cell, Runner, figure_logger, log_extras, side_metrics
+from .engine import Cell, Runner
 from .plan import NO_DEFENSE
 from .handover import HandoverError, load_image_folder, load_model, save_image_folder
 from .models import save_weights
+from .record import cell_run, figure_logger, log_extras, side_metrics
 from .registry import Registry
 from .stages import defend as defend_stage
 from .evaluate import accuracy, attack_evaluations, backdoor_metrics
@@ -108,46 +109,37 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData | None, defense_name: str,
-                overrides: dict[str, str], mean, std, test: UserData | None, triggered: UserData | None,
-                target: int | None, teacher_path: Path | None, teacher_arch: str | None, seed: int,
-                device: torch.device, out: Path, make_tracker=None, progress: bool = True,
-                evaluations: dict[str, UserData] | None = None) -> dict[str, Any]:
-    """Repair the model in ``model_path`` with a registered defense, evaluate it before and after on
-    the user's data (``clean`` None: a data-free defense, evaluated on ``test``), and write the
-    repaired weights and a report; log it all as one MLflow run. ``evaluations``: an attack's own
-    evaluations of its trigger by name (as `bench attack` writes them: triggered images with a
-    ``targets.csv``, or ``target``), measured as ASR is and reported as ``attack.<name>``.
+@dataclass
+class Measured:
+    """The user's data as ``bench defend`` uses it: what the defense sees (``clean``), ACC's test set,
+    the triggered images with their targets (ASR), an attack's own evaluations, and notes on what
+    was derived (a held-out slice, left-out images)."""
 
-    ``make_tracker()`` is called once every input has been checked, so a bad file or folder fails
-    in seconds without touching the tracking store."""
-    from .report import attention_figure
+    clean: Split
+    test: Split
+    triggered: tuple[Split, torch.Tensor] | None
+    evaluations: dict[str, tuple[Split, torch.Tensor]]
+    notes: list[str]
 
-    start_all = time.perf_counter()
-    if clean is None:  # a data-free defense: the test data names the classes, the defense gets no image
-        if test is None:
-            raise HandoverError("without --clean (a data-free defense), ACC needs --test")
-        clean = dataclasses.replace(test, split=test.split.subset(torch.zeros(0, dtype=torch.long)),
-                                    where="none (data-free defense)", note="")
-    spec = registry.model(arch)
-    model = load_model(model_path, spec, clean.num_classes, mean, std).to(device).eval()
-    mean, std = tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())
-    teacher_spec = registry.model(teacher_arch or arch)
-    teacher = (load_model(teacher_path, teacher_spec, clean.num_classes, mean, std).to(device).eval()
-               if teacher_path else None)
-    defense_cls = registry.defense(defense_name)
-    defense = defense_cls.from_overrides(overrides)
-    dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
-    # What the user was handed, per architecture, as a grid cell's supplier's models: the teacher
-    # file, else the model itself. The layers a defense taps are those of these models (or of what
-    # ctx.build_model makes: nadbench's wrapper, names under "net.").
-    supplied = {teacher_spec.name: teacher} if teacher is not None else {spec.name: copy.deepcopy(model)}
-    student_layers = defend_stage.layers_of(registry, dataset, spec.name, model)
-    defense.check(student_layers, defend_stage.layers_of(registry, dataset, teacher_spec.name,
-                                                         supplied.get(teacher_spec.name)))
+    def to(self, device: torch.device) -> "Measured":
+        move = lambda pair: (pair[0].to(device), pair[1].to(device))  # noqa: E731
+        return Measured(self.clean.to(device), self.test.to(device), self.triggered and move(self.triggered),
+                        {name: move(pair) for name, pair in self.evaluations.items()}, self.notes)
 
+    def measure(self, model) -> dict[str, float]:
+        """ACC, and ASR/RA and the evaluations where there are triggered images: the one evaluation."""
+        result = {"acc": accuracy(model, self.test)}
+        if self.triggered is not None:
+            result.update(backdoor_metrics(model, *self.triggered))
+        return {**result, **attack_evaluations(model, self.evaluations)}
+
+
+def measured_data(clean: UserData, test: UserData | None, triggered: UserData | None, target: int | None,
+                  evaluations: dict[str, UserData], seed: int) -> Measured:
+    """The sets of :class:`Measured` from what the user gave: without ``test``, ACC on a held-out
+    seeded slice of the clean data, which the defense then never sees."""
     clean_split, notes = clean.split, [n for n in (clean.note,) if n]
-    if test is None:  # ACC on a held-out slice of the clean data, which the defense then never sees
+    if test is None:
         order = torch.randperm(len(clean_split), generator=torch.Generator().manual_seed(seed))
         n_out = max(1, round(HELD_OUT * len(clean_split)))
         test_split = clean_split.subset(order[:n_out].sort().values)
@@ -158,91 +150,117 @@ def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserD
         test = _align(test, clean, "--test")
         test_split = test.split
         notes += [n for n in (test.note,) if n]
-    asr_split = None
-    if triggered is not None:
-        asr_split, asr_targets = _triggered(triggered, clean, target, "--triggered", "ASR", notes)
+    asr = _triggered(triggered, clean, target, "--triggered", "ASR", notes) if triggered is not None else None
     # an evaluation's own targets.csv first: its targets may differ from the ASR set's
     extra = {name: _triggered(data, clean, target if data.targets is None else None, f"--evaluation {name}",
-                              f"attack.{name}", notes) for name, data in (evaluations or {}).items()}
+                              f"attack.{name}", notes) for name, data in evaluations.items()}
+    return Measured(clean_split, test_split, asr, extra, notes)
 
-    clean_dev, test_dev = clean_split.to(device), test_split.to(device)
-    asr_dev = asr_split.to(device) if asr_split is not None else None
-    extra_dev = {name: (split.to(device), t.to(device)) for name, (split, t) in extra.items()}
 
-    def measure(m) -> dict[str, float]:
-        result = {"acc": accuracy(m, test_dev)}
-        if asr_dev is not None:
-            result.update(backdoor_metrics(m, asr_dev, asr_targets))
-        result.update(attack_evaluations(m, extra_dev))
-        return result
-
+def defend_file(registry: Registry, *, model_path: Path, arch: str, clean: UserData | None, defense_name: str,
+                overrides: dict[str, str], mean, std, test: UserData | None, triggered: UserData | None,
+                target: int | None, teacher_path: Path | None, teacher_arch: str | None, seed: int,
+                device: torch.device, out: Path, make_tracker=None, progress: bool = True,
+                evaluations: dict[str, UserData] | None = None) -> dict[str, Any]:
+    """Repair ``model_path`` with a registered defense, evaluate it before and after on the user's data
+    (``clean`` None: a data-free defense, evaluated on ``test``; ``evaluations``: an attack's own sets,
+    as `bench attack` writes them, reported as ``attack.<name>``), write the repaired weights and a
+    report, and record it all as one MLflow run, as a grid cell is (``record.cell_run``).
+    ``make_tracker()`` is called once every input has been checked: a bad input fails in seconds."""
+    start_all = time.perf_counter()
+    if clean is None:  # a data-free defense: the test data names the classes, the defense gets no image
+        if test is None:
+            raise HandoverError("without --clean (a data-free defense), ACC needs --test")
+        clean = dataclasses.replace(test, split=test.split.subset(torch.zeros(0, dtype=torch.long)),
+                                    where="none (data-free defense)", note="")
+    spec, model, teacher_spec, supplied, dataset = _handed(registry, model_path, arch, teacher_path, teacher_arch,
+                                                           clean, mean, std, device)
+    defense = registry.defense(defense_name).from_overrides(overrides)
+    defense.check(defend_stage.layers_of(registry, dataset, spec.name, model),
+                  defend_stage.layers_of(registry, dataset, teacher_spec.name, supplied.get(teacher_spec.name)))
+    data = measured_data(clean, test, triggered, target, evaluations or {}, seed)
+    on_device = data.to(device)
     tracker = make_tracker() if make_tracker else None
-    before = measure(model)
+    before = on_device.measure(model)
     input_sha256 = sha256_of(model_path)
-    run_id = None
-    if tracker:
-        run_id = tracker.start(f"bench defend {model_path.name}", {
-            "model.path": str(model_path), "model.sha256": input_sha256, "model.student": arch,
-            "model.teacher": teacher_spec.name, "teacher.path": str(teacher_path or ""),
-            "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
-            "device": str(device), "data.clean": clean.where, "data.n_clean": len(clean_split),
-            "data.test": test.where if test else "held-out clean slice", "data.n_test": len(test_split),
-            "data.triggered": triggered.where if triggered else "",
-            "data.evaluations": ", ".join(f"{n}={d.where}" for n, d in (evaluations or {}).items()),
-            "attack.target": target if target is not None else "targets.csv" if triggered else "",
-            "nadbench.version": __version__, **flatten(defense.config, "defense")})
-        tracker.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
-    log = (lambda key, value, step=None: tracker.metrics(run_id, {key: value}, step)) if tracker else \
-        (lambda *a, **k: None)
-
-    ctx = defend_stage.context(registry, dataset, student=spec.name, teacher=teacher_spec.name, seed=seed,
-                               device=device, supplied=supplied, log_metric=log,
-                               log_figure=figure_logger(tracker, run_id), progress=progress)
-    try:
+    params = {"model.path": str(model_path), "model.sha256": input_sha256, "model.student": arch,
+              "model.teacher": teacher_spec.name, "teacher.path": str(teacher_path or ""),
+              "defense.name": defense_name, "defense.provider": defense.provider, "seed": seed,
+              "device": str(device), "data.clean": clean.where, "data.n_clean": len(data.clean),
+              "data.test": test.where if test else "held-out clean slice", "data.n_test": len(data.test),
+              "data.triggered": triggered.where if triggered else "",
+              "data.evaluations": ", ".join(f"{n}={d.where}" for n, d in (evaluations or {}).items()),
+              "attack.target": target if target is not None else "targets.csv" if triggered else "",
+              "nadbench.version": __version__, **flatten(defense.config, "defense")}
+    with cell_run(tracker, f"bench defend {model_path.name}", params, None, None) as (t, run_id, log):
+        if t:
+            t.metrics(run_id, {f"before.{k}": v for k, v in before.items()})
+        ctx = defend_stage.context(registry, dataset, student=spec.name, teacher=teacher_spec.name, seed=seed,
+                                   device=device, supplied=supplied, log_metric=log,
+                                   log_figure=figure_logger(t, run_id), progress=progress)
         original = copy.deepcopy(model)
-        repaired, seconds = defend_stage.defend(defense, model, clean_dev, ctx)
-        defended = repaired.model
-        measured = measure_defended(repaired, measure, before)  # after (with DER), extras, side models
-        after = measured["after"]
-        save_weights(defended, out, {
+        repaired, seconds = defend_stage.defend(defense, model, on_device.clean, ctx)
+        measured = measure_defended(repaired, on_device.measure, before)  # after (with DER), extras, side models
+        save_weights(repaired.model, out, {
             "nadbench.version": __version__, "defense": defense_name,
-            "defense.config": json.dumps(dataclasses.asdict(defense.config)),
-            "input.sha256": input_sha256, "arch": arch})
+            "defense.config": json.dumps(dataclasses.asdict(defense.config)), "input.sha256": input_sha256,
+            "arch": arch})
         report = {"model": str(model_path), "repaired": str(out), "defense": defense_name, "arch": arch,
-                  "before": before, "after": after, "time_defense_s": seconds,
-                  "time_total_s": time.perf_counter() - start_all, "n_clean": len(clean_split),
-                  "n_test": len(test_split), "n_triggered": len(asr_split) if asr_split is not None else 0,
-                  "n_evaluations": {name: len(split) for name, (split, _) in extra.items()},
-                  "notes": notes, **measured}
-        figure = None
-        layers = layer_names(defended, spec.attention_layers)
-        if layers:
-            inputs = [("clean", test_split.images[:2])]
-            if asr_split is not None:
-                inputs.append(("triggered", asr_split.images[:2]))
-            figure = attention_figure(original, defended, layers, inputs,
-                                      title=f"{defense_name} on {model_path.name}: attention mean_c|F|^2")
-            figure.savefig(out.with_suffix(".attention.png"), dpi=100)
-            report["attention"] = str(out.with_suffix(".attention.png"))
+                  "before": before, "after": measured["after"], "time_defense_s": seconds,
+                  "time_total_s": time.perf_counter() - start_all, "n_clean": len(data.clean),
+                  "n_test": len(data.test), "n_triggered": len(data.triggered[0]) if data.triggered else 0,
+                  "n_evaluations": {name: len(split) for name, (split, _) in data.evaluations.items()},
+                  "notes": data.notes, **measured}
+        figure = _attention(original, repaired.model, spec, data, out, report, f"{defense_name} on {model_path.name}")
         out.with_suffix(".report.json").write_text(json.dumps(report, indent=2))
-        if tracker:
-            tracker.metrics(run_id, {**{f"after.{k}": v for k, v in after.items()}, "time.defense_s": seconds,
-                                     **side_metrics(report.get("models"))})
-            if repaired.extras:
-                log_extras(tracker, run_id, report["extras"], f"{defense_name} on {model_path.name}")
-            tracker.text(run_id, json.dumps(report, indent=2), "report.json")
-            if figure is not None:
-                tracker.figure(run_id, figure, "attention/attention_maps.png")
-            tracker.weights(run_id, defended, "model/defended.safetensors")
-            tracker.end(run_id)
-        return report
-    except BaseException as exc:
-        if tracker:
-            import traceback
+        if t:
+            _record(t, run_id, report, repaired, figure, seconds, f"{defense_name} on {model_path.name}")
+    return report
 
-            tracker.text(run_id, traceback.format_exc(), "error.txt")
-            tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
+
+def _handed(registry: Registry, model_path: Path, arch: str, teacher_path: Path | None, teacher_arch: str | None,
+            clean: UserData, mean, std, device: torch.device):
+    """The model file (and a teacher file) as nadbench models on ``device``, the dataset their inputs
+    imply, and what the user was handed per architecture, as a grid cell's supplier's models: the
+    teacher file, else the model itself. The layers a defense taps are those of these models (or of
+    what ctx.build_model makes: nadbench's wrapper, names under "net.")."""
+    spec = registry.model(arch)
+    model = load_model(model_path, spec, clean.num_classes, mean, std).to(device).eval()
+    mean, std = tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())
+    teacher_spec = registry.model(teacher_arch or arch)
+    teacher = (load_model(teacher_path, teacher_spec, clean.num_classes, mean, std).to(device).eval()
+               if teacher_path else None)
+    dataset = DatasetSpec(clean.where, None, clean.num_classes, mean, std, image_size=int(clean.split.images.shape[-1]))
+    supplied = {teacher_spec.name: teacher} if teacher is not None else {spec.name: copy.deepcopy(model)}
+    return spec, model, teacher_spec, supplied, dataset
+
+
+def _attention(original, defended, spec, data: Measured, out: Path, report: dict, title: str):
+    """The attention maps of the model before and after, on two clean and two triggered images,
+    written beside ``out`` (and named in ``report``); None for a model without attention layers."""
+    from .report import attention_figure
+
+    layers = layer_names(defended, spec.attention_layers)
+    if not layers:
+        return None
+    inputs = [("clean", data.test.images[:2])] + ([("triggered", data.triggered[0].images[:2])]
+                                                  if data.triggered else [])
+    figure = attention_figure(original, defended, layers, inputs, title=f"{title}: attention mean_c|F|^2")
+    figure.savefig(out.with_suffix(".attention.png"), dpi=100)
+    report["attention"] = str(out.with_suffix(".attention.png"))
+    return figure
+
+
+def _record(t, run_id: str, report: dict, repaired, figure, seconds: float, title: str) -> None:
+    """The repair's outcome on its run: metrics, the defense's extra models, the report, figure, weights."""
+    t.metrics(run_id, {**{f"after.{k}": v for k, v in report["after"].items()}, "time.defense_s": seconds,
+                       **side_metrics(report.get("models"))})
+    if repaired.extras:
+        log_extras(t, run_id, report["extras"], title)
+    t.text(run_id, json.dumps(report, indent=2), "report.json")
+    if figure is not None:
+        t.figure(run_id, figure, "attention/attention_maps.png")
+    t.weights(run_id, repaired.model, "model/defended.safetensors")
 
 
 def _triggered(data: UserData, clean: UserData, target: int | None, option: str, what: str,

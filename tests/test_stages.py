@@ -68,3 +68,21 @@ def test_bench_defend_and_a_grid_cell_repair_a_model_alike(toy_registry, tmp_pat
     differ = {k: (from_file[k].float() - in_grid[k].float()).abs().max().item() for k in in_grid
               if not torch.equal(from_file[k], in_grid[k])}
     assert not differ, differ
+
+
+def test_a_learnt_triggers_asr_set_is_armed_once_per_cell(toy_registry, tmp_path, monkeypatch):
+    """The ASR set of an attack that learns its trigger comes from the student's stored entry: made once
+    per cell, though measuring, the reactivation check and the recording each ask for it."""
+    import nadbench.stages.train as train_stage
+    from nadbench.engine import Runner, expand
+    from nadbench.grid import profile
+
+    reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
+    calls, real = [], train_stage.armed
+    monkeypatch.setattr(train_stage, "armed", lambda *a: calls.append(1) or real(*a))
+    runner = Runner(reg, prof, progress=False, cache_dir=tmp_path, reactivation=True,
+                    overrides={"iad": {"width": "8"}, "finetune": {"epochs": "1"}})
+    [cell] = expand(reg, ["toy"], ["iad"], ["finetune"], ["wrn-16-1"], None, [0])
+    result = runner.run_cell(cell)
+    assert "asr" in result["after"] and "reactivated" in result
+    assert len(calls) == 1
