@@ -1,7 +1,27 @@
 """Shared pytest fixtures. Keep each section small and self-contained."""
+import os
 from pathlib import Path
 
 import pytest
+
+# ------------------------------------------------------------------------------ parallel workers
+# The suite runs on one pytest-xdist worker per CPU core with one CPU thread each (pyproject's addopts:
+# `-n auto --dist loadfile`), set here before torch starts and inherited by every process a test starts
+# (`bench`, grid workers): on a 2-core machine two one-thread processes get through the suite faster than
+# one with two threads, whose small convolutions scale poorly across threads, and the CLI tests' start-ups
+# overlap (benchmarks/results/suite-time.md). A file's tests run on one worker, so its module fixtures
+# (trained models) are made once. `pytest -n 0` runs everything in one process with torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def shared_datasets(tmp_path_factory) -> Path:
+    """The decoded datasets' folder of this run, shared by its workers (written atomically): each
+    archive is decoded once per run."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "datasets"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 # ------------------------------------------------------------------------------ dataset cache
@@ -11,6 +31,7 @@ def nadbench_cache(tmp_path_factory):
     real datasets are decoded at most once per run. Tests that need an empty cache monkeypatch
     NADBENCH_CACHE to their own tmp_path."""
     path = tmp_path_factory.mktemp("nadbench-cache")
+    (path / "datasets").symlink_to(shared_datasets(tmp_path_factory), target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NADBENCH_CACHE", str(path))
         yield path
@@ -59,8 +80,12 @@ def suite_precision():
     """float32 for the whole session, set before any fixture trains (module fixtures included): the
     process's default RunSettings for in-process runs, and the CLI's default (its --precision reads
     NADBENCH_PRECISION) for the `bench` processes tests start."""
+    import torch
+
     from nadbench import settings
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS (above), should torch have started before it
     old = settings.set_default(settings.RunSettings(precision=SUITE_PRECISION))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NADBENCH_PRECISION", SUITE_PRECISION)
@@ -214,7 +239,7 @@ SSBA_ENCODER = {"bits": 8, "encoder_images": 3000, "encoder_epochs": 10}
 @pytest.fixture(scope="session")
 def ssba_prepared(effect_seed):
     """SSBA with a reduced StegaStamp encoder (``SSBA_ENCODER``: 8 bits in ~470 steps; the default 32
-    bits need ~2,500), prepared once on the training images of ``real_subset(4000, ...)``:
+    bits need ~2,500), prepared once per worker on the training images of ``real_subset(4000, ...)``:
     tests/test_attack_ssba.py checks its properties and tests/test_attacks_e2e.py implants it."""
     import torch
 
