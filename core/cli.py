@@ -730,15 +730,15 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     Example:  bench defend backdoored.safetensors --arch wrn-16-1 --clean cifar10:0.05 \\
                 --test cifar10 --triggered triggered --target 5
     """
+    import torch
+
     from .config import ConfigError
     from .data import DataError
     from .engine import resolve_device
     from .handover import HandoverError, read_safetensors
     from .plan import config_values
     from .registry import PluginError
-    import torch
-
-    from .repair import defend_file, load_user_data
+    from .repair import defend_file
     from .settings import use
     from .tracking import Tracker, TrackingError
 
@@ -751,30 +751,14 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         if teacher_arch:
             registry.model(teacher_arch)
         _check_data_options(registry, defense_name, defense_cls, clean_data, test_data, triggered_data, target)
-        if normalize and (mean or std):
-            _fail("give either --normalize or --mean/--std, not both")
-        norm = registry.dataset(normalize) if normalize else None
-        mean_v = norm.mean if norm else _floats(mean, "--mean")
-        std_v = norm.std if norm else _floats(std, "--std")
+        mean_v, std_v = _normalisation(registry, normalize, mean, std)
         defense_name = registry.canonical("defenses", defense_name)
         _, plugin_over = _parse_sets(sets, registry, {"attacks": [], "defenses": [defense_name]})
         _, overrides = config_values(registry, "defenses", defense_name, plugin_over)  # a variant's defaults too
         defense_cls.from_overrides(overrides)
         dev = resolve_device(device)
-        size = image_size or next((registry.dataset(d.partition(":")[0]).image_size
-                                   for d in (clean_data, test_data) if d and d.partition(":")[0]
-                                   in registry.names("datasets")), None)
-        def load(text, train=False):
-            return load_user_data(registry, text, train=train, image_size=size, seed=seed, data_root=data_root)
-        test = load(test_data) if test_data else None
-        clean = load(clean_data, train=True) if clean_data else None
-        triggered = load(triggered_data) if triggered_data else None
-        evaluations = {}
-        for item in evaluation_data:
-            name, eq, where = item.partition("=")
-            if not eq or not name.isidentifier() or not where:
-                _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
-            evaluations[name] = load(where)
+        test, clean, triggered, evaluations = _user_data(registry, image_size, seed, data_root, test_data,
+                                                         clean_data, triggered_data, evaluation_data)
         settings = run_settings(str(dev), precision, compile_, threads)
         if threads:
             torch.set_num_threads(threads)
@@ -790,6 +774,35 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     except TrackingError as exc:
         _fail(str(exc), code=1)
     _echo_report(report, defense_name, out)
+
+
+def _normalisation(registry, normalize: str | None, mean: str | None, std: str | None):
+    """(mean, std) of --normalize DATASET or of --mean/--std (a bare state dict's), not both."""
+    if normalize and (mean or std):
+        _fail("give either --normalize or --mean/--std, not both")
+    norm = registry.dataset(normalize) if normalize else None
+    return (norm.mean, norm.std) if norm else (_floats(mean, "--mean"), _floats(std, "--std"))
+
+
+def _user_data(registry, image_size, seed, data_root, test_data, clean_data, triggered_data, evaluation_data):
+    """`bench defend`'s data as ``UserData`` (test, clean, triggered, evaluations by name), folders
+    resized to ``image_size`` or, without it, to the named dataset's size."""
+    from .repair import load_user_data
+
+    size = image_size or next((registry.dataset(d.partition(":")[0]).image_size
+                               for d in (clean_data, test_data) if d and d.partition(":")[0]
+                               in registry.names("datasets")), None)
+
+    def load(text, train=False):
+        return load_user_data(registry, text, train=train, image_size=size, seed=seed, data_root=data_root)
+    evaluations = {}
+    for item in evaluation_data:
+        name, eq, where = item.partition("=")
+        if not eq or not name.isidentifier() or not where:
+            _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
+        evaluations[name] = where
+    return (load(test_data) if test_data else None, load(clean_data, train=True) if clean_data else None,
+            load(triggered_data) if triggered_data else None, {n: load(w) for n, w in evaluations.items()})
 
 
 def _check_data_options(registry, defense_name: str, defense_cls, clean_data, test_data, triggered_data, target):
