@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from nadbench.engine import Runner, profile
-from nadbench.grid import Cell
-from nadbench.registry import get_registry
+from nadbench.engine.grid import Cell
+from nadbench.engine.registry import get_registry
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 import test_defenses_e2e as e2e  # noqa: E402 — the suite's own data and defense runner
 from conftest import real_subset  # noqa: E402
-from nadbench.registry import get_registry  # noqa: E402
-from nadbench.train import precision  # noqa: E402
+from nadbench.engine.registry import get_registry  # noqa: E402
+from nadbench.training.train import precision  # noqa: E402
 
 SETTINGS = [
     ("anp", {"iterations": 1000, "rule": "threshold"}),

@@ -1,10 +1,10 @@
-"""Training throughput of fused models (nadbench.fused) against one model trained alone.
+"""Training throughput of fused models (nadbench.training.fused) against one model trained alone.
 
     python benchmarks/fused_speed.py --device cpu --models 1,2,4 --precision float32
     python benchmarks/fused_speed.py --device cuda --models 1,2,4,7,14 --precision float32,bf16
 
-times, per precision, ``nadbench.train.train`` on one WRN-16-1 (the eager loop: channels-last on the
-CPU, as a grid trains) and ``nadbench.fused.train_fused`` on N of them, each model on its own
+times, per precision, ``nadbench.training.train.train`` on one WRN-16-1 (the eager loop: channels-last on the
+CPU, as a grid trains) and ``nadbench.training.fused.train_fused`` on N of them, each model on its own
 CIFAR-shaped uint8 data on the device (random: speed does not depend on the pixels), with the
 profile's batch 64, crop and flip. Eager and fused runs alternate, ``--reps`` times; the medians give
 images per second over all models and the ratio to one model alone. Writes
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from nadbench import DatasetSpec, Split, settings
-from nadbench.fused import train_fused
-from nadbench.models import build
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.training.fused import train_fused
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 HERE = Path(__file__).resolve().parent
 CIFAR = DatasetSpec("cifar-shaped", None, 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))

@@ -32,7 +32,7 @@ timeout "$SPEED_S" python3 benchmarks/fused_speed.py --device cuda --models 1,2,
 
 grid() {  # seconds, tag, seeds, extra `bench run` arguments: one fused grid of the paper profile
   local seconds=$1 tag=$2 seeds=$3; shift 3
-  timeout -s TERM "$seconds" python3 -m nadbench.cli run --profile paper --fused --seeds "$seeds" \
+  timeout -s TERM "$seconds" python3 -m nadbench.commands.cli run --profile paper --fused --seeds "$seeds" \
     --defenses finetune,fine-pruning,mcr,nad --tracking-uri "sqlite:////tmp/$tag.db" --no-progress \
     --output "$RES/table1-paper-$tag.json" "$@" > "$RES/$tag.log" 2>&1
 }

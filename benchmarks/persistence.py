@@ -58,7 +58,7 @@ def run_point(name: str, bench_args: list[str], tracking_dir: Path | None) -> No
             return
         out = OUT / f"{name}-lr{lr}.json"
         sets = [a for k, v in {**over, "finetune_lr": lr}.items() for a in ("--set", f"profile.{k}={v}")]
-        cmd = [sys.executable, "-m", "nadbench.cli", "run", "--profile", "quick", "--attacks", ",".join(ATTACKS),
+        cmd = [sys.executable, "-m", "nadbench.commands.cli", "run", "--profile", "quick", "--attacks", ",".join(ATTACKS),
                "--defenses", "finetune,nad", "--seeds", "0", *sets, "--output", os.path.relpath(out), *bench_args]
         if tracking_dir:  # one store per point: concurrent points never share an SQLite file
             cmd += ["--tracking-uri", f"sqlite:///{(tracking_dir / name).resolve()}.db"]

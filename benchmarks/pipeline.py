@@ -31,7 +31,7 @@ GRID = ["--attacks", "badnets", "--defenses", "finetune,nad", "--teachers", "wrn
 def bench(folder: Path, args: list[str]) -> tuple[float, dict]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(folder / "cache")}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nadbench.cli", "run", *args, "--output", "out.json"], cwd=folder,
+    subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", *args, "--output", "out.json"], cwd=folder,
                    env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start, json.loads((folder / "out.json").read_text())
 

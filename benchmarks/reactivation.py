@@ -1,5 +1,5 @@
 """Superficial safety: do repaired models regain their backdoor after Min et al.'s retuning attack
-faster than a clean model learns it? (nadbench.reactivation; `bench run --reactivation`.)
+faster than a clean model learns it? (nadbench.engine.reactivation; `bench run --reactivation`.)
 
     python benchmarks/reactivation.py -- --attacks badnets,blend --defenses finetune,nad,fst,i-bau --seeds 0,1,2
 
@@ -78,7 +78,7 @@ def superficial(results: list[dict]) -> list[dict]:
 
 
 def render(data: dict) -> str:
-    from nadbench import table
+    from nadbench.commands import tables as table
 
     results = data["results"]
     lines = ["# Superficial safety: the reactivation check, profile `quick`", "",
@@ -115,7 +115,7 @@ def main() -> None:
     out = HERE / "results" / "reactivation-quick.json"
     if not args.render_only:
         rel = os.path.relpath(out)
-        code = subprocess.call([sys.executable, "-m", "nadbench.cli", "run", "--profile", "quick", "--reactivation",
+        code = subprocess.call([sys.executable, "-m", "nadbench.commands.cli", "run", "--profile", "quick", "--reactivation",
                                 "--output", rel, *args.bench_args])
         if not out.exists():
             sys.exit(code)

@@ -5,7 +5,7 @@ one run (machines are noisy: compare figures only within one results file).
     python benchmarks/speed.py --e2e                # also the quick BadNets x {finetune, NAD} grid
 
 Two phases, each on the same real CIFAR-10 images (``--images``, default the defender's 2,500):
-  - backdoor: ``nadbench.train.train`` with plain cross-entropy, the quick profile's batch 128,
+  - backdoor: ``nadbench.training.train.train`` with plain cross-entropy, the quick profile's batch 128,
     crop + flip, one-cycle SGD;
   - nad: the NAD defense's student phase as ``bench run`` runs it (``NAD.defend``: its own
     ``loss_fn``, teacher forward and three attention terms, batch 64, crop + flip + cutout),
@@ -38,14 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import nadbench.train as trainmod
+import nadbench.training.train as trainmod
 from nadbench import DefenseContext, settings
-from nadbench.attention import layer_names, tap
-from nadbench.data import limit
+from nadbench.training.attention import layer_names, tap
+from nadbench.training.data import limit
 from nadbench.engine import PROFILES, attention_layers
-from nadbench.models import build
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 HERE = Path(__file__).resolve().parent
 ARCH = "wrn-16-1"
@@ -175,7 +175,7 @@ def reference(spec, ds, data, device, epochs, nad: bool) -> float:
 def e2e(device: torch.device, data_root: str | None) -> dict:
     """Wall time of the quick BadNets x {finetune, NAD} grid from an empty cache and store."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "nadbench.cli", "run", "--attacks", "badnets", "--defenses", "finetune,nad",
+        cmd = [sys.executable, "-m", "nadbench.commands.cli", "run", "--attacks", "badnets", "--defenses", "finetune,nad",
                "--profile", "quick", "--device", device.type, "--tracking-uri", f"sqlite:///{tmp}/e2e.db",
                "--no-progress"]
         env = dict(os.environ, NADBENCH_CACHE=f"{tmp}/cache")

@@ -19,9 +19,9 @@ import torch
 
 from nadbench import AttackContext
 from nadbench.plugins.attacks.ssba import SSBA
-from nadbench.registry import get_registry
-from nadbench.stegastamp import bit_accuracy
-from nadbench.train import precision
+from nadbench.engine.registry import get_registry
+from nadbench.toolkit.stegastamp import bit_accuracy
+from nadbench.training.train import precision
 
 
 def main() -> None:

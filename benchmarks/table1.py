@@ -54,7 +54,7 @@ def at_bb(registry, kind: str, name: str) -> tuple[str, bool] | None:
     BackdoorBench's settings: a method that declares ``NAME@bb`` (BackdoorBench's settings differ from
     its authors') does only as ``NAME@bb``; its plain name runs at the authors'. None for any other
     variant (``@all2all``: BackdoorBench's leaderboard has none)."""
-    from nadbench.registry import PluginError
+    from nadbench.engine.registry import PluginError
 
     base, *variants = name.split("@")
     if set(variants) - {"bb"}:
@@ -70,8 +70,8 @@ def published(cells: list[dict]) -> list[str]:
     """Our CIFAR-10 rows beside BackdoorBench's (ASR / ACC), for the attacks it reports: a method
     with a ``@bb`` variant at matching settings only as ``NAME@bb``; its plain row or column is marked
     as ours at the authors' settings."""
-    from nadbench import table
-    from nadbench.registry import get_registry
+    from nadbench.commands import tables as table
+    from nadbench.engine.registry import get_registry
 
     registry = get_registry()
     t = table.build([r for r in cells if r["cell"]["dataset"] == "cifar10"])
@@ -119,7 +119,7 @@ def _reused_note(results: list[dict]) -> str:
 def render(parts: list[tuple[dict, set[str] | None]], composed_by: str = "") -> str:
     """Results files as Markdown: how each was made, then `bench table --paper`'s table over their
     cells (of each file, only the attacks named beside it, when named)."""
-    from nadbench import table
+    from nadbench.commands import tables as table
 
     lines = [f"# Table 1 reproduction, profile `{parts[0][0]['profile']}`", ""]
     if composed_by:
@@ -179,7 +179,7 @@ def main() -> None:
     if not args.render_only:
         out.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(out)
-        cmd = [sys.executable, "-m", "nadbench.cli", "run", "--profile", args.profile, "--output", rel,
+        cmd = [sys.executable, "-m", "nadbench.commands.cli", "run", "--profile", args.profile, "--output", rel,
                *args.bench_args]
         proc = subprocess.Popen(cmd)
         try:

@@ -12,9 +12,9 @@ import time
 import torch
 
 from nadbench import Split
-from nadbench.models import build
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 if __name__ == "__main__":
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads()

@@ -82,7 +82,7 @@ def suite_precision():
     NADBENCH_PRECISION) for the `bench` processes tests start."""
     import torch
 
-    from nadbench import settings
+    from nadbench.training import settings
 
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)  # as OMP_NUM_THREADS (above), should torch have started before it
@@ -97,7 +97,7 @@ def suite_precision():
 def run_settings(monkeypatch):
     """``run_settings(**fields)``: make the process default RunSettings the suite's with ``fields``
     changed, for this test (e.g. ``precision="bf16"``, ``fused=True``); returns them."""
-    from nadbench import settings
+    from nadbench.training import settings
 
     def change(**fields):
         new = settings.current().replace(**fields)
@@ -109,7 +109,7 @@ def run_settings(monkeypatch):
 @pytest.fixture(autouse=True)
 def _bf16_marker(request, monkeypatch):
     if request.node.get_closest_marker("bf16"):
-        from nadbench import settings
+        from nadbench.training import settings
 
         monkeypatch.setattr(settings, "_DEFAULT", [settings.current().replace(precision="auto")])
         monkeypatch.setenv("NADBENCH_PRECISION", "auto")
@@ -158,7 +158,7 @@ def toy_registry():
     import types
 
     from nadbench import DatasetSpec, hookimpl
-    from nadbench.registry import PluginInfo, Registry
+    from nadbench.engine.registry import PluginInfo, Registry
 
     def make(models=(), defenses=()):
         reg = Registry()
@@ -215,8 +215,8 @@ def data_root() -> Path:
 def fixture_model(name: str):
     """A committed real-data model (tests/fixtures/make_fixtures.py): "clean" or "badnets"
     (WRN-16-1, CIFAR-10), loaded from its safetensors file, in eval mode on the CPU."""
-    from nadbench.handover import load_model
-    from nadbench.registry import get_registry
+    from nadbench.commands.userfiles import load_model
+    from nadbench.engine.registry import get_registry
 
     return load_model(FIXTURES / f"{name}-wrn16-1.safetensors", get_registry().model("wrn-16-1"), 10).eval()
 
@@ -225,8 +225,8 @@ def real_subset(n_train: int, n_test: int, dataset: str = "cifar10"):
     """(train, test) of a real dataset on the CPU: a seeded ``n_train`` of the fixture models'
     training subset (for CIFAR-10, images they saw) and a seeded ``n_test`` of the test split, each
     in the split's order (sorted by class: take subsets, never the first rows)."""
-    from nadbench.registry import get_registry
-    from nadbench.subsets import limit
+    from nadbench.engine.registry import get_registry
+    from nadbench.training.subsets import limit
 
     train, test = get_registry().dataset(dataset).load(data_root())
     return limit(limit(train, FIXTURE_TRAIN_LIMIT, seed=0), n_train, seed=1), limit(test, n_test, seed=0)
@@ -245,7 +245,7 @@ def ssba_prepared(effect_seed):
 
     from nadbench import AttackContext
     from nadbench.plugins.attacks.ssba import SSBA
-    from nadbench.registry import get_registry
+    from nadbench.engine.registry import get_registry
 
     train, _ = real_subset(4000, 1)
     attack = SSBA(SSBA.Config(**SSBA_ENCODER))

@@ -11,13 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from nadbench import table
-from nadbench.cli import main
+from nadbench.commands import tables as table
+from nadbench.commands.cli import main
 from nadbench.engine import Runner, expand, profile, run_grid
-from nadbench.evaluate import attack_success_rate
-from nadbench.handover import load_image_folder, load_model
-from nadbench.registry import get_registry
-from nadbench.tracking import Tracker
+from nadbench.training.evaluate import attack_success_rate
+from nadbench.commands.userfiles import load_image_folder, load_model
+from nadbench.engine.registry import get_registry
+from nadbench.engine.tracking import Tracker
 
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
 
@@ -100,10 +100,10 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
     from dataclasses import dataclass
 
     from nadbench import TARGET_MODES, Attack, param
-    from nadbench.config import ConfigError
-    from nadbench.grid import profile
-    from nadbench.plan import configured
-    from nadbench.registry import PluginError, check_contract
+    from nadbench.contract.config import ConfigError
+    from nadbench.engine.grid import profile
+    from nadbench.engine.plan import configured
+    from nadbench.engine.registry import PluginError, check_contract
 
     reg = get_registry()
     assert configured(reg, "attacks", "badnets").config.poison_rate == 0.1
@@ -141,7 +141,7 @@ def test_a_variant_starts_from_its_own_defaults_under_the_users_set():
 def test_the_engine_trains_a_backdoored_model_for_its_attacks_epochs(toy_registry, tmp_path, monkeypatch):
     """An attack's ``epochs`` (here set with ``--set``) replaces the profile's for the models it
     backdoors, and keys them; the clean model keeps the profile's."""
-    import nadbench.stages.train as train_stage
+    import nadbench.engine.stages.train as train_stage
     from nadbench.engine import Cell
 
     seen = []

@@ -10,9 +10,9 @@ import torch
 
 from conftest import fixture_model, real_subset
 from nadbench import AttackContext
-from nadbench.frequency import dct2, gaussian_lowpass
+from nadbench.toolkit.frequency import dct2, gaussian_lowpass
 from nadbench.plugins.attacks.lf import LF
-from nadbench.registry import get_registry
+from nadbench.engine.registry import get_registry
 
 
 def test_gaussian_lowpass_is_the_official_filter():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import real_subset
-from nadbench.stegastamp import StegaStamp
+from nadbench.toolkit.stegastamp import StegaStamp
 
 
 def test_the_residual_is_bounded_whatever_the_weights():

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from nadbench import Split
-from nadbench.registry import get_registry
-from nadbench.evaluate import attack_success_rate, evaluate
+from nadbench.engine.registry import get_registry
+from nadbench.training.evaluate import attack_success_rate, evaluate
 
 
 def _data(n=200, classes=10, seed=0):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from nadbench import AttackContext, ConfigError, DatasetSpec, Split
 from nadbench.plugins.attacks import refool as refool_mod
-from nadbench.registry import get_registry
+from nadbench.engine.registry import get_registry
 
 
 def _data(n=200, classes=10, seed=0, size=32):

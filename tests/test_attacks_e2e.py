@@ -20,11 +20,11 @@ from torch import nn
 from conftest import SSBA_ENCODER, fixture_model, real_subset
 from nadbench import Attack, AttackContext, param
 from nadbench.engine import configured
-from nadbench.evaluate import evaluate
-from nadbench.models import Normalized
-from nadbench.poisoning import craft
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.training.evaluate import evaluate
+from nadbench.training.models import Normalized
+from nadbench.engine.poisoning import craft
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,11 @@
-"""Defining properties of the frequency helpers (``nadbench.frequency``), FTrojan and Adap-Blend:
+"""Defining properties of the frequency helpers (``nadbench.toolkit.frequency``), FTrojan and Adap-Blend:
 what a broken transform, a trigger in the wrong coefficients or a wrong piece mask would violate."""
 import pytest
 import torch
 
 from conftest import real_subset
 from nadbench import ConfigError, Split
-from nadbench.frequency import dct2, dct_matrix, idct2, rgb_to_yuv, yuv_to_rgb
+from nadbench.toolkit.frequency import dct2, dct_matrix, idct2, rgb_to_yuv, yuv_to_rgb
 from nadbench.plugins.attacks.adaptive_blend import AdaptiveBlend
 from nadbench.plugins.attacks.blend import Blend
 from nadbench.plugins.attacks.ftrojan import FTrojan

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nadbench import AttackContext, ConfigError, DatasetSpec, Split
-from nadbench.adversarial import input_activations, last_linear, most_connected_inputs, neuron_trigger, pgd
-from nadbench.models import Normalized
+from nadbench.toolkit.adversarial import input_activations, last_linear, most_connected_inputs, neuron_trigger, pgd
+from nadbench.training.models import Normalized
 from nadbench.plugins.attacks.cl import four_corner_pattern
-from nadbench.registry import get_registry
+from nadbench.engine.registry import get_registry
 
 SPEC = DatasetSpec(name="fake", load=lambda root: None, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from nadbench.attention import attention_map, check_spatial, nad_loss, normalized_attention, tap
-from nadbench.registry import get_registry
+from nadbench.training.attention import attention_map, check_spatial, nad_loss, normalized_attention, tap
+from nadbench.engine.registry import get_registry
 
 
 def test_attention_functions_match_the_paper():

@@ -4,9 +4,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from nadbench.cli import IntList, main
-from nadbench.config import ConfigError
-from nadbench.registry import get_registry
+from nadbench.commands.cli import IntList, main
+from nadbench.contract.config import ConfigError
+from nadbench.engine.registry import get_registry
 
 
 def _run(*args):

@@ -6,16 +6,16 @@ from click.testing import CliRunner
 
 
 def _entry(folder, key: str, text: str):
-    from nadbench.models import save_tensors
+    from nadbench.training.models import save_tensors
 
     save_tensors({"w": torch.zeros(1)}, folder / f"{key}.safetensors", {"key": text})
 
 
 def test_entries_of_older_code_are_shown_and_removed_and_current_ones_kept(tmp_path, monkeypatch):
-    from nadbench.cli import main
-    from nadbench.grid import Cell, profile
-    from nadbench.plan import Keys
-    from nadbench.registry import get_registry
+    from nadbench.commands.cli import main
+    from nadbench.engine.grid import Cell, profile
+    from nadbench.engine.plan import Keys
+    from nadbench.engine.registry import get_registry
 
     monkeypatch.setenv("NADBENCH_CACHE", str(tmp_path))
     keys = Keys(get_registry(), profile("quick"), "cpu", "float32+channels-last", {}, False,

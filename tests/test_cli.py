@@ -4,7 +4,7 @@ import sys
 
 from click.testing import CliRunner
 
-from nadbench.cli import main
+from nadbench.commands.cli import main
 
 
 def _run(*args):
@@ -38,7 +38,7 @@ def test_list_shows_configs_and_providers():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from nadbench.cli import main; print('torch' in sys.modules)"
+    code = "import sys; from nadbench.commands.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
@@ -46,9 +46,9 @@ def test_help_does_not_import_torch():
 def test_attacks_all_runs_refool_only_where_it_implants():
     """`--attacks all` pairs Refool with GTSRB (``Attack.all_datasets``: ~50 % ASR on CIFAR-10 with
     the quick profile); named, it runs anywhere."""
-    from nadbench.cli import NameList
+    from nadbench.commands.cli import NameList
     from nadbench.engine import expand
-    from nadbench.registry import get_registry
+    from nadbench.engine.registry import get_registry
 
     reg = get_registry()
     picked = NameList("attacks").convert("badnets,all", None, None)

@@ -1,8 +1,8 @@
 """Typed configs: parsing, validation messages that name the field and the valid range."""
 import pytest
 
-from nadbench.config import ConfigError, build, describe, flatten
-from nadbench.registry import get_registry
+from nadbench.contract.config import ConfigError, build, describe, flatten
+from nadbench.engine.registry import get_registry
 
 
 def test_defaults_are_the_papers():

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from nadbench.handover import HandoverError, load_image_folder, load_model, save_image_folder
-from nadbench.models import build, save_weights
-from nadbench.registry import get_registry
-from nadbench.repair import defend_file, load_user_data
+from nadbench.commands.userfiles import HandoverError, load_image_folder, load_model, save_image_folder
+from nadbench.training.models import build, save_weights
+from nadbench.engine.registry import get_registry
+from nadbench.commands.practitioner import defend_file, load_user_data
 from nadbench import Split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 def _bench(*args, cwd, **kw):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    return subprocess.run([sys.executable, "-m", "nadbench.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nadbench.commands.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=1800, env=env, **kw)
 
 
@@ -38,7 +38,7 @@ def _cli(*args, cwd):
 
     from click.testing import CliRunner
 
-    from nadbench.cli import main
+    from nadbench.commands.cli import main
 
     old = os.getcwd()
     os.chdir(cwd)
@@ -227,7 +227,7 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store, effect_se
     triggered, _, _ = load_image_folder(tmp_path / "triggered")
     _, test = reg.dataset("cifar10").load(DATA_ROOT)
     test = test.subset(torch.arange(0, len(test), 10))
-    from nadbench.evaluate import accuracy, attack_success_rate
+    from nadbench.training.evaluate import accuracy, attack_success_rate
 
     asr = [attack_success_rate(m, triggered, 5) for m in (before, after)]
     acc = [accuracy(m, test) for m in (before, after)]

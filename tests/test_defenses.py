@@ -10,17 +10,17 @@ from torch import nn
 
 from conftest import toy_split
 from nadbench import Defended, Defense, ModelSpec
-from nadbench.api import DefenseContext
+from nadbench.contract.api import DefenseContext
 from nadbench.engine import Cell, Runner, profile
-from nadbench.models import build, classifier_name
+from nadbench.training.models import build, classifier_name
 from nadbench.plugins.defenses import fine_pruning as fp
-from nadbench.channels import largest_within_drop as choose
+from nadbench.toolkit.channels import largest_within_drop as choose
 from nadbench.plugins.defenses.fine_pruning import FinePruning
 from nadbench.plugins.defenses.finetune import FinetuneConfig
-from nadbench.channels import recompute_bn
+from nadbench.toolkit.channels import recompute_bn
 from nadbench.plugins.defenses.mcr import MCR, BezierCurve
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 # ------------------------------------------------------------------------------ declared classifier
 
@@ -212,7 +212,7 @@ class WithExtras(Defense):
 
 
 def test_the_engine_evaluates_and_logs_a_defenses_extra_models(toy_registry, tmp_path, fresh_store):
-    from nadbench.tracking import Tracker
+    from nadbench.engine.tracking import Tracker
 
     reg = toy_registry(defenses=[WithExtras])
     tracker = Tracker(fresh_store(tmp_path), "extras")
@@ -251,7 +251,7 @@ class WithSide(WithExtras):
 
 
 def test_the_engine_measures_and_logs_named_side_models(toy_registry, tmp_path, fresh_store):
-    from nadbench.tracking import Tracker
+    from nadbench.engine.tracking import Tracker
 
     reg = toy_registry(defenses=[WithSide])
     tracker = Tracker(fresh_store(tmp_path), "side")
@@ -280,7 +280,7 @@ def test_nads_teacher_is_measured_and_is_the_finetuning_baselines_model(toy_regi
     # Same settings and seed: NAD's teacher is exactly what the finetune defense returns, weight for
     # weight, so NAD can beat finetuning only by going past its own teacher (benchmarks/results/persistence.md).
     from nadbench.engine import apply_defense
-    from nadbench.subsets import clean_subset
+    from nadbench.training.subsets import clean_subset
 
     runner = _toy_runner(toy_registry(), tmp_path,
                          overrides={"finetune": {"epochs": "2"}, "nad": {"epochs": "1", "teacher_epochs": "2"}})
@@ -306,8 +306,8 @@ def test_a_third_party_spec_declares_its_classifier(toy_registry):
 
 
 def test_bench_defend_measures_the_extra_models_too(toy_registry, tmp_path):
-    from nadbench.repair import UserData, defend_file
-    from nadbench.models import save_weights
+    from nadbench.commands.practitioner import UserData, defend_file
+    from nadbench.training.models import save_weights
 
     reg = toy_registry(defenses=[WithExtras])
     spec = reg.model("wrn-16-1")
@@ -323,8 +323,8 @@ def test_bench_defend_measures_the_extra_models_too(toy_registry, tmp_path):
 
 
 def test_bench_defend_measures_named_side_models(toy_registry, tmp_path):
-    from nadbench.models import save_weights
-    from nadbench.repair import UserData, defend_file
+    from nadbench.training.models import save_weights
+    from nadbench.commands.practitioner import UserData, defend_file
 
     reg = toy_registry(defenses=[WithSide])
     save_weights(build(reg.model("wrn-16-1"), reg.dataset("toy")), tmp_path / "model.safetensors")
@@ -337,7 +337,7 @@ def test_bench_defend_measures_named_side_models(toy_registry, tmp_path):
 
 
 def test_a_grid_pruning_a_model_without_a_classifier_is_refused_before_training(toy_registry):
-    from nadbench.config import ConfigError
+    from nadbench.contract.config import ConfigError
     from nadbench.engine import check_grid, expand
 
     reg = toy_registry(models=[ModelSpec("headless", lambda num_classes: Tiny())])

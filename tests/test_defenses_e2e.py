@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import fixture_model, real_subset
-from nadbench.api import DefenseContext
+from nadbench.contract.api import DefenseContext
 from nadbench.engine import apply_defense, attention_layers, configured
-from nadbench.evaluate import evaluate, predict
-from nadbench.models import build
-from nadbench.registry import get_registry
+from nadbench.training.evaluate import evaluate, predict
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
 
 pytestmark = pytest.mark.slow
 
@@ -124,13 +124,13 @@ def test_fst_removes_the_backdoor(fst, record):
 
 def test_the_retuning_attack_reactivates_the_backdoor_fst_removed_faster_than_a_clean_model_learns_it(
         data, fst, effect_seed, record):
-    """Min et al.'s reactivation check (nadbench.reactivation) on ~900 training images, 5 of them
+    """Min et al.'s reactivation check (nadbench.engine.reactivation) on ~900 training images, 5 of them
     poisoned. (In an exploratory run, not committed, fine-pruning without its finetuning went from 22 %
     to 97.8 %.)"""
-    from nadbench.reactivation import retune, retuning_set
+    from nadbench.engine.reactivation import retune, retuning_set
 
     from conftest import FIXTURE_TRAIN_LIMIT, data_root
-    from nadbench.subsets import limit
+    from nadbench.training.subsets import limit
 
     train, _ = get_registry().dataset("cifar10").load(data_root())
     train = limit(limit(train, FIXTURE_TRAIN_LIMIT, seed=0), 1000, seed=2)  # images the fixtures saw

@@ -31,7 +31,7 @@ def grid(tmp_path_factory, fresh_store, effect_seed):
         pytest.skip("NADBENCH_DATA_ROOT is not set to the folder holding the CIFAR-10 archive")
     work = tmp_path_factory.mktemp("e2e")
     fresh_store(work)
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", *ARGS, "--seeds", str(effect_seed),
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", *ARGS, "--seeds", str(effect_seed),
                           "--output", "results.json"],
                          cwd=work, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "MLFLOW_TRACKING_URI": ""})
@@ -104,8 +104,8 @@ def test_defended_weights_load_without_pickle(grid):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    from nadbench.models import build
-    from nadbench.registry import get_registry
+    from nadbench.training.models import build
+    from nadbench.engine.registry import get_registry
 
     work, _, _ = grid
     client = MlflowClient(f"sqlite:///{work / 'nadbench.db'}")

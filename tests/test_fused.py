@@ -1,4 +1,4 @@
-"""Fused training (nadbench.fused): N models trained as one equal N trained alone.
+"""Fused training (nadbench.training.fused): N models trained as one equal N trained alone.
 
 Compared over two steps, one per epoch (each epoch's own draws, the milestone, Nesterov momentum,
 weight decay, augmentation, batch-norm statistics), at lr 0.01, not over the issue's 2 epochs on 512
@@ -15,13 +15,13 @@ import copy
 import pytest
 import torch
 
-import nadbench.fused as fused
-import nadbench.train as trainmod
+import nadbench.training.fused as fused
+import nadbench.training.train as trainmod
 from nadbench import DatasetSpec, Split, executors
-from nadbench.fused import train_fused
-from nadbench.models import build
-from nadbench.registry import get_registry
-from nadbench.train import Optim, train
+from nadbench.training.fused import train_fused
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
+from nadbench.training.train import Optim, train
 
 TOY = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 OPT = Optim(epochs=2, lr=0.01, batch_size=64, milestones=(1,), crop=4, flip=True, cutout=3)
@@ -111,13 +111,13 @@ def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_
     them) train first, then the backdoored models of one architecture and schedule, in chunks of
     ``fused_max``; the all-to-all variant's other schedule groups apart, and WaNet, whose step
     controls training, is left to its cells."""
-    import nadbench.stages.train as train_stage
+    import nadbench.engine.stages.train as train_stage
     from nadbench.engine import Runner, expand
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     run_settings(fused=True, fused_max=2)
     fused_groups, alone = [], []
-    import nadbench.stages.fused as fused_stage
+    import nadbench.engine.stages.fused as fused_stage
 
     real_fused, real_train = fused.train_fused, train_stage.train
     monkeypatch.setattr(fused_stage, "train_fused", lambda models, datas, opt, **kw:
@@ -144,13 +144,13 @@ def test_the_grid_trains_its_models_in_fused_groups_and_the_cells_find_them(toy_
 
 def test_a_group_whose_fused_training_fails_is_left_to_its_cells(toy_registry, tmp_path, monkeypatch, run_settings):
     from nadbench.engine import Cell, Runner
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     run_settings(fused=True)
 
     def fail(*a, **kw):
         raise RuntimeError("vmap: no batching rule for an op")
-    monkeypatch.setattr("nadbench.stages.fused.train_fused", fail)
+    monkeypatch.setattr("nadbench.engine.stages.fused.train_fused", fail)
     runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
                     device=torch.device("cpu"), progress=False, cache_dir=tmp_path)
     cell = Cell("toy", "badnets", "finetune", "wrn-16-1", "wrn-16-1", 0)
@@ -186,7 +186,7 @@ def test_bench_run_fused_trains_the_grids_models_together_and_records_it(tmp_pat
     fresh_store(tmp_path)  # a migrated store: the two runs skip MLflow's schema migration
 
     def bench(*extra):
-        out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--fused", "--attacks", "badnets,blend",
+        out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", "--fused", "--attacks", "badnets,blend",
                               "--defenses", "finetune", "--threads", "1", "--no-progress",
                               "--set", "profile.train_limit=800", "--set", "profile.test_limit=200",
                               "--set", "profile.epochs=1", "--set", "finetune.epochs=1", "--output", "out.json",

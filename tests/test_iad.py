@@ -1,13 +1,13 @@
-"""IAD (plugins/attacks/iad.py, nadbench.generators): a sample-specific trigger, learnt state that
+"""IAD (plugins/attacks/iad.py, nadbench.toolkit.iad_networks): a sample-specific trigger, learnt state that
 comes back exactly, and a step that trains the mask network first, then classifier and generator on
 backdoor and cross samples. Toy data and a few optimisation steps only: no real training."""
 import pytest
 import torch
 
 from conftest import toy_split
-from nadbench.generators import IADGenerator, MaskGenerator
+from nadbench.toolkit.iad_networks import IADGenerator, MaskGenerator
 from nadbench.plugins.attacks.iad import IAD, IADStep
-from nadbench.train import Optim, train
+from nadbench.training.train import Optim, train
 
 
 def _tiny_model():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from nadbench import Split
-from nadbench.evaluate import backdoor_metrics, defense_effectiveness, evaluate
+from nadbench.training.evaluate import backdoor_metrics, defense_effectiveness, evaluate
 
 
 class ByPixel(nn.Module):
@@ -55,7 +55,7 @@ def _result(defense, seed, before, after):
 
 
 def test_tables_show_the_chosen_metrics_and_compute_der_for_results_recorded_without_it():
-    from nadbench import table
+    from nadbench.commands import tables as table
 
     before = {"asr": 1.0, "acc": 0.9, "ra": 0.0}
     results = [_result("nad", 0, before, {"asr": 0.1, "acc": 0.85, "ra": 0.7, "der": 0.925}),
@@ -81,8 +81,8 @@ def test_the_reactivation_check_runs_after_the_defense_and_is_logged(toy_registr
     """--reactivation: the repaired model and the clean one, retuned on the same images, measured and
     logged as reactivated.* and reactivated.clean.*; the check is part of the cell's key."""
     from nadbench.engine import Cell, Runner
-    from nadbench.grid import profile
-    from nadbench.tracking import Tracker
+    from nadbench.engine.grid import profile
+    from nadbench.engine.tracking import Tracker
 
     tracker = Tracker(fresh_store(tmp_path), "reactivation")
     runner = Runner(toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
@@ -100,7 +100,7 @@ def test_the_reactivation_check_runs_after_the_defense_and_is_logged(toy_registr
 
 
 def test_the_leaderboard_ranks_defenses_by_der_and_never_pools_profiles_or_configs():
-    from nadbench import table
+    from nadbench.commands import tables as table
 
     before = {"asr": 1.0, "acc": 0.9, "ra": 0.0}
 

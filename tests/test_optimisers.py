@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nadbench import Split
-from nadbench.augment import to_float
-from nadbench.train import Optim, Step, train
+from nadbench.training.augment import to_float
+from nadbench.training.train import Optim, Step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

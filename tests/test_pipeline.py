@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from nadbench import DatasetSpec, Split, executors
-from nadbench.api import DefenseContext
+from nadbench.contract.api import DefenseContext
 from nadbench.engine import Cell, Runner, expand, profile
-from nadbench.registry import get_registry
-from nadbench.store import Store, stage_key
+from nadbench.engine.registry import get_registry
+from nadbench.engine.store import Store, stage_key
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_teachers_and_sources_multiply_only_teacher_using_defenses():
 
 
 def test_teachers_without_a_teacher_using_defense_is_an_error():
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--defenses", "finetune",
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", "--defenses", "finetune",
                           "--teachers", "wrn-16-2"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "--teachers applies to defenses that use a teacher (nad)" in out.stderr
@@ -133,9 +133,9 @@ def test_a_kill_in_the_middle_of_a_write_leaves_no_entry(tmp_path):
             open(filename, "wb").write(b"x" * 1000)
             print("writing", flush=True)
             time.sleep(600)
-        import nadbench.models as m
+        import nadbench.training.models as m
         m.save_file = stuck
-        from nadbench.store import Store
+        from nadbench.engine.store import Store
         Store({str(tmp_path)!r}).save_tensors("s", "k", "the key", {{"x": torch.zeros(3)}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -170,7 +170,7 @@ def test_a_corrupt_poisoning_is_recomputed_and_a_good_one_never_recrafted(regist
 
 
 def test_an_undeclared_clean_model_user_is_told_to_declare_it(registry, tmp_path, monkeypatch):
-    from nadbench.registry import PluginError
+    from nadbench.engine.registry import PluginError
 
     monkeypatch.setattr(registry.attack("trojan"), "uses_clean_model", False)
     with pytest.raises(PluginError, match="does not declare uses_clean_model = True"):
@@ -247,7 +247,7 @@ def test_stage_key_text_is_the_canonical_json():
 def test_runs_of_another_host_are_reaped_only_without_a_recent_heartbeat(tmp_path, fresh_store):
     import time
 
-    from nadbench.tracking import Tracker
+    from nadbench.engine.tracking import Tracker
 
     tracker = Tracker(fresh_store(tmp_path))
     old = f"{time.time() - 7200:.0f}"
@@ -288,7 +288,7 @@ def _tiny_folder(root, seed):
 
 def test_keys_hold_the_datas_content_not_its_name(toy_registry, tmp_path, monkeypatch):
     """Two data roots with one layout and different images never share a poisoning or a model."""
-    from nadbench.data import load_imagefolder
+    from nadbench.training.data import load_imagefolder
 
     monkeypatch.setenv("NADBENCH_CACHE", str(tmp_path / "cache"))
     reg = toy_registry()
@@ -329,12 +329,12 @@ def test_a_file_a_config_names_is_keyed_by_its_content(registry, tmp_path):
 
 
 def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatch):
-    """An edit to a stage's module (core/stages/: its wiring, e.g. the epochs rule or the seeding in
-    stages/train.py) changes exactly the keys of that stage and of those that take its output; an edit
-    to core/adversarial.py (Trojan's and CL's) re-crafts Trojan's poisoning and not BadNets'; an edit
+    """An edit to a stage's module (core/engine/stages/: its wiring, e.g. the epochs rule or the seeding
+    in engine/stages/train.py) changes exactly the keys of that stage and of those that take its output; an edit
+    to core/toolkit/adversarial.py (Trojan's and CL's) re-crafts Trojan's poisoning and not BadNets'; an edit
     to the evaluation re-evaluates cells without retraining any model; an edit to the driver, the CLI,
     tracking, the table or the README changes nothing (there is no version to bump)."""
-    from nadbench import codehash
+    from nadbench.engine import codehash
 
     real = codehash.read_source
 
@@ -351,23 +351,23 @@ def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatc
         return out
 
     base = keys(None)
-    adversarial = keys("adversarial.py")
+    adversarial = keys("toolkit/adversarial.py")
     assert adversarial["badnets"] == base["badnets"]
     assert not set(adversarial["trojan"]) & set(base["trojan"])
-    for edited in ("evaluate.py", "stages/defend.py"):  # the cell stage: poisonings and models stay
+    for edited in ("training/evaluate.py", "engine/stages/defend.py"):  # the cell stage: poisonings and models stay
         evaluation = keys(edited)
         for attack in ("badnets", "trojan"):
             assert evaluation[attack][:2] == base[attack][:2] and evaluation[attack][2] != base[attack][2], edited
-    for edited in ("train.py", "stages/train.py"):  # the loop, the train stage's wiring: models and cells,
+    for edited in ("training/train.py", "engine/stages/train.py"):  # the loop, the train stage's wiring: models and cells,
         training = keys(edited)                      # and the poisoning crafted against the clean model
         assert training["badnets"][0] == base["badnets"][0], edited
         assert training["badnets"][1] != base["badnets"][1] and training["badnets"][2] != base["badnets"][2]
         assert not set(training["trojan"]) & set(base["trojan"]), edited
-    poisoning = keys("stages/poison.py")
+    poisoning = keys("engine/stages/poison.py")
     for attack in ("badnets", "trojan"):
         assert not set(poisoning[attack]) & set(base[attack])
-    for unrelated in ("cli.py", "table.py", "tracking.py", "engine.py", "plan.py", "executors.py", "record.py",
-                      "../README.md"):
+    for unrelated in ("commands/cli.py", "commands/tables.py", "engine/tracking.py", "engine/runner.py",
+                      "engine/plan.py", "engine/executors.py", "engine/record.py", "../README.md"):
         assert keys(unrelated) == base, unrelated
     codehash.code_hash.cache_clear()
 
@@ -378,8 +378,8 @@ def test_set_overrides_reach_only_the_plugin_of_their_kind(toy_registry, tmp_pat
     from dataclasses import dataclass
 
     from nadbench import Attack, Defense, param
-    from nadbench.cli import _parse_sets
-    from nadbench.config import ConfigError
+    from nadbench.commands.cli import _parse_sets
+    from nadbench.contract.config import ConfigError
 
     @dataclass(frozen=True)
     class AttackConfig:
@@ -419,7 +419,7 @@ def test_set_overrides_reach_only_the_plugin_of_their_kind(toy_registry, tmp_pat
 
 
 def test_a_target_outside_the_datasets_labels_is_refused_before_training(registry):
-    from nadbench.config import ConfigError
+    from nadbench.contract.config import ConfigError
     from nadbench.engine import check_grid
 
     cells = expand(registry, ["toy"], ["badnets"], ["finetune"], ["wrn-16-1"], None, [0])
@@ -427,6 +427,6 @@ def test_a_target_outside_the_datasets_labels_is_refused_before_training(registr
                                           r"10 classes: valid targets are 0..9"):
         check_grid(registry, cells, {"attack.badnets": {"target": "10"}})
     check_grid(registry, cells, {"attack.badnets": {"target": "9"}})
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--set", "badnets.target=10"],
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", "--set", "badnets.target=10"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "badnets.target = 10 is out of range for dataset 'cifar10'" in out.stderr

@@ -21,12 +21,12 @@ from torch import nn
 from conftest import toy_split
 
 from nadbench import Attack, ConfigError, ModelSpec, hookimpl, param
-from nadbench.channels import prune_bn
+from nadbench.toolkit.channels import prune_bn
 from nadbench.engine import Cell, Runner, check_grid, expand, profile
-from nadbench.evaluate import predict
-from nadbench.plan import NO_DEFENSE
-from nadbench.registry import PluginError, PluginInfo, Registry
-from nadbench.train import Optim, Step, train
+from nadbench.training.evaluate import predict
+from nadbench.engine.plan import NO_DEFENSE
+from nadbench.engine.registry import PluginError, PluginInfo, Registry
+from nadbench.training.train import Optim, Step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TACT = ROOT / "tests" / "packages" / "nadbench-tact"
@@ -186,7 +186,7 @@ def test_bench_attack_refuses_it_before_anything_trains(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "NADBENCH_CACHE": str(tmp_path / "empty-cache")}
     # a small profile: a `bench attack` that did not refuse the config would train for seconds, not minutes
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "attack", "--attack", "tact", "--set", "tact.sources=12",
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "attack", "--attack", "tact", "--set", "tact.sources=12",
                           "--set", "profile.train_limit=100", "--set", "profile.epochs=1", "--out", "m.safetensors"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
@@ -231,7 +231,7 @@ def tact_cell(tmp_path_factory, toy_registry):
 
 
 def test_an_attacks_own_evaluation_is_measured_like_asr_logged_and_tabled(tact_cell):
-    from nadbench import table
+    from nadbench.commands import tables as table
 
     reg, runner, cell, result, logged = tact_cell
     p, model = runner.armed(cell), runner.backdoored(cell).model
@@ -252,12 +252,12 @@ def test_bench_attack_writes_the_evaluation_and_bench_defend_reports_it(tact_cel
                                                                         monkeypatch):
     from click.testing import CliRunner
 
-    from nadbench.cli import main
-    from nadbench.handover import save_image_folder
-    from nadbench.repair import attack_to_files
+    from nadbench.commands.cli import main
+    from nadbench.commands.userfiles import save_image_folder
+    from nadbench.commands.practitioner import attack_to_files
 
     reg, runner, cell, result, _ = tact_cell
-    monkeypatch.setattr("nadbench.registry._REGISTRY", reg)  # `bench` with the toy data, the tiny model, TaCT
+    monkeypatch.setattr("nadbench.engine.registry._REGISTRY", reg)  # `bench` with the toy data, the tiny model, TaCT
     files = attack_to_files(reg, runner, attack="tact", arch="tiny", dataset="toy", seed=0,
                             out=tmp_path / "model.safetensors", triggered_dir=tmp_path / "triggered")
     assert files["cache_hit"] and files["evaluations"] == {"cover": tmp_path / "triggered-cover"}

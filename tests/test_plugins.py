@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nadbench import Attack, Defense, hookimpl
-from nadbench.registry import PluginError, PluginInfo, Registry, get_registry
+from nadbench.engine.registry import PluginError, PluginInfo, Registry, get_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _bench(*args, pythonpath: Path | None = None, env: dict | None = None) -> su
     env = {**os.environ, **(env or {})}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "nadbench.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nadbench.commands.cli", *args], capture_output=True, text=True,
                           env=env, timeout=300)
 
 

@@ -6,7 +6,7 @@ import types
 
 
 from nadbench import Attack, Defense, hookimpl, param
-from nadbench.registry import PluginInfo, Registry, get_registry
+from nadbench.engine.registry import PluginInfo, Registry, get_registry
 
 from test_plugins import _bench, _fake_dist
 
@@ -90,7 +90,7 @@ def test_empty_tuple_for_a_nonempty_field_is_refused(tmp_path):
 def test_editing_a_plugin_changes_its_source_hash(tmp_path):
     site = tmp_path / "site"
     _fake_dist(site, "pkg_s", "stripes", "pkg_s_mod", STRIPES.format(name="stripes", description="S"))
-    code = "from nadbench.registry import get_registry; print(get_registry().attack('stripes').source_hash)"
+    code = "from nadbench.engine.registry import get_registry; print(get_registry().attack('stripes').source_hash)"
 
     def source_hash():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -191,7 +191,7 @@ def test_a_profile_sets_only_the_fields_a_defense_declares_and_the_engine_applie
     from dataclasses import dataclass
 
     from nadbench.engine import Runner, profile
-    from nadbench.train import FinetuneParams
+    from nadbench.training.train import FinetuneParams
 
     @dataclass(frozen=True)
     class ThirdConfig(FinetuneParams):
@@ -221,7 +221,7 @@ def test_a_profile_sets_only_the_fields_a_defense_declares_and_the_engine_applie
     assert mine.keys.configured("defenses", "nad").config.lr == 0.5  # the user's --set wins
     from click.testing import CliRunner
 
-    from nadbench.cli import main
+    from nadbench.commands.cli import main
     listed = CliRunner().invoke(main, ["list", "defenses"]).stdout
     assert "finetune.lr=0.1  initial learning rate (in [0.0, 10.0]) [profile quick: 0.03]" in listed
 

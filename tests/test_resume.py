@@ -34,7 +34,7 @@ def _env(folder: Path, cache: Path | None = None) -> dict:
 
 def _bench(folder: Path, *extra, timeout=900, cache: Path | None = None):
     folder.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "nadbench.cli", *GRID, *extra], cwd=folder,
+    return subprocess.run([sys.executable, "-m", "nadbench.commands.cli", *GRID, *extra], cwd=folder,
                           env=_env(folder, cache), capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,7 +57,7 @@ def resumed(tmp_path_factory, fresh_store):
     folder = tmp_path_factory.mktemp("resume")
     fresh_store(folder)
     log = open(folder / "killed.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "nadbench.cli", *GRID], cwd=folder, env=_env(folder),
+    proc = subprocess.Popen([sys.executable, "-m", "nadbench.commands.cli", *GRID], cwd=folder, env=_env(folder),
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     # Read the store only once bench has created it (two processes creating one SQLite store at

@@ -1,4 +1,4 @@
-"""How a run computes is a value (nadbench.settings.RunSettings), never written into the environment."""
+"""How a run computes is a value (nadbench.training.settings.RunSettings), never written into the environment."""
 import ast
 from pathlib import Path
 
@@ -25,7 +25,7 @@ def _environment_writes(tree: ast.AST) -> list[str]:
 
 
 def test_core_writes_the_environment_only_in_one_module_and_never_its_own_settings():
-    from nadbench import environment
+    from nadbench.engine import environment
 
     writers = {}
     for file in sorted(CORE.glob("*.py")):
@@ -44,10 +44,10 @@ def test_a_runner_computes_under_its_own_settings_whatever_the_process_default(t
                                                                               monkeypatch):
     """The settings a Runner was made with are in force in its stages (the loop reads them there), and
     its train keys hold their numerics; the process default is untouched outside."""
-    import nadbench.stages.train as train_stage
-    from nadbench import settings
+    import nadbench.engine.stages.train as train_stage
+    from nadbench.training import settings
     from nadbench.engine import Cell, Runner
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     seen = []
     real = train_stage.train
@@ -67,9 +67,10 @@ def test_a_runner_computes_under_its_own_settings_whatever_the_process_default(t
 
 
 def test_workers_get_the_drivers_settings_and_plugin_filter_as_values(toy_registry, tmp_path):
-    from nadbench import executors, settings
+    from nadbench.engine import executors
+    from nadbench.training import settings
     from nadbench.engine import Runner
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     reg = toy_registry()
     reg.disabled = {"some-plugin"}

@@ -1,4 +1,4 @@
-"""Every built-in method declares its sources and deviations (nadbench.sources); `bench list NAME` shows
+"""Every built-in method declares its sources and deviations (nadbench.contract.sources); `bench list NAME` shows
 them, each cell logs them, and the committed fidelity table (docs/fidelity.md) is the one they generate."""
 import json
 from pathlib import Path
@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from nadbench import Attack, Deviation, Source
-from nadbench.cli import main
-from nadbench.fidelity import render
-from nadbench.registry import get_registry
-from nadbench.sources import cell_tag, problems
+from nadbench.commands.cli import main
+from nadbench.commands.fidelity import render
+from nadbench.engine.registry import get_registry
+from nadbench.contract.sources import cell_tag, problems
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,16 +66,16 @@ def test_bench_list_name_shows_sources_and_deviations():
 
 
 def test_committed_fidelity_table_is_current():
-    """CI fails here when a declaration changed without `python -m nadbench.fidelity --output docs/fidelity.md`."""
+    """CI fails here when a declaration changed without `python -m nadbench.commands.fidelity --output docs/fidelity.md`."""
     committed = (ROOT / "docs" / "fidelity.md").read_text()
     assert committed == render(get_registry()), \
-        "docs/fidelity.md is stale: python -m nadbench.fidelity --output docs/fidelity.md"
+        "docs/fidelity.md is stale: python -m nadbench.commands.fidelity --output docs/fidelity.md"
 
 
 def test_each_cell_logs_its_sources(monkeypatch):
     """run_cell tags its run ``nadbench.sources`` (a small JSON) before any stage runs."""
     from nadbench import engine
-    from nadbench.grid import Cell, profile
+    from nadbench.engine.grid import Cell, profile
 
     reg = get_registry()
     tags = {}

@@ -7,7 +7,7 @@ def test_each_stage_runs_once_per_key_for_a_grid_that_needs_it_several_times(toy
     one backdoored and one clean model. Counted through the one stage cache, not timed; a second runner
     on the same folder loads each once and computes nothing."""
     from nadbench.engine import MODELS_DIR, POISON_DIR, Runner, expand, run_grid
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
     cells = expand(reg, ["toy"], ["badnets"], ["finetune", "fine-pruning"], ["wrn-16-1"], None, [0],
@@ -31,12 +31,12 @@ def test_bench_defend_and_a_grid_cell_repair_a_model_alike(toy_registry, tmp_pat
     """The same backdoored model, clean data and seed give the same repaired weights through a grid
     cell and through `bench defend` (``repair.defend_file``): one context builder, one defend path.
     NAD, whose teacher is the supplier's model, reaches the most of the context."""
-    import nadbench.stages.defend as defend_stage
+    import nadbench.engine.stages.defend as defend_stage
     from nadbench.engine import Cell, Runner, run_grid
-    from nadbench.grid import profile
-    from nadbench.models import build, load_weights, save_weights
-    from nadbench.plan import config_values
-    from nadbench.repair import UserData, defend_file
+    from nadbench.engine.grid import profile
+    from nadbench.training.models import build, load_weights, save_weights
+    from nadbench.engine.plan import config_values
+    from nadbench.commands.practitioner import UserData, defend_file
 
     reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
     overrides = {"nad": {"epochs": "1", "teacher_epochs": "1"}}
@@ -73,9 +73,9 @@ def test_bench_defend_and_a_grid_cell_repair_a_model_alike(toy_registry, tmp_pat
 def test_a_learnt_triggers_asr_set_is_armed_once_per_cell(toy_registry, tmp_path, monkeypatch):
     """The ASR set of an attack that learns its trigger comes from the student's stored entry: made once
     per cell, though measuring, the reactivation check and the recording each ask for it."""
-    import nadbench.stages.train as train_stage
+    import nadbench.engine.stages.train as train_stage
     from nadbench.engine import Runner, expand
-    from nadbench.grid import profile
+    from nadbench.engine.grid import profile
 
     reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
     calls, real = [], train_stage.armed

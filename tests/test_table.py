@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import toy_split
-from nadbench import data as datamod
-from nadbench import table
-from nadbench.cli import main
+from nadbench.training import data as datamod
+from nadbench.commands import tables as table
+from nadbench.commands.cli import main
 from nadbench.engine import Runner, expand, profile, run_grid
-from nadbench.tracking import Tracker
+from nadbench.engine.tracking import Tracker
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def store(toy_registry, tmp_path_factory, fresh_store):
                     overrides={"finetune": {"epochs": "1"}, "fine-pruning": {"epochs": "1"}})
     cells = expand(reg, ["toy"], ["badnets"], ["finetune", "fine-pruning"], ["wrn-16-1"], None, [0, 1],
                    clean_shares=[0.25, 0.5])
-    results, failures = run_grid(runner, cells, name="toy grid")
+    results, failures = run_grid(runner, cells, name="toy grid", summarise=table.log_grid)
     assert not failures and len(results) == 8
     return uri, results, tracker
 
@@ -120,7 +120,7 @@ def test_clean_shares_axis_multiplies_cells_and_is_checked(toy_registry):
     assert sorted((c.defense, c.clean_share) for c in cells) == [("finetune", 0.01), ("finetune", 0.1),
                                                                  ("nad", 0.01), ("nad", 0.1)]
     assert cells[0].label.endswith("/clean0.01/seed0")
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", "run", "--clean-shares", "0.05,2"],
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "run", "--clean-shares", "0.05,2"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "every share must be in (0, 1]" in out.stderr
 
@@ -237,7 +237,7 @@ def test_paired_rows_without_a_common_seed_have_n_0(monkeypatch):
         def grid_results(self, run_id):
             return types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1", run_name="grid")), results
 
-    monkeypatch.setattr("nadbench.tracking.Tracker", Tracker)
+    monkeypatch.setattr("nadbench.engine.tracking.Tracker", Tracker)
     for fmt, shown in (("text", "ASR +nan ± nan, ACC +nan ± nan (n=0)"), ("json", '"n": 0')):
         out = CliRunner().invoke(main, ["table", "--paired", "nad,finetune", "--format", fmt])
         assert out.exit_code == 0 and shown in out.stdout, out.output

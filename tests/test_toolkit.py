@@ -1,18 +1,18 @@
-"""The defense toolkit in the core (nadbench.channels, nadbench.steps.SAMStep) and the mechanisms of
+"""The defense toolkit in the core (nadbench.toolkit.channels, nadbench.training.steps.SAMStep) and the mechanisms of
 the defenses built on it (CLP, FT-SAM): each test is one a renamed finetuning, or a mask that
 leaks into other channels, would fail. Tiny inputs, float32 on the CPU."""
 import torch
 from torch import nn
 
 from conftest import toy_split
-from nadbench.api import DefenseContext
-from nadbench.channels import (NeuronMasks, batch_norms, bn_after_sum, channel_lipschitz, conv_bn_pairs,
+from nadbench.contract.api import DefenseContext
+from nadbench.toolkit.channels import (NeuronMasks, batch_norms, bn_after_sum, channel_lipschitz, conv_bn_pairs,
                                prune_bn)
-from nadbench.defending import apply_defense
-from nadbench.models import build
-from nadbench.registry import get_registry
-from nadbench.steps import SAMStep
-from nadbench.train import Optim, Step, train
+from nadbench.engine.defending import apply_defense
+from nadbench.training.models import build
+from nadbench.engine.registry import get_registry
+from nadbench.training.steps import SAMStep
+from nadbench.training.train import Optim, Step, train
 
 
 def _wrn(seed=0):
@@ -239,7 +239,7 @@ class _PlantedPatch(nn.Module):
 
 
 def test_trigger_inversion_recovers_a_planted_patch_and_flags_its_class(monkeypatch, run_settings):
-    from nadbench.adversarial import anomaly_indices, invert_trigger
+    from nadbench.toolkit.adversarial import anomaly_indices, invert_trigger
 
     run_settings(precision="float32")
     model, gen = _PlantedPatch(), torch.Generator().manual_seed(0)
@@ -255,7 +255,7 @@ def test_trigger_inversion_recovers_a_planted_patch_and_flags_its_class(monkeypa
 
 
 def test_anomaly_index_is_the_distance_from_the_median_in_consistent_mads():
-    from nadbench.adversarial import anomaly_indices
+    from nadbench.toolkit.adversarial import anomaly_indices
 
     index = anomaly_indices(torch.tensor([10.0, 11.0, 12.0, 13.0, 2.0]))
     # median 11, |x - 11| = 1 0 1 2 9, MAD 1, scaled 1.4826
@@ -292,7 +292,7 @@ def test_the_implicit_hypergradient_matches_finite_differences():
     """Inner solution w*(theta) = tanh(B theta), the fixed point of a gradient step on
     0.5 ||w - tanh(B theta)||^2; outer f(w, theta) depends on both. The hypergradient at w* equals
     central finite differences of f(w*(theta), theta); without the implicit term (K = 0) it does not."""
-    from nadbench.implicit import fixed_point_hypergradient
+    from nadbench.toolkit.implicit import fixed_point_hypergradient
 
     g = torch.Generator().manual_seed(0)
     B = torch.randn(4, 3, generator=g, dtype=torch.float64)
@@ -324,7 +324,7 @@ def test_i_bau_updates_the_model_with_adam_through_the_implicit_gradient(monkeyp
 
 
 def test_targeted_pgd_reaches_its_target_within_its_ball_in_both_norms():
-    from nadbench.adversarial import pgd
+    from nadbench.toolkit.adversarial import pgd
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).eval()
@@ -344,7 +344,7 @@ def test_targeted_pgd_reaches_its_target_within_its_ball_in_both_norms():
 def test_shared_adversarial_examples_make_both_models_agree_on_the_wrong_label():
     """Among images that both models misclassify, the shared attack makes them agree on the label far
     more often than PGD against one of them; it stays in its ball and leaves the models' grads alone."""
-    from nadbench.adversarial import pgd, shared_adversarial
+    from nadbench.toolkit.adversarial import pgd, shared_adversarial
 
     agree = {"shared": [0, 0], "pgd": [0, 0]}
     for seed in range(5):
@@ -408,7 +408,7 @@ def test_sau_unlearns_shared_adversarial_examples_against_the_frozen_original_in
     were (both in eval mode, as the authors run them), and Adam moves every other parameter."""
     run_settings(precision="float32")
     import nadbench.plugins.defenses.sau as sau
-    from nadbench.adversarial import shared_adversarial
+    from nadbench.toolkit.adversarial import shared_adversarial
 
     model = _wrn()
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -8,7 +8,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import mlflow.store.tracking.sqlalchemy_store, alembic.command  # noqa: F401 — warm imports
-from nadbench.tracking import Tracker
+from nadbench.engine.tracking import Tracker
 uri, go = sys.argv[1], Path(sys.argv[2])
 print("ready", flush=True)
 while not go.exists():

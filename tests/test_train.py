@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nadbench.train as trainmod
+import nadbench.training.train as trainmod
 from nadbench import DatasetSpec, Split
-from nadbench.augment import cutout, random_crop, random_flip
-from nadbench.models import build, load_weights, save_weights
-from nadbench.registry import get_registry
-from nadbench.evaluate import accuracy
-from nadbench.train import Optim, precision, train
+from nadbench.training.augment import cutout, random_crop, random_flip
+from nadbench.training.models import build, load_weights, save_weights
+from nadbench.engine.registry import get_registry
+from nadbench.training.evaluate import accuracy
+from nadbench.training.train import Optim, precision, train
 
 SPEC = DatasetSpec("toy", None, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -75,7 +75,7 @@ def test_training_learns_and_is_deterministic_on_cpu(tmp_path, effect_seed, reco
 
 
 def test_precision_follows_the_settings_and_the_cpu(monkeypatch, run_settings):
-    from nadbench import settings
+    from nadbench.training import settings
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     run_settings(precision="auto")
@@ -112,7 +112,7 @@ def test_the_loop_trains_in_the_chosen_precision_and_memory_format(run_settings,
 def test_the_suite_runs_in_float32_unless_a_test_is_marked_bf16():
     """Whatever this CPU's `auto` precision is (tests/conftest.py): a verdict must not hang on one CPU
     kind's bf16 kernels."""
-    from nadbench import settings
+    from nadbench.training import settings
 
     assert settings.current().precision == "float32" and os.environ.get("NADBENCH_PRECISION") == "float32"
     assert precision(torch.device("cpu")) == "float32"
@@ -123,7 +123,7 @@ def test_the_cpus_default_precision_trains_a_model_that_learns(effect_seed, reco
     """The bf16 path as a user's run takes it (`auto`: autocast where the CPU has native bf16, float32
     elsewhere), held to what every bf16 kernel shares: the forward runs in the chosen dtype, the loss
     falls, and the model learns the toy task far above chance."""
-    from nadbench import settings
+    from nadbench.training import settings
 
     assert settings.current().precision == "auto"
     expected = torch.bfloat16 if settings.native_bf16_cpu() else torch.float32
@@ -149,7 +149,7 @@ def test_a_model_evaluated_and_then_trained_keeps_trainable_weights():
     """The evaluation puts a CPU model into channels-last; doing that under inference mode made its
     weights inference tensors, and the next plain training phase (finetuning after the engine's
     'before' evaluation) failed with "Inference tensors cannot be saved for backward"."""
-    from nadbench.evaluate import predict
+    from nadbench.training.evaluate import predict
 
     model = build(get_registry().model("wrn-16-1"), SPEC)
     predict(model, _toy(8).images)

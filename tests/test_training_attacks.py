@@ -17,7 +17,7 @@ import torch
 
 from conftest import own_stage_cache
 
-from nadbench.handover import load_image_folder
+from nadbench.commands.userfiles import load_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ SETS = ["--set", "profile.train_limit=1000", "--set", "profile.test_limit=300", 
 
 def _bench(*args, cwd, site):
     env = {**os.environ, "MLFLOW_TRACKING_URI": "", "NADBENCH_CACHE": str(own_stage_cache(cwd / "cache")), "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-m", "nadbench.cli", *args, "--no-progress"], cwd=cwd, env=env,
+    out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", *args, "--no-progress"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout

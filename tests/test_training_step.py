@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from conftest import real_subset, toy_split
 from nadbench import Split
 from nadbench.engine import Cell, Runner, configured, profile
-from nadbench.evaluate import attack_success_rate
-from nadbench.poisoning import seeded
-from nadbench.registry import PluginError, PluginInfo, get_registry
-from nadbench.steps import LabelKeepingSamples, TriggerAfterAugmentation
-from nadbench.train import Optim, Step, train
-from nadbench.warping import identity_grid
+from nadbench.training.evaluate import attack_success_rate
+from nadbench.engine.poisoning import seeded
+from nadbench.engine.registry import PluginError, PluginInfo, get_registry
+from nadbench.training.steps import LabelKeepingSamples, TriggerAfterAugmentation
+from nadbench.training.train import Optim, Step, train
+from nadbench.toolkit.warping import identity_grid
 
 
 def _tiny_model():

@@ -13,11 +13,11 @@ import torch
 
 from nadbench import Defense, ModelSpec
 from nadbench.engine import Cell, Runner, check_grid, profile
-from nadbench.models import build, save_weights
+from nadbench.training.models import build, save_weights
 from nadbench.plugins.defenses.finetune import FinetuneConfig
 from nadbench.plugins.models.wideresnet import WideResNet
-from nadbench.registry import PluginError
-from nadbench.tracking import Tracker
+from nadbench.engine.registry import PluginError
+from nadbench.engine.tracking import Tracker
 
 DATA_ROOT = os.environ.get("NADBENCH_DATA_ROOT")
 needs_data = pytest.mark.skipif(not DATA_ROOT or not Path(DATA_ROOT).is_dir(),
@@ -97,7 +97,7 @@ def test_contract_mistakes_are_named_at_first_use(registry, tmp_path):
 
 
 def test_check_grid_validates_betas_against_each_pair(registry):
-    from nadbench.config import ConfigError
+    from nadbench.contract.config import ConfigError
 
     cells = [Cell("toy", "badnets", "nad", "wrn-16-1", "preact-resnet18", 0)]
     check_grid(registry, cells, {})
@@ -106,7 +106,7 @@ def test_check_grid_validates_betas_against_each_pair(registry):
 
 
 def _bench(*args, cwd, timeout=600, **popen):
-    return subprocess.run([sys.executable, "-m", "nadbench.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nadbench.commands.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, **popen)
 
 
@@ -124,7 +124,7 @@ def test_unreachable_tracking_store_fails_fast_in_one_line(tmp_path):
 
 
 def test_a_missing_data_root_is_an_error_not_a_download_target(tmp_path):
-    from nadbench.data import DataError, load_dataset
+    from nadbench.training.data import DataError, load_dataset
 
     with pytest.raises(DataError, match="data root .*typo does not exist"):
         load_dataset("cifar10", tmp_path / "typo")
@@ -169,7 +169,7 @@ def _start_and_wait_for_cell(tmp_path, fresh_store, extra=()):
     log = open(tmp_path / "stderr.txt", "w")
     # SIGINT at its default, as in a terminal: a suite started in the background (`nohup ... &`)
     # passes on an ignored SIGINT, and Python then never raises KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "nadbench.cli", "run", *SLOW_GRID, *extra], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "nadbench.commands.cli", "run", *SLOW_GRID, *extra], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=log,
                             env={**os.environ, "MLFLOW_TRACKING_URI": ""},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from nadbench import TARGET_MODES, Attack, hookimpl, param
-from nadbench.cli import _parse_sets, main
+from nadbench.commands.cli import _parse_sets, main
 from nadbench.engine import expand
-from nadbench.grid import Cell, profile
-from nadbench.plan import Keys, configured
-from nadbench.registry import PluginError, PluginInfo, check_contract
+from nadbench.engine.grid import Cell, profile
+from nadbench.engine.plan import Keys, configured
+from nadbench.engine.registry import PluginError, PluginInfo, check_contract
 
 
 def _keys(reg, overrides=None):

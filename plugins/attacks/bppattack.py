@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import TARGET_MODES, Attack, Deviation, Source, hookimpl, param
-from nadbench.steps import LabelKeepingSamples
+from nadbench.training.steps import LabelKeepingSamples
 
 
 @dataclass(frozen=True)

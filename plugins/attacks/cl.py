@@ -89,7 +89,7 @@ class CL(Attack):
         return self.stamp(images)
 
     def poison_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from nadbench.adversarial import pgd
+        from nadbench.toolkit.adversarial import pgd
 
         if self.model is None:
             raise RuntimeError("cl: the PGD model comes from prepare(ctx); call it first")

@@ -4,7 +4,7 @@ The trigger is a fixed bump of a few mid and high DCT coefficients of the chroma
 to YUV, take the DCT of each window, add ``magnitude`` at the chosen positions of U and V, go back.
 Official code: SoftWiser-group/FTrojan (``data.py: poison_frequency``, ``image.py``; CIFAR-10 settings
 in ``train.py`` and ``th_train.py: train_cifar10``), read for its settings; the transforms here are
-``nadbench.frequency``. CIFAR-10 defaults as there: YUV, channels U and V, window 32 (the whole
+``nadbench.toolkit.frequency``. CIFAR-10 defaults as there: YUV, channels U and V, window 32 (the whole
 image), positions (15, 15) (mid) and (31, 31) (high), magnitude 20 in the orthonormal DCT, target 8,
 dirty-label, all-to-one (``target_mode = all2all``: y -> (y + 1) mod C).
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import TARGET_MODES, Attack, ConfigError, Deviation, Source, hookimpl, param
-from nadbench.frequency import idct2, yuv_to_rgb
-from nadbench.steps import TriggerAfterAugmentation
+from nadbench.toolkit.frequency import idct2, yuv_to_rgb
+from nadbench.training.steps import TriggerAfterAugmentation
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ while the classifier trains (``learns_trigger``), by this attack's step; its net
 
 Official code: VinAIResearch/input-aware-backdoor-attack-release (``train.py``, ``config.py``,
 ``networks/models.py``), read for its settings; the networks (official CIFAR-10 architecture) are
-``nadbench.generators``. Defaults as there: target 0, all-to-one (official default; all2all: y -> y + 1
+``nadbench.toolkit.iad_networks``. Defaults as there: target 0, all-to-one (official default; all2all: y -> y + 1
 mod C), per batch 10 % backdoor samples (own trigger, target label) and 10 % cross samples (another
 image's pattern and mask, label kept), diversity weight 1, mask norm weight 100 above density 0.032,
 Adam (betas 0.5, 0.9) at lr 0.01 for both networks. The mask network trains first, alone (norm +
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import TARGET_MODES, Attack, Deviation, Source, Split, hookimpl, param
-from nadbench.generators import EPSILON, IADGenerator, MaskGenerator
-from nadbench.train import Optim, Step
+from nadbench.toolkit.iad_networks import EPSILON, IADGenerator, MaskGenerator
+from nadbench.training.train import Optim, Step
 
 
 @dataclass(frozen=True)

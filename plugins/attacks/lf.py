@@ -9,7 +9,7 @@ at most 200 steps) per image, each step and the running perturbation through the
 filter (a 30-tap Gaussian of sigma 6 pixels), the perturbation rescaled onto [0, 0.2] after every
 update, passes until it moves 20 % of the images' predictions (``delta`` 0.8), stalls for five passes,
 or 50 passes (BackdoorBench's cap; the official one has none). The core does the work
-(``nadbench.adversarial.smooth_universal_perturbation``, ``nadbench.frequency.gaussian_lowpass``).
+(``nadbench.toolkit.adversarial.smooth_universal_perturbation``, ``nadbench.toolkit.frequency.gaussian_lowpass``).
 The trigger is added to the image and clipped, stored as uint8 and logged as an image.
 
 Where we differ: the official script searches for the "dominant" label its perturbation drifts to and
@@ -57,8 +57,8 @@ class LF(Attack):
     trigger = None  # uint8 (C, H, W); set by prepare()
 
     def prepare(self, ctx: AttackContext) -> None:
-        from nadbench.adversarial import smooth_universal_perturbation
-        from nadbench.frequency import gaussian_lowpass
+        from nadbench.toolkit.adversarial import smooth_universal_perturbation
+        from nadbench.toolkit.frequency import gaussian_lowpass
 
         c = self.config
         gen = torch.Generator().manual_seed(ctx.seed)

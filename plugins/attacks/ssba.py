@@ -5,7 +5,7 @@ so every image gets its own invisible residual.
 Official code: yuezunli/ISSBA (a StegaStamp encoder trained on ImageNet / CelebA, 100 bits with BCH
 codes); BackdoorBench ships pre-encoded CIFAR-10 images (target 0, poison 10 %, dirty-label,
 all-to-one: its settings here). No trained encoder can be downloaded here, so ``prepare`` trains a
-small one on the attacker's data (``nadbench.stegastamp``: the core's loop and IAD encoder-decoder,
+small one on the attacker's data (``nadbench.toolkit.stegastamp``: the core's loop and IAD encoder-decoder,
 a decoder, an L-inf bound of 12 levels, so >= 26.5 dB PSNR), cached with the poisoning; it reports
 its bit accuracy and PSNR on held-out training images (``bit_accuracy``, ``psnr``); with the
 defaults (32 bits, 10,000 images, 16 epochs, Adam 1e-3 cosine) most of the string reads back, and
@@ -54,7 +54,7 @@ class SSBA(Attack):
     net = None  # the trained StegaStamp; set by prepare()
 
     def prepare(self, ctx: AttackContext) -> None:
-        from nadbench.stegastamp import bit_accuracy, train_stegastamp
+        from nadbench.toolkit.stegastamp import bit_accuracy, train_stegastamp
 
         c = self.config
         gen = torch.Generator().manual_seed(ctx.seed)

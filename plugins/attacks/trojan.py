@@ -82,7 +82,7 @@ class Trojan(Attack):
         return m.expand(channels, height, width)
 
     def prepare(self, ctx: AttackContext) -> None:
-        from nadbench.adversarial import last_linear, most_connected_inputs, neuron_trigger
+        from nadbench.toolkit.adversarial import last_linear, most_connected_inputs, neuron_trigger
 
         if ctx.clean_model is None:
             raise RuntimeError("trojan needs a clean model to generate its trigger, and the context "

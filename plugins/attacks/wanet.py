@@ -1,7 +1,7 @@
 """WaNet (Nguyen & Tran, ICLR 2021): the trigger is an imperceptible warp of the whole image.
 
 Official code: VinAIResearch/Warping-based_Backdoor_Attack-release (``train.py``, ``config.py``),
-read for its settings; the warp itself is ``nadbench.warping``. CIFAR-10 defaults as there: a 4 x 4
+read for its settings; the warp itself is ``nadbench.toolkit.warping``. CIFAR-10 defaults as there: a 4 x 4
 control grid (k = 4), strength s = 0.5, 10 % of the training images warped and relabelled, target 0,
 all-to-one (``target_mode = all2all``: y -> (y + 1) mod C). The attack controls training: in every
 batch a share of cross_ratio x poison_rate (20 %) of the other images is warped by the field plus
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import TARGET_MODES, Attack, Deviation, Source, hookimpl, param
-from nadbench.steps import LabelKeepingSamples
-from nadbench.warping import flow_field, noisy, warp, warp_grid
+from nadbench.training.steps import LabelKeepingSamples
+from nadbench.toolkit.warping import flow_field, noisy, warp, warp_grid
 
 
 @dataclass(frozen=True)

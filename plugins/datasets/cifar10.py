@@ -1,7 +1,7 @@
 """CIFAR-10 as a dataset plugin: a template for your own (copy it, change the name and numbers).
 
 ``load(root)`` reads a local copy under ``root`` (ImageFolder tree or .tar.xz) or, without one,
-downloads through torchvision; see :func:`nadbench.data.load_dataset`.
+downloads through torchvision; see :func:`nadbench.training.data.load_dataset`.
 """
 from nadbench import DatasetSpec, hookimpl
 
@@ -22,6 +22,6 @@ def register_datasets(register):
 
 
 def _load(root):
-    from nadbench.data import load_dataset  # lazy import: keeps `bench --help` free of torch
+    from nadbench.training.data import load_dataset  # lazy import: keeps `bench --help` free of torch
 
     return load_dataset("cifar10", root)

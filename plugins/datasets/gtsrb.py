@@ -18,6 +18,6 @@ def register_datasets(register):
 
 
 def _load(root):
-    from nadbench.data import load_dataset  # lazy import: keeps `bench --help` free of torch
+    from nadbench.training.data import load_dataset  # lazy import: keeps `bench --help` free of torch
 
     return load_dataset("gtsrb", root)

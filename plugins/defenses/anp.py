@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.channels import MaskPruning, NeuronMasks
-from nadbench.train import Optim, Step, train
+from nadbench.toolkit.channels import MaskPruning, NeuronMasks
+from nadbench.training.train import Optim, Step, train
 
 
 @dataclass(frozen=True)

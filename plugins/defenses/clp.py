@@ -2,7 +2,7 @@
 
 A backdoor needs channels that respond strongly to a small input pattern: channels with a large
 upper bound on their Lipschitz constant. For every batch norm that normalises one convolution's
-output, channel k's bound is ``|gamma_k / sigma_k| * ||W_k||_2`` (``nadbench.channels``); within each
+output, channel k's bound is ``|gamma_k / sigma_k| * ||W_k||_2`` (``nadbench.toolkit.channels``); within each
 layer, the channels above ``mean + u * std`` of the layer's bounds are pruned (their BN weight and
 bias zeroed). No data is read: the engine hands a data-free defense an empty clean split, and
 `bench defend --defense clp` runs without ``--clean``.
@@ -11,7 +11,7 @@ Settings: u = 3, the official code's default for CIFAR-10 (rkteddy/channel-Lipsc
 ``defense.py``); it is the same in every profile (no training, nothing to shorten).
 Where we differ: the official code pairs each BN with the convolution before it *in module order*;
 here pairs come from the graph (``conv_bn_pairs``), so in pre-activation networks the BNs after a
-residual sum are not pruned (see ``nadbench.channels``). The number of channels pruned per layer
+residual sum are not pruned (see ``nadbench.toolkit.channels``). The number of channels pruned per layer
 is logged (``clp.pruned``, step = the layer's position) with the total (``clp.pruned_total``).
 """
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.channels import channel_lipschitz, conv_bn_pairs, prune_bn
+from nadbench.toolkit.channels import channel_lipschitz, conv_bn_pairs, prune_bn
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import ConfigError, Defense, Deviation, Source, hookimpl, param
-from nadbench.channels import hold_out, largest_within_drop, layer_inputs
-from nadbench.report import line_figure
-from nadbench.train import FinetuneParams, train
+from nadbench.toolkit.channels import hold_out, largest_within_drop, layer_inputs
+from nadbench.engine.figures import line_figure
+from nadbench.training.train import FinetuneParams, train
 
 
 @dataclass(frozen=True)

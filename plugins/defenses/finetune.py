@@ -6,7 +6,7 @@ lr 0.1 dropping to 0.01 after 2 epochs, crop + flip + cutout, 10 epochs.
 from dataclasses import dataclass
 
 from nadbench import Defense, Deviation, Source, hookimpl
-from nadbench.train import FinetuneParams, train
+from nadbench.training.train import FinetuneParams, train
 
 
 @dataclass(frozen=True)

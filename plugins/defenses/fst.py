@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import ConfigError, Defense, Deviation, Source, hookimpl, param
-from nadbench.train import Optim, Step, train
+from nadbench.training.train import Optim, Step, train
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ The two-pass step is core's ``SAMStep`` on the one training loop.
 from dataclasses import dataclass
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.steps import SAMStep
-from nadbench.train import Optim, train
+from nadbench.training.steps import SAMStep
+from nadbench.training.train import Optim, train
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """I-BAU (Zeng et al., ICLR 2022, "Adversarial Unlearning of Backdoors via Implicit Hypergradient"):
 a min-max unlearning. Each round finds a universal perturbation that most changes the model's
-predictions on the clean subset (the inner maximisation, ``nadbench.adversarial.universal_ascent``),
+predictions on the clean subset (the inner maximisation, ``nadbench.toolkit.adversarial.universal_ascent``),
 then updates the model so that images carrying it keep their labels, with the gradient taken
 *through* the inner problem's solution by implicit differentiation
-(``nadbench.implicit.fixed_point_hypergradient``), not just at it.
+(``nadbench.toolkit.implicit.fixed_point_hypergradient``), not just at it.
 
 Settings of the official code (YiZeng623/I-BAU, ``defense.py``): 5 rounds; inner SGD at lr 10, one
 pass, regulariser 0.001 ||delta||^2; the fixed-point map a gradient step of 0.1 on the inner loss
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.adversarial import eval_mode, universal_ascent
-from nadbench.augment import to_float
-from nadbench.implicit import fixed_point_hypergradient
-from nadbench.train import Optim, Step, train
+from nadbench.toolkit.adversarial import eval_mode, universal_ascent
+from nadbench.training.augment import to_float
+from nadbench.toolkit.implicit import fixed_point_hypergradient
+from nadbench.training.train import Optim, Step, train
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from torch import nn
 from torch.func import functional_call
 
 from nadbench import Defended, Defense, Deviation, Source, hookimpl, param
-from nadbench.channels import recompute_bn
-from nadbench.report import line_figure
-from nadbench.evaluate import accuracy
-from nadbench.train import FinetuneParams, Optim, train
+from nadbench.toolkit.channels import recompute_bn
+from nadbench.engine.figures import line_figure
+from nadbench.training.evaluate import accuracy
+from nadbench.training.train import FinetuneParams, Optim, train
 
 
 @dataclass(frozen=True)

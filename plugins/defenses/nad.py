@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import ConfigError, Defended, Defense, Deviation, Source, hookimpl, param
-from nadbench.attention import KINDS, check_spatial, nad_loss, tap
-from nadbench.train import FinetuneParams, train
+from nadbench.training.attention import KINDS, check_spatial, nad_loss, tap
+from nadbench.training.train import FinetuneParams, train
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Neural Cleanse (Wang et al., S&P 2019): for every class, reverse-engineer the smallest trigger
-(mask and pattern) that sends the clean images there (``nadbench.adversarial.invert_trigger``); a
+(mask and pattern) that sends the clean images there (``nadbench.toolkit.adversarial.invert_trigger``); a
 class whose trigger is anomalously small (anomaly index > 2 with its L1 norm below the median) is a
 backdoor target. The model is then unlearnt: finetuned on the clean subset with 20 % of the images
 stamped with a flagged class's inverted trigger, their labels kept. With no class flagged the
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from nadbench import Defense, Deviation, Source, Split, hookimpl, param
-from nadbench.adversarial import anomaly_indices, invert_trigger
-from nadbench.augment import to_float
-from nadbench.report import triggers_figure
-from nadbench.train import Optim, train
+from nadbench.toolkit.adversarial import anomaly_indices, invert_trigger
+from nadbench.training.augment import to_float
+from nadbench.engine.figures import triggers_figure
+from nadbench.training.train import Optim, train
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ in the *original* model.
    0.9, weight decay 5e-4, the lr 10x lower from epoch 10, crop and flip, in training mode; it stops
    once the running training accuracy over a window of ``window`` images (500) is at most
    ``clean_threshold`` (0.2), or after ``unlearning_epochs`` (20).
-2. Recovering: masks on every BN neuron's weight (``nadbench.channels.NeuronMasks``, the bias
+2. Recovering: masks on every BN neuron's weight (``nadbench.toolkit.channels.NeuronMasks``, the bias
    unmasked, as the official ``MaskBatchNorm2d``), SGD lr 0.2, momentum 0.9, on ``alpha`` (0.2) x the
    cross-entropy, 20 epochs, clipped to [0, 1] after each step; only the masks move.
 3. Pruning: the BN weight of every neuron whose mask is at most the threshold is zeroed in the
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.channels import MaskPruning, NeuronMasks
-from nadbench.train import Optim, Step, train
+from nadbench.toolkit.channels import MaskPruning, NeuronMasks
+from nadbench.training.train import Optim, Step, train
 
 
 @dataclass(frozen=True)

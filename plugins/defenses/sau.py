@@ -1,7 +1,7 @@
 """Shared adversarial unlearning, SAU (Wei et al., NeurIPS 2023): a backdoor trigger is an adversarial
 perturbation that the backdoored model and a repaired one would share. Each step finds, per clean
 image, a perturbation that fools both the model being repaired and the frozen original into the
-same wrong label (``nadbench.adversarial.shared_adversarial``), then updates the model so that it
+same wrong label (``nadbench.toolkit.adversarial.shared_adversarial``), then updates the model so that it
 keeps its clean predictions and does not give such examples the label the original gives them.
 
 The outer loss per batch (``SAUStep``): ``lmd_1 * CE(x) + lmd_2 * CE(x + delta) + lmd_3 * L_shared``,
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from nadbench import Defense, Deviation, Source, hookimpl, param
-from nadbench.adversarial import eval_mode, shared_adversarial
-from nadbench.train import Optim, Step, train
+from nadbench.toolkit.adversarial import eval_mode, shared_adversarial
+from nadbench.training.train import Optim, Step, train
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,4 @@
+"""What a user runs: the ``bench`` CLI (``cli``), tables and leaderboards from tracked runs
+(``tables``), ``bench attack`` and ``bench defend`` on the practitioner's own files
+(``practitioner``, reading and writing them in ``userfiles``) and the fidelity table (``fidelity``).
+Nothing below imports these."""
