@@ -65,5 +65,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
+    """First on the meta path: an old submodule path (``nadbench.stages.train``) must not be found
+    by the path finder under its old parent's folder, which would load the file a second time."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.append(_Finder())
+        sys.meta_path.insert(0, _Finder())

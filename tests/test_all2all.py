@@ -74,17 +74,17 @@ def test_bench_attack_writes_per_image_targets_that_bench_defend_reads(tmp_path,
     # and the per-image ASR, not whether the backdoor took hold.
     out = _cli("attack", "--attack", "badnets@all2all", "--set", "profile.train_limit=1000",
                "--set", "profile.test_limit=200", "--set", "profile.epochs=2", "--set", "profile.crop=0",
-               "--set", "badnets@all2all.poison_rate=0.3", "--set", "badnets@all2all.epochs=2", "--out", "model.safetensors",
-               "--triggered-out", "triggered", "--no-progress", cwd=tmp_path)
+               "--set", "badnets@all2all.poison_rate=0.3", "--set", "badnets@all2all.epochs=2", "--output", "model.safetensors",
+               "--triggered-output", "triggered", "--no-progress", cwd=tmp_path)
     assert "(target all2all)" in out and "--target" not in out.split("next:")[1], out
     with open(tmp_path / "triggered" / "targets.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(int(r["target"]) == (int(r["file"].split("/")[0]) + 1) % 10 for r in rows), rows[:3]
     assert len(rows) == 200  # every test image: none has its own label as its target
 
-    defended = _cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "cifar10:0.01",
+    defended = _cli("defend", "model.safetensors", "--model", "wrn-16-1", "--clean", "cifar10:0.01",
                     "--test", "cifar10:0.02", "--triggered", "triggered", "--defense", "finetune",
-                    "--set", "finetune.epochs=1", "--out", "repaired.safetensors", "--no-progress", cwd=tmp_path)
+                    "--set", "finetune.epochs=1", "--output", "repaired.safetensors", "--no-progress", cwd=tmp_path)
     assert "ASR" in defended, defended
     report = json.loads((tmp_path / "repaired.report.json").read_text())
     # ASR before, as `bench defend` measured it, is the per-image one measured from the files

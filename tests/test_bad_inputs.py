@@ -42,7 +42,7 @@ def test_an_unknown_table_metric_is_named_before_the_store_is_read(tmp_path):
 def test_a_model_file_named_as_a_pickle_is_refused_before_training(tmp_path, command):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"")
-    res = _run(command, *([str(model), "--arch", "wrn-16-1"] if command == "defend" else []),
-               "--out", str(tmp_path / "x.pt"), "--data-root", str(tmp_path))
+    res = _run(command, *([str(model), "--model", "wrn-16-1"] if command == "defend" else []),
+               "--output", str(tmp_path / "x.pt"), "--data-root", str(tmp_path))
     assert res.exit_code == 2 and "name it x.safetensors" in res.output, res.output
     assert not (tmp_path / "x.pt").exists()

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import torch
 from click.testing import CliRunner
 
 from nadbench.commands.cli import main
@@ -62,3 +63,65 @@ def test_attacks_all_runs_refool_only_where_it_implants():
     assert grid == {("cifar10", "refool"), ("cifar10", "badnets")}
     res = _run("list", "attacks")
     assert "--attacks all runs it on: gtsrb" in res.output
+
+
+def _commands(group=None, path=("bench",)):
+    """Every command of `bench`, subcommands of groups included, with its path."""
+    import click
+
+    group = group or main
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    bare = [f"{path} {'/'.join(p.opts)}" for path, command in _commands() for p in command.params
+            if isinstance(p, click.Option) and not (p.help or "").strip()]
+    assert bare == []
+    assert len(list(_commands())) >= 10
+
+
+def test_bench_run_help_groups_its_options():
+    from nadbench.commands.cli import RUN_SECTIONS, run
+
+    out = _run("run", "--help").output
+    titles = [line.rstrip(":") for line in out.splitlines() if line and not line.startswith(" ")
+              and line.endswith(":")]
+    assert titles[-5:] == ["The grid", "Training", "Execution", "Tracking and output", "Other options"], titles
+    placed = {name for names in RUN_SECTIONS.values() for name in names}
+    assert {p.name for p in run.params} | {"help"} == placed  # every option in a named group, none forgotten
+    assert out.index("--seeds") < out.index("Training:") < out.index("--precision") < out.index("Execution:")
+
+
+def test_bad_input_is_one_line_and_exit_2_and_a_failure_while_running_exit_1(tmp_path):
+    """The click errors (a bad choice, a missing argument) end as the commands' own do: one line."""
+    for args in (["run", "--profile", "slow"], ["defend"], ["run", "--seeds", "x"], ["table", "--format", "xml"],
+                 ["list", "nonesuch"], ["attack", "--attack", "nonesuch", "--data-root", str(tmp_path)]):
+        res = CliRunner().invoke(main, args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (args, res.stderr)
+    res = CliRunner().invoke(main, ["table", "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"])
+    ours = [line for line in res.stderr.splitlines() if "mlflow" not in line]  # MLflow logs creating the store
+    assert res.exit_code == 1 and ours == [f"Error: no `bench run` grid in experiment 'nadbench' of "
+                                           f"sqlite:///{tmp_path}/empty.db"], res.stderr
+
+
+def test_the_old_spellings_still_work_with_a_warning(tmp_path):
+    """`--arch`, `--out`, `--teacher-arch` (and `--triggered-out`) as scripts wrote them: read as
+    `--model`, `--output`, `--teacher-model`, each with a deprecation warning."""
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, model)
+    res = CliRunner().invoke(main, ["defend", str(model), "--arch", "wrn-16-1", "--teacher-arch", "wrn-99-1",
+                                    "--out=x.pt", "--clean", "cifar10:0.01"])
+    assert "--arch is deprecated: use --model" in res.stderr and "--out is deprecated: use --output" in res.stderr
+    assert res.exit_code == 2 and "name it x.safetensors" in res.stderr  # --out=x.pt reached --output's check
+    res = CliRunner().invoke(main, ["defend", str(model), "--arch", "wrn-16-1", "--teacher-arch", "wrn-99-1",
+                                    "--clean", "cifar10:0.01"])
+    assert "--teacher-arch is deprecated" in res.stderr and "unknown model 'wrn-99-1'" in res.stderr, res.stderr

@@ -79,11 +79,11 @@ def test_a_pickle_is_refused_and_its_code_never_runs(tiny):
     payload = pickle.dumps({"net.conv1.weight": Evil()})
     for name in ("evil.pt", "evil.pth", "evil.ckpt", "evil.bin", "disguised.safetensors"):
         (tiny / name).write_bytes(payload)
-        out = _cli("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny)
+        out = _cli("defend", name, "--model", "wrn-16-1", "--clean", "clean", cwd=tiny)
         _one_line_error(out, name, "refused")
         assert "pickle" in out.stderr and "safetensors" in out.stderr
     torch.save({"w": torch.zeros(2)}, tiny / "zipped.safetensors")  # torch.save's zip format, renamed
-    _one_line_error(_cli("defend", "zipped.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "zipped.safetensors", "--model", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "pickle or zip")
     assert not marker.exists()
 
@@ -95,24 +95,24 @@ def test_broken_files_and_mismatches_are_one_line_errors(tiny):
     (tiny / "garbage.safetensors").write_bytes((20).to_bytes(8, "little") + b"this is not json....")
     for name, needle in (("truncated.safetensors", "truncated"), ("huge-header.safetensors", "header"),
                          ("garbage.safetensors", "malformed")):
-        _one_line_error(_cli("defend", name, "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny), name, needle)
-    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-2", "--clean", "clean", cwd=tiny),
+        _one_line_error(_cli("defend", name, "--model", "wrn-16-1", "--clean", "clean", cwd=tiny), name, needle)
+    _one_line_error(_cli("defend", "model.safetensors", "--model", "wrn-16-2", "--clean", "clean", cwd=tiny),
                     "does not fit architecture 'wrn-16-2'", "wrong shape")
     reg = get_registry()
     save_weights(build(reg.model("wrn-16-1"), reg.dataset("gtsrb")), tiny / "gtsrb.safetensors")
-    _one_line_error(_cli("defend", "gtsrb.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "gtsrb.safetensors", "--model", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "has 43 output classes but the data has 10")
     (tiny / "notimages" / "a").mkdir(parents=True)
     (tiny / "notimages" / "a" / "readme.txt").write_text("hello")
-    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "notimages", cwd=tiny),
+    _one_line_error(_cli("defend", "model.safetensors", "--model", "wrn-16-1", "--clean", "notimages", cwd=tiny),
                     "no images found")
     # normalisation: a bare state dict needs it; flags may not contradict the file's own
     bare = {k[4:]: v for k, v in build(reg.model("wrn-16-1"), reg.dataset("cifar10")).state_dict().items()
             if k.startswith("net.")}
     save_file(bare, str(tiny / "bare.safetensors"))
-    _one_line_error(_cli("defend", "bare.safetensors", "--arch", "wrn-16-1", "--clean", "clean", cwd=tiny),
+    _one_line_error(_cli("defend", "bare.safetensors", "--model", "wrn-16-1", "--clean", "clean", cwd=tiny),
                     "bare state dict", "--mean/--std")
-    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "clean",
+    _one_line_error(_cli("defend", "model.safetensors", "--model", "wrn-16-1", "--clean", "clean",
                            "--mean", "0,0,0", "--std", "1,1,1", cwd=tiny), "contradicts")
 
 
@@ -193,7 +193,7 @@ def test_named_class_folders_take_the_clean_datas_labels(tiny):
 def test_a_class_name_the_clean_data_lacks_is_a_one_line_error(tiny):
     _named_folder(tiny / "named", CIFAR10)
     _named_folder(tiny / "test", ["frog", "zebra"])
-    out = _cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--clean", "named", "--test", "test",
+    out = _cli("defend", "model.safetensors", "--model", "wrn-16-1", "--clean", "named", "--test", "test",
                  "--set", "nad.epochs=1", "--set", "nad.teacher_epochs=1", "--no-progress", cwd=tiny)
     _one_line_error(out, "test", "zebra", "valid: " + ", ".join(CIFAR10))
     with pytest.raises(HandoverError, match="numbered 0 to 9"):  # numbered clean folders name no classes
@@ -245,14 +245,14 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store, effect_se
 def test_a_data_free_defense_runs_without_clean_data_and_the_others_say_they_need_it(tiny):
     """CLP repairs the file with no --clean (ACC on --test, which it never sees); a defense that needs
     clean data names the option and the data-free ones; without --test there is nothing to measure."""
-    out = _cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "clp", "--test", str(tiny / "clean"),
+    out = _cli("defend", "model.safetensors", "--model", "wrn-16-1", "--defense", "clp", "--test", str(tiny / "clean"),
                "--no-progress", cwd=tiny)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tiny / "repaired.report.json").read_text())
     assert report["n_clean"] == 0 and report["n_test"] == 20
-    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "finetune", "--test",
+    _one_line_error(_cli("defend", "model.safetensors", "--model", "wrn-16-1", "--defense", "finetune", "--test",
                          str(tiny / "clean"), cwd=tiny), "--clean is required", "clp")
-    _one_line_error(_cli("defend", "model.safetensors", "--arch", "wrn-16-1", "--defense", "clp", cwd=tiny),
+    _one_line_error(_cli("defend", "model.safetensors", "--model", "wrn-16-1", "--defense", "clp", cwd=tiny),
                     "give --test")
 
 

@@ -160,7 +160,7 @@ def test_ft_sam_weakens_the_backdoor_at_its_own_learning_rate(data, effect_seed,
 # ANP, RNP, I-BAU, Neural Cleanse and SAU start from a stronger model: on the 71 %-ACC fixture the held-out
 # rule of ANP and RNP prunes nothing (no neuron clean accuracy can spare; benchmarks/results/
 # defenses-fixture.md). tests/fixtures/badnets-quick-wrn16-1.safetensors is the quick profile's BadNets
-# model (`bench attack --attack badnets --profile quick --seed 0 --out ...`, bf16 on an AMD EPYC with
+# model (`bench attack --attack badnets --profile quick --seed 0 --output ...`, bf16 on an AMD EPYC with
 # AVX512-BF16: ACC 81.90, ASR 100 on the test split), repaired with the same 1,000 clean images (Neural
 # Cleanse: 300), at settings shortened for CI where the defense iterates (named in each test; the grid
 # runs the quick profile's). Before: ASR 100, ACC 83.0 on the 1,000 test images.

@@ -100,3 +100,11 @@ def test_a_stage_key_reads_a_plugins_flat_imports_as_the_moved_modules():
 def test_python_m_runs_a_moved_module_by_its_flat_path():
     out = subprocess.run([sys.executable, "-m", "nadbench.fidelity", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "fidelity" in out.stdout, out.stderr
+
+
+def test_no_function_in_core_is_longer_than_60_lines():
+    """From ``def`` to its end, decorators excluded: a reader follows one function on one screen."""
+    long = [f"{file.relative_to(CORE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for file in sorted(CORE.rglob("*.py")) for node in ast.walk(ast.parse(file.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []

@@ -58,7 +58,7 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
 
     def keys(runner, cell=CELL):
         poison = runner.plan(cell).poison[0]
-        return poison, runner.keys.train(cell.dataset, cell.student, cell.seed, poison)[0], runner.plan(cell).key[0]
+        return poison, runner.keys.model(cell.dataset, cell.student, cell.seed, poison)[0], runner.plan(cell).key[0]
 
     p0, t0, c0 = keys(base)
     assert keys(_runner(registry, tmp_path)) == (p0, t0, c0)  # stable across runners
@@ -103,7 +103,7 @@ def test_stage_keys_follow_the_inputs_that_matter(registry, tmp_path, monkeypatc
         p, t, c = keys(base, teacher)
         assert (p, t) == (p0, t0) and c != c0
     assert base.plan(CELL).teacher is None
-    assert base.plan(dataclasses.replace(CELL, teacher="wrn-16-2")).teacher == base.keys.train("toy", "wrn-16-2", 0, p0)
+    assert base.plan(dataclasses.replace(CELL, teacher="wrn-16-2")).teacher == base.keys.model("toy", "wrn-16-2", 0, p0)
 
 
 # ------------------------------------------------------------------------------------------ store
@@ -300,7 +300,7 @@ def test_keys_hold_the_datas_content_not_its_name(toy_registry, tmp_path, monkey
     def keys(root):
         runner = Runner(reg, profile("quick"), device=torch.device("cpu"), data_root=root, cache_dir=tmp_path)
         poison = runner.plan(cell).poison[0]
-        return poison, runner.keys.train("tiny", "wrn-16-1", 0, poison)[0], runner.plan(cell).key[0]
+        return poison, runner.keys.model("tiny", "wrn-16-1", 0, poison)[0], runner.plan(cell).key[0]
 
     a, b, c = (keys(root) for root in roots)
     assert not set(a) & set(b)  # other images: every stage recomputed

@@ -187,7 +187,7 @@ def test_bench_attack_refuses_it_before_anything_trains(tmp_path):
            "NADBENCH_CACHE": str(tmp_path / "empty-cache")}
     # a small profile: a `bench attack` that did not refuse the config would train for seconds, not minutes
     out = subprocess.run([sys.executable, "-m", "nadbench.commands.cli", "attack", "--attack", "tact", "--set", "tact.sources=12",
-                          "--set", "profile.train_limit=100", "--set", "profile.epochs=1", "--out", "m.safetensors"],
+                          "--set", "profile.train_limit=100", "--set", "profile.epochs=1", "--output", "m.safetensors"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stdout == "", out.stdout + out.stderr
     assert out.stderr.strip() == ("Error: tact.sources = 12 names a class that dataset 'cifar10' lacks: it has 10 "
@@ -265,10 +265,10 @@ def test_bench_attack_writes_the_evaluation_and_bench_defend_reports_it(tact_cel
     save_image_folder(toy_split(64, 0), tmp_path / "clean")
     save_image_folder(runner.data("toy")[2], tmp_path / "test")
     out = CliRunner().invoke(main, [
-        "defend", str(tmp_path / "model.safetensors"), "--arch", "tiny", "--clean", str(tmp_path / "clean"),
+        "defend", str(tmp_path / "model.safetensors"), "--model", "tiny", "--clean", str(tmp_path / "clean"),
         "--test", str(tmp_path / "test"), "--triggered", str(tmp_path / "triggered"), "--evaluation",
         f"cover={tmp_path / 'triggered-cover'}", "--defense", "finetune", "--set", "finetune.epochs=1",
-        "--out", str(tmp_path / "repaired.safetensors"), "--tracking-uri", fresh_store(tmp_path), "--no-progress"])
+        "--output", str(tmp_path / "repaired.safetensors"), "--tracking-uri", fresh_store(tmp_path), "--no-progress"])
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "repaired.report.json").read_text())
     assert report["before"]["attack.cover"] == result["before"]["attack.cover"]  # the files mean what the cell meant

@@ -28,15 +28,15 @@ def test_core_writes_the_environment_only_in_one_module_and_never_its_own_settin
     from nadbench.engine import environment
 
     writers = {}
-    for file in sorted(CORE.glob("*.py")):
+    for file in sorted(CORE.rglob("*.py")):
         writes = _environment_writes(ast.parse(file.read_text()))
         if writes:
-            writers[file.name] = writes
-    assert list(writers) == ["environment.py"], writers
+            writers[file.relative_to(CORE).as_posix()] = writes
+    assert list(writers) == ["engine/environment.py"], writers
     assert environment.WRITES == ("CUDA_VISIBLE_DEVICES", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                                   "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
                                   "MLFLOW_ALLOW_FILE_STORE")
-    written = " ".join(writers["environment.py"])
+    written = " ".join(writers["engine/environment.py"])
     assert all(name in written for name in environment.WRITES) and "NADBENCH" not in written
 
 

@@ -58,8 +58,8 @@ def test_a_learnt_trigger_runs_with_workers_and_comes_back_from_the_cache(tmp_pa
     record(asr=before["asr"])
     assert before["asr"] >= 0.5, before
 
-    out = _bench("attack", "--attack", "learned-patch", "--seed", str(effect_seed), *SETS, "--out", "model.safetensors",
-                 "--triggered-out", "triggered", cwd=tmp_path, site=site)
+    out = _bench("attack", "--attack", "learned-patch", "--seed", str(effect_seed), *SETS, "--output", "model.safetensors",
+                 "--triggered-output", "triggered", cwd=tmp_path, site=site)
     print(out)
     assert "(from the cache)" in out and f"ASR {100 * before['asr']:.2f}" in out, out
     triggered, _, _ = load_image_folder(tmp_path / "triggered")

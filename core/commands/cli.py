@@ -13,21 +13,10 @@ from pathlib import Path
 import click
 
 from ..engine import environment
+from .options import (Group, computing_options, fail, machine_options, model_output_option, profile_option,
+                      seed_option, sets_option, tracking_options)
 
 KIND_OF_OPTION = {"datasets": "datasets", "attacks": "attacks", "defenses": "defenses", "models": "models"}
-
-
-def computing_options(command):
-    """How a command computes (``nadbench.training.settings.RunSettings``): its options read the environment
-    as their defaults (``NADBENCH_PRECISION``, ...), once, here; nothing writes them back."""
-    command = click.option("--threads", type=click.IntRange(min=1), default=None,
-                           help="CPU threads per cell (pin it to compare runs: CPU results shift with it).")(command)
-    command = click.option("--compile", "compile_", is_flag=True, envvar="NADBENCH_COMPILE", show_envvar=True,
-                           help="torch.compile the model for the plain cross-entropy phases.")(command)
-    return click.option("--precision", type=click.Choice(["auto", "float32", "bf16"]), default="auto",
-                        show_default=True, envvar="NADBENCH_PRECISION", show_envvar=True,
-                        help="auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else float32 (GPUs "
-                             "too: faster there for these small networks).")(command)
 
 
 def run_settings(device: str, precision: str, compile_: bool, threads: int | None, **more):
@@ -179,7 +168,7 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
     return prof, plugins
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nadbench")
 def main():
     """nadbench: backdoor attacks and defenses on image classifiers, around Neural Attention
@@ -215,11 +204,21 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
             raise ConfigError(f"no cells: --attacks all runs none of its attacks on {', '.join(datasets)}")
         check_grid(registry, cells, plugin_over, prof)  # every config and pair, before anything trains
     except (ConfigError, PluginError) as exc:
-        raise click.UsageError(str(exc)) from None
+        fail(str(exc))
     return prof, plugin_over, cells, dev
 
 
-@main.command()
+RUN_SECTIONS = {
+    "The grid": ("datasets", "attacks", "defenses", "students", "teachers", "teacher_sources", "seeds",
+                 "clean_shares", "profile_name", "sets", "clean_reference", "reactivation"),
+    "Training": ("device", "data_root", "precision", "compile_", "threads", "fused", "fused_max"),
+    "Execution": ("executor", "workers", "cells_per_gpu", "ray_address", "rerun", "stale_after", "progress"),
+    "Tracking and output": ("tracking_uri", "experiment", "tracking_timeout", "output"),
+    "Other options": ("help",),
+}
+
+
+@main.command(sections=RUN_SECTIONS)
 @click.option("--datasets", type=NameList("datasets"), default="cifar10", show_default=True,
               help="Comma-separated datasets.")
 @click.option("--attacks", type=NameList("attacks"), default="badnets", show_default=True,
@@ -227,7 +226,7 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
 @click.option("--defenses", type=NameList("defenses"), default="nad", show_default=True,
               help="Comma-separated defenses, or 'all'; a variant as NAME@bb.")
 @click.option("--models", "students", type=NameList("models"), default="wrn-16-1", show_default=True,
-              help="Student (backdoored) architectures.")
+              help="Student (backdoored) architectures (`bench list models`).")
 @click.option("--teachers", type=NameList("models"), default=None,
               help="Teacher architectures for defenses that use one, e.g. nad (default: the student's).")
 @click.option("--teacher-sources", type=click.Choice(["supplied", "scratch", "supplied,scratch"]), default="supplied",
@@ -237,18 +236,10 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
 @click.option("--clean-shares", type=ShareList(), default=None,
               help="Shares of the training set the defender holds, a grid axis (e.g. 0.01,0.05,0.1); nested: "
                    "a seed's smaller subset lies inside its larger ones. Default: the profile's clean_share.")
-@click.option("--profile", "profile_name", type=click.Choice(["quick", "paper"]), default="quick",
-              show_default=True, help="quick: minutes on a CPU; paper: the paper's settings (GPU).")
-@click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE",
-              help="Override a config field: profile.epochs=2, nad.betas=500,1000,1000, badnets.target=0.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              envvar="NADBENCH_DATA_ROOT", show_envvar=True,
-              help="Folder with the datasets (ImageFolder folders or .tar.xz archives); without it, "
-                   "torchvision downloads them.")
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-              help="MLflow store [default: sqlite:///./nadbench.db].")
-@click.option("--experiment", default="nadbench", show_default=True, help="MLflow experiment name.")
+@profile_option("quick: minutes on a CPU; paper: the paper's settings (GPU).")
+@sets_option("Override a config field: profile.epochs=2, nad.betas=500,1000,1000, badnets.target=0.")
+@machine_options
+@tracking_options()
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--clean-reference", is_flag=True,
@@ -257,9 +248,6 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
               help="After each defense, the retuning attack of Min et al. (NeurIPS 2024): finetune the repaired "
                    "model 5 epochs on 1,000 training images, 5 of them poisoned, and measure the ASR it regains "
                    "(reactivated.*), beside a clean model retuned alike.")
-@click.option("--tracking-timeout", type=float, default=5.0, show_default=True,
-              envvar="NADBENCH_TRACKING_TIMEOUT", show_envvar=True,
-              help="Seconds for the one reachability check of a tracking server before anything trains.")
 @click.option("--rerun", type=click.Choice(["cells", "all"]), is_flag=False, flag_value="cells", default=None,
               help="Recompute cells already recorded as finished: --rerun (defense and evaluation; stored "
                    "backdoored models are reused) or --rerun all (every stage).")
@@ -280,7 +268,6 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
                    "networks are launch-bound). Attacks that control training train alone.")
 @click.option("--fused-max", type=click.IntRange(min=1), default=14, show_default=True, envvar="NADBENCH_FUSED_MAX",
               show_envvar=True, help="The most models --fused stacks into one; a larger group trains in chunks.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
         data_root, tracking_uri, experiment, output, clean_reference, reactivation, tracking_timeout, rerun, workers,
         cells_per_gpu, executor, ray_address, stale_after, fused, fused_max, progress, precision, compile_, threads):
@@ -311,7 +298,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
             click.echo(f"marked run {run_id} KILLED: its process is gone (tag nadbench.end_reason says how "
                        "that was told)", err=True)
     except TrackingError as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(str(exc), running=True)
     settings = run_settings(str(dev), precision, compile_, threads, fused=fused, fused_max=fused_max)
     runner = Runner(registry, prof, settings=settings, data_root=data_root, overrides=plugin_over,
                     tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun,
@@ -320,7 +307,7 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
         pool = executors.make(executor, workers, device=dev.type, threads=threads, cells_per_gpu=cells_per_gpu,
                               ray_address=ray_address)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        fail(str(exc))
     where = pool.describe if pool else "in-process"
     click.echo(f"{len(cells)} cell(s) on {dev} ({where}), profile {prof.name}; tracking to {tracker.uri}", err=True)
     start = time.perf_counter()
@@ -409,7 +396,7 @@ def _table(results: list[dict]) -> str:
               help="The parent run of a `bench run` (default: the newest in the experiment); several with "
                    "--leaderboard.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text",
-              show_default=True)
+              show_default=True, help="How the table is written.")
 @click.option("--paper", is_flag=True, help="Put the NAD paper's Table 1 numbers beside ours.")
 @click.option("--leaderboard", is_flag=True,
               help="Rank the defenses by DER (mean over attacks, mean ± std over seeds) with ACC drop, ASR and "
@@ -423,9 +410,7 @@ def _table(results: list[dict]) -> str:
                    "their true label), der (defense effectiveness rating, after a defense only) and an attack's "
                    "own evaluations, attack.NAME (e.g. attack.cover).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-              help="MLflow store [default: sqlite:///./nadbench.db].")
-@click.option("--experiment", default="nadbench", show_default=True)
+@tracking_options(timeout=False)
 def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_uri, experiment):
     """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense (or the
     --metrics chosen), mean ± std over seeds, with an average and a deviation row.
@@ -438,7 +423,7 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
     from ..engine.tracking import Tracker, TrackingError
 
     if len(run_ids) > 1 and not leaderboard:
-        raise click.UsageError("several --run-id need --leaderboard (Table 1 is one grid's)")
+        fail("several --run-id need --leaderboard (Table 1 is one grid's)")
     try:  # before the store is read: a typo is named before anything about the runs
         metrics = tablemod.check_metrics(tuple(m.strip() for m in metrics.split(",") if m.strip()))
     except ValueError as exc:
@@ -447,10 +432,10 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         tracker = Tracker(tracking_uri, experiment)
         grids = [tracker.grid_results(run_id) for run_id in run_ids or [None]]
     except TrackingError as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(str(exc), running=True)
     for parent, results in grids:
         if not results:
-            raise click.ClickException(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet")
+            fail(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet", running=True)
     parent, results = grids[0]
     if leaderboard:
         text = tablemod.render_leaderboard(tablemod.leaderboard([r for _, rs in grids for r in rs]), fmt)
@@ -466,8 +451,8 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         a, _, b = (x.strip() for x in paired.partition(","))
         rows = tablemod.paired(results, a, b)
         if not rows:
-            raise click.UsageError(f"--paired {paired}: no row has both defenses; defenses here: "
-                                   f"{', '.join(dict.fromkeys(r['cell']['defense'] for r in results))}")
+            fail(f"--paired {paired}: no row has both defenses; defenses here: "
+                 f"{', '.join(dict.fromkeys(r['cell']['defense'] for r in results))}")
         if fmt == "json":  # one JSON document
             text = json.dumps({**tablemod.to_json(built), "paired": {"a": a, "b": b, "rows": [
                 {"row": list(row), **d} for row, d in rows.items()]}}, indent=2)
@@ -503,9 +488,9 @@ def list_(what):
                      if what in registry.items[k] or what in registry.qualified[k]
                      or ("@" in what and k in ("attacks", "defenses") and what.split("@")[0] in registry.items[k])]
         except PluginError as exc:
-            raise click.UsageError(str(exc)) from None
+            fail(str(exc))
         if not found:
-            raise click.UsageError(f"{what!r} is neither one of {', '.join(LIST_KINDS)} nor a registered name")
+            fail(f"{what!r} is neither one of {', '.join(LIST_KINDS)} nor a registered name")
         for k, item in found:
             click.secho(k[:-1], bold=True)
             _list_item(k, what, item, sources=True)
@@ -594,55 +579,36 @@ def plugins(verbose):
         sys.exit(1)
 
 
-def _fail(message: str, code: int = 2):
-    """One line on stderr and an exit code: for errors in what the user gave us."""
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
-
-
-def _safetensors_path(ctx, param, path: Path) -> Path:
-    """A model file to write: ``.safetensors``, checked before anything trains (a pickle's suffix
-    would name a file `bench defend` refuses unopened)."""
-    if path.suffix != ".safetensors":
-        raise click.BadParameter(f"{path}: a model is written as safetensors: name it {path.stem}.safetensors",
-                                 ctx, param)
-    return path
-
-
 def _floats(text: str | None, option: str):
     if text is None:
         return None
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        _fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5")
+        fail(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.5,0.5,0.5")
 
 
-@main.command()
+@main.command(renamed={"--arch": "--model", "--out": "--output", "--triggered-out": "--triggered-output"})
 @click.option("--attack", "attack_name", default="badnets", show_default=True, help="A registered attack.")
-@click.option("--arch", default="wrn-16-1", show_default=True, help="A registered model architecture.")
+@click.option("--model", "arch", default="wrn-16-1", show_default=True,
+              help="A registered model architecture (`bench list models`; formerly --arch).")
 @click.option("--dataset", default="cifar10", show_default=True, help="A registered dataset.")
-@click.option("--profile", "profile_name", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
-              help="How the backdoored model is trained (see `bench list profile`).")
-@click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE",
-              help="Override the attack's or the profile's config: badnets.target=0, profile.epochs=5.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("backdoored.safetensors"),
-              show_default=True, callback=_safetensors_path, help="Where to write the backdoored model (safetensors).")
-@click.option("--triggered-out", type=click.Path(file_okay=False, path_type=Path), default=Path("triggered"),
-              show_default=True, help="Folder for the triggered test images (PNG, <true label>/<n>.png).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              envvar="NADBENCH_DATA_ROOT", show_envvar=True, help="Folder with the datasets.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@profile_option("How the backdoored model is trained (see `bench list profile`).")
+@sets_option("Override the attack's or the profile's config: badnets.target=0, profile.epochs=5.")
+@seed_option
+@model_output_option("backdoored.safetensors", "Where to write the backdoored model (safetensors; formerly --out).")
+@click.option("--triggered-output", "triggered_out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("triggered"), show_default=True,
+              help="Folder for the triggered test images (PNG, <true label>/<n>.png; formerly --triggered-out).")
+@machine_options
 @computing_options
-def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_out, device, data_root, progress,
+def attack(attack_name, arch, dataset, profile_name, sets, seed, output, triggered_out, device, data_root, progress,
            precision, compile_, threads):
     """Train a backdoored model to practise on: write it as safetensors, with a folder of triggered
     test images, ready for `bench defend`.
 
     \b
-    Example:  bench attack --attack badnets --out backdoored.safetensors --triggered-out triggered
+    Example:  bench attack --attack badnets --output backdoored.safetensors --triggered-output triggered
     """
     from ..contract.config import ConfigError
     from ..training.data import DataError
@@ -659,35 +625,36 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
         attention_layers(registry, arch, dataset)
         dev = resolve_device(device)
     except (ConfigError, PluginError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     runner = Runner(registry, prof, settings=run_settings(str(dev), precision, compile_, threads), data_root=data_root,
                     overrides=plugin_over, progress=progress)
     try:
         result = attack_to_files(registry, runner, attack=attack_name, arch=arch, dataset=dataset, seed=seed,
-                                 out=out, triggered_dir=triggered_out)
+                                 out=output, triggered_dir=triggered_out)
     except (DataError, PluginError) as exc:  # a plugin that breaks the contract while training, one line
-        _fail(str(exc), code=1)
+        fail(str(exc), running=True)
     own = "".join(f", {k} {100 * v:.2f}" for k, v in result.items() if k.startswith("attack."))
-    click.echo(f"wrote {out}: {arch} backdoored by {attack_name} (target {result['target']}), "
+    click.echo(f"wrote {output}: {arch} backdoored by {attack_name} (target {result['target']}), "
                f"ACC {100 * result['acc']:.2f}, ASR {100 * result['asr']:.2f}{own} on the {dataset} test split"
                f"{' (from the cache)' if result['cache_hit'] else ''}")
     click.echo(f"wrote {result['n_triggered']} triggered test images to {triggered_out}/")
     for name, folder in result["evaluations"].items():
         click.echo(f"wrote the images of the attack's evaluation {name!r} to {folder}/")
-    click.echo(f"next: bench defend {out} --arch {arch} --clean {dataset}:0.05 --test {dataset} "
+    click.echo(f"next: bench defend {output} --model {arch} --clean {dataset}:0.05 --test {dataset} "
                f"--triggered {triggered_out}"
                + "".join(f" --evaluation {name}={folder}" for name, folder in result["evaluations"].items()))
 
 
-@main.command()
+@main.command(renamed={"--arch": "--model", "--out": "--output", "--teacher-arch": "--teacher-model"})
 @click.argument("model_file", type=click.Path(path_type=Path))
-@click.option("--arch", required=True, help="The model's registered architecture (`bench list models`).")
+@click.option("--model", "arch", required=True,
+              help="The model's registered architecture (`bench list models`; formerly --arch).")
 @click.option("--clean", "clean_data", default=None, metavar="DATA",
               help="Your clean data: an ImageFolder folder or .tar/.tar.xz/.zip archive of one, or a registered "
                    "dataset's training split as NAME:SHARE (e.g. cifar10:0.05). Required, except for data-free "
                    "defenses (clp), which then need --test.")
 @click.option("--defense", "defense_name", default="nad", show_default=True, help="A registered defense.")
-@click.option("--set", "sets", multiple=True, metavar="OWNER.FIELD=VALUE", help="Override the defense's config.")
+@sets_option("Override the defense's config: nad.epochs=5.")
 @click.option("--test", "test_data", default=None, metavar="DATA",
               help="Data for ACC (a registered dataset's test split as NAME[:SHARE], or a folder/archive); "
                    "default: a held-out 10% of the clean data.")
@@ -700,35 +667,29 @@ def attack(attack_name, arch, dataset, profile_name, sets, seed, out, triggered_
               help="An attack's own evaluation of its trigger (`bench attack` writes one folder per evaluation the "
                    "attack declares, e.g. triggered-cover): triggered images with their true labels and a "
                    "targets.csv; reported as attack.NAME, the share classified as their target.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("repaired.safetensors"),
-              show_default=True, callback=_safetensors_path,
-              help="Where to write the repaired model (safetensors); the report goes beside it.")
+@model_output_option("repaired.safetensors",
+                     "Where to write the repaired model (safetensors; formerly --out); the report goes beside it.")
 @click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
 @click.option("--std", default=None, help="Input normalisation std of a bare state dict.")
 @click.option("--normalize", default=None, metavar="DATASET", help="Take mean/std from a registered dataset.")
 @click.option("--teacher", "teacher_file", type=click.Path(path_type=Path), default=None,
               help="A teacher model (safetensors) for defenses that use one (NAD); default: its own.")
-@click.option("--teacher-arch", default=None, help="The teacher's architecture (default: --arch).")
+@click.option("--teacher-model", "teacher_arch", default=None,
+              help="The teacher's architecture (default: --model's; formerly --teacher-arch).")
 @click.option("--image-size", type=int, default=None,
               help="Resize folder images to this size (default: the named dataset's, else 32).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              envvar="NADBENCH_DATA_ROOT", show_envvar=True, help="Folder with the registered datasets.")
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-              help="MLflow store [default: sqlite:///./nadbench.db].")
-@click.option("--experiment", default="nadbench-defend", show_default=True, help="MLflow experiment name.")
-@click.option("--tracking-timeout", type=float, default=5.0, show_default=True, envvar="NADBENCH_TRACKING_TIMEOUT")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@seed_option
+@machine_options
+@tracking_options(experiment="nadbench-defend")
 @computing_options
 def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggered_data, target, evaluation_data,
-           out, mean, std, normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri,
+           output, mean, std, normalize, teacher_file, teacher_arch, image_size, seed, device, data_root, tracking_uri,
            experiment, tracking_timeout, progress, precision, compile_, threads):
     """Repair MODEL_FILE, a model you were handed (safetensors only: pickles are refused unopened),
     with your clean data; write the repaired weights and a report of ACC/ASR before and after.
 
     \b
-    Example:  bench defend backdoored.safetensors --arch wrn-16-1 --clean cifar10:0.05 \\
+    Example:  bench defend backdoored.safetensors --model wrn-16-1 --clean cifar10:0.05 \\
                 --test cifar10 --triggered triggered --target 5
     """
     import torch
@@ -767,20 +728,20 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
             report = defend_file(registry, model_path=model_file, arch=spec.name, clean=clean,
                                  defense_name=defense_name, overrides=overrides, mean=mean_v, std=std_v, test=test,
                                  triggered=triggered, target=target, teacher_path=teacher_file,
-                                 teacher_arch=teacher_arch, seed=seed, device=dev, out=out, progress=progress,
+                                 teacher_arch=teacher_arch, seed=seed, device=dev, out=output, progress=progress,
                                  make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout),
                                  evaluations=evaluations)
     except (HandoverError, ConfigError, PluginError, DataError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except TrackingError as exc:
-        _fail(str(exc), code=1)
-    _echo_report(report, defense_name, out)
+        fail(str(exc), running=True)
+    _echo_report(report, defense_name, output)
 
 
 def _normalisation(registry, normalize: str | None, mean: str | None, std: str | None):
     """(mean, std) of --normalize DATASET or of --mean/--std (a bare state dict's), not both."""
     if normalize and (mean or std):
-        _fail("give either --normalize or --mean/--std, not both")
+        fail("give either --normalize or --mean/--std, not both")
     norm = registry.dataset(normalize) if normalize else None
     return (norm.mean, norm.std) if norm else (_floats(mean, "--mean"), _floats(std, "--std"))
 
@@ -800,7 +761,7 @@ def _user_data(registry, image_size, seed, data_root, test_data, clean_data, tri
     for item in evaluation_data:
         name, eq, where = item.partition("=")
         if not eq or not name.isidentifier() or not where:
-            _fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
+            fail(f"--evaluation {item!r}: expected NAME=DATA, e.g. cover=triggered-cover")
         evaluations[name] = where
     return (load(test_data) if test_data else None, load(clean_data, train=True) if clean_data else None,
             load(triggered_data) if triggered_data else None, {n: load(w) for n, w in evaluations.items()})
@@ -810,12 +771,12 @@ def _check_data_options(registry, defense_name: str, defense_cls, clean_data, te
     """`bench defend`'s data options that only make sense together, refused in one line each."""
     if clean_data is None and defense_cls.uses_clean_data:
         free = [n for n in registry.names("defenses") if not registry.defense(n).uses_clean_data]
-        _fail(f"--clean is required: {defense_name} repairs the model with clean data (data-free defenses, "
+        fail(f"--clean is required: {defense_name} repairs the model with clean data (data-free defenses, "
               f"which run without it: {', '.join(free) or 'none registered'})")
     if clean_data is None and test_data is None:
-        _fail(f"{defense_name} reads no data, but ACC needs some: give --test (or --clean)")
+        fail(f"{defense_name} reads no data, but ACC needs some: give --test (or --clean)")
     if target is not None and triggered_data is None:
-        _fail("--target goes with --triggered: ASR needs the triggered images and their target label")
+        fail("--target goes with --triggered: ASR needs the triggered images and their target label")
 
 
 def _echo_report(report: dict, defense_name: str, out: Path) -> None:
@@ -921,10 +882,8 @@ def fidelity(output, check):
 
 
 @main.command()
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
-              help="MLflow store [default: sqlite:///./nadbench.db].")
-@click.option("--experiment", default="nadbench", show_default=True)
-@click.option("--port", default=5000, show_default=True)
+@tracking_options(timeout=False)
+@click.option("--port", default=5000, show_default=True, help="The port the UI serves on.")
 def ui(tracking_uri, experiment, port):
     """Open the MLflow UI on the results store, bound to localhost."""
     from ..engine.tracking import Tracker, artifact_root

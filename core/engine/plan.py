@@ -122,8 +122,8 @@ class Keys:
     def configured(self, kind: str, name: str):
         return configured(self.registry, kind, name, self.overrides, self.profile)
 
-    def train(self, dataset: str, arch: str, seed: int, poison: str | None) -> Key:
-        """A model of ``arch`` trained with the profile's schedule on the clean training set
+    def model(self, dataset: str, arch: str, seed: int, poison: str | None) -> Key:
+        """The key of a model of ``arch`` trained with the profile's schedule on the clean training set
         (``poison`` None) or on the poisoning with that key."""
         spec = self.registry.model(arch)
         prof = dataclasses.asdict(self.profile)
@@ -140,7 +140,7 @@ class Keys:
                  "config": cfgmod.key_values(attack.config), "plugin": [attack.provider, attack.source_hash],
                  "code": code_hash(*POISON_CODE), "seed": cell.seed, "clean_model": None}
         if attack.uses_clean_model:  # crafted against the clean model of the student architecture
-            parts["clean_model"] = self.train(cell.dataset, cell.student, cell.seed, None)[0]
+            parts["clean_model"] = self.model(cell.dataset, cell.student, cell.seed, None)[0]
         return stage_key("poison", parts)
 
     def plan(self, cell: Cell) -> Plan:
@@ -148,15 +148,15 @@ class Keys:
             return self._plans[cell]
         attack = self.configured("attacks", cell.attack)
         poison = self.poison(cell, attack)
-        student = self.train(cell.dataset, cell.student, cell.seed, poison[0])
+        student = self.model(cell.dataset, cell.student, cell.seed, poison[0])
         share = self.profile.clean_share if cell.clean_share is None else cell.clean_share
-        clean = self.train(cell.dataset, cell.student, cell.seed, None)
+        clean = self.model(cell.dataset, cell.student, cell.seed, None)
         if cell.defense == NO_DEFENSE:  # `bench attack`: the backdoored model alone
             return Plan(cell, attack, None, poison, student, None, clean, attack.uses_clean_model, None, share)
         defense = self.configured("defenses", cell.defense)
         teacher = None
         if defense.uses_teacher and cell.teacher_source == "supplied" and cell.teacher != cell.student:
-            teacher = self.train(cell.dataset, cell.teacher, cell.seed, poison[0])
+            teacher = self.model(cell.dataset, cell.teacher, cell.seed, poison[0])
         arch = self.registry.model(cell.teacher)
         key = stage_key("cell", {
             "model": student[0], "defense": defense.name, "config": cfgmod.key_values(defense.config),

@@ -233,7 +233,7 @@ class Runner:
         student's own backdoored model when ``arch`` is the student). Returns (model, cache hit)."""
         plan = self.plan(cell)
         c = plan.cell
-        stage = plan.student if arch == c.student else (plan.teacher or self.keys.train(c.dataset, arch, c.seed,
+        stage = plan.student if arch == c.student else (plan.teacher or self.keys.model(c.dataset, arch, c.seed,
                                                                                        plan.poison[0]))
         p = self.poisoning(plan)
         return self._trained(c.dataset, arch, c.seed, stage, lambda: p.poisoned, f"backdoor {c.attack}/{arch}",

@@ -64,7 +64,7 @@ class FinePruning(Defense):
     deviations = (Deviation("stopping rule", ours="held-out slice of the clean subset, 10 % relative ACC drop",
                             theirs="4 points on validation data", bb="10 % relative drop of test ACC",
                             why="a defender has no test set"),)
-    # Its finetuning: the quick profile's lower finetuning lr (core/grid.py).
+    # Its finetuning: the quick profile's lower finetuning lr (core/engine/grid.py).
     profile_settings = {"lr": "finetune_lr"}
     uses_classifier = True
 

@@ -27,7 +27,7 @@ class Finetune(Defense):
                             ours="SGD Nesterov, lr 0.1 then 0.01 after 2 epochs, 10 epochs, crop+flip+cutout",
                             theirs="the same (NAD with every beta 0)", bb="SGD lr 0.01 cosine, 100 epochs, wd 5e-4",
                             why="the NAD paper's baseline"),)
-    # The quick profile's 10-epoch models take a lower finetuning lr (core/grid.py).
+    # The quick profile's 10-epoch models take a lower finetuning lr (core/engine/grid.py).
     profile_settings = {"lr": "finetune_lr"}
 
     def defend(self, model, clean, ctx):

@@ -103,7 +103,7 @@ class MCR(Defense):
                             why="a CPU grid stays affordable; --set mcr.curve_epochs=100 mcr.curve_lr=0.01"),
                   Deviation("bends", ours="1 (quadratic)", theirs="3", bb="3", why="the NAD paper's quadratic curve"),
                   Deviation("t", ours="0.3", theirs="swept", bb="0.1", why="the NAD paper's Table 1"))
-    # The finetuned endpoint: the quick profile's lower finetuning lr (core/grid.py).
+    # The finetuned endpoint: the quick profile's lower finetuning lr (core/engine/grid.py).
     profile_settings = {"lr": "finetune_lr"}
 
     def defend(self, model, clean, ctx):

@@ -56,7 +56,7 @@ class NAD(Defense):
                   Deviation("attention layers", ours="the model's declared layers (WRN: the three groups)",
                             theirs="the three groups", bb="layer3, layer4 and the 1x1 pooled output",
                             why="a 1x1 map's NAD term is zero"))
-    # Teacher and student: the quick profile's lower finetuning lr (core/grid.py).
+    # Teacher and student: the quick profile's lower finetuning lr (core/engine/grid.py).
     profile_settings = {"lr": "finetune_lr"}
     uses_teacher = True
 
