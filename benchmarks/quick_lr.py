@@ -12,7 +12,7 @@ each candidate lr in CANDIDATES, everything else at its defaults (the grid's 5 %
 from the rest). Each is measured on the validation split, clean (ACC) and carrying the attack's
 trigger (ASR). **The rule**: the candidate with the highest mean validation DER (BackdoorBench's
 defense effectiveness rating, which rewards the ASR removed and charges the ACC lost) over the
-defenses and seeds; a tie goes to the lower lr. `tests/test_grid.py` checks that the profile's
+defenses and seeds; a tie goes to the lower lr. `tests/test_config.py` checks that the profile's
 `finetune_lr` is the value the committed results file names.
 
 Run it alone (it trains: one backdoored model per seed, then two defenses per candidate).
@@ -69,20 +69,19 @@ def _registry():
 
 
 def measure(data_root: Path | None) -> list[dict]:
-    from nadbench.engine.grid import Cell, profile
-    from nadbench.engine.runner import Runner
+    from nadbench.engine.grid import profile
+    from nadbench.engine.runner import Runner, expand
 
     reg, rows = _registry(), []
     for lr in CANDIDATES:
         over = {d: {"lr": str(lr)} for d in DEFENSES}
         runner = Runner(reg, profile("quick"), data_root=data_root, overrides=over, progress=False)
-        for seed in SEEDS:
-            for defense in DEFENSES:
-                start = time.perf_counter()
-                r = runner.run_cell(Cell(DATASET, "badnets", defense, "wrn-16-1", None, seed))
-                rows.append({"lr": lr, "seed": seed, "defense": defense, "before": r["before"],
-                             "after": r["after"], "time_s": time.perf_counter() - start})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for cell in expand(reg, [DATASET], ["badnets"], list(DEFENSES), ["wrn-16-1"], None, list(SEEDS)):
+            start = time.perf_counter()
+            r = runner.run_cell(cell)
+            rows.append({"lr": lr, "seed": cell.seed, "defense": cell.defense, "before": r["before"],
+                         "after": r["after"], "time_s": time.perf_counter() - start})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -98,11 +97,12 @@ def choose(rows: list[dict]) -> tuple[float, dict[float, float]]:
 def render(data: dict) -> str:
     rows, der = data["rows"], {float(k): v for k, v in data["der"].items()}
     lines = ["# The `quick` profile's finetuning learning rate, chosen on a validation split", "",
-             f"Made by: `{data['command']}` at commit {data['commit']}, {data['machine']}, run alone; "
-             f"wall time {data['wall_s'] / 60:.0f} min.", "",
+             f"Made by: `{data['command']}` at commit {data['commit']}, {data['machine']}"
+             + (f", {data['cpu']}" if data.get("cpu") else "") + f", run alone; wall time {data['wall_s'] / 60:.0f} "
+             "min." + (f" {data['note']}" if data.get("note") else ""), "",
              f"CIFAR-10's training set less a validation split of {VAL_SIZE} of its images (the test set unread); "
              f"BadNets, WRN-16-1, `quick` profile, seeds {', '.join(map(str, SEEDS))} (no committed result reports "
-             "them); finetuning and NAD at each candidate lr, everything else at the defaults. Rule, fixed before "
+             "them); finetuning and NAD at each candidate lr, everything else at the defaults. The rule, fixed before "
              "the runs (benchmarks/quick_lr.py): the highest mean validation DER over defenses and seeds, a tie "
              "going to the lower lr.", "",
              "Validation ASR / ACC in %, and DER, per defense and seed:", "",
@@ -123,7 +123,10 @@ def render(data: dict) -> str:
     lines += ["", "Before any defense: " + "; ".join(
         f"seed {s}: ASR {100 * b['asr']:.2f}, ACC {100 * b['acc']:.2f}" for s, b in before.items()) + ".", "",
         f"Chosen: **{data['chosen_lr']:g}**, the `quick` profile's `finetune_lr` (core/engine/grid.py; "
-        "tests/test_grid.py reads it from this file's JSON)."]
+        "tests/test_config.py reads it from this file's JSON)."]
+    runner_up = sorted(der, key=der.get)[-2]
+    lines += ["", f"The runner-up, {runner_up:g}, is {der[data['chosen_lr']] - der[runner_up]:.4f} DER behind: "
+              "the rule's choice between them is narrow."]
     return "\n".join(lines) + "\n"
 
 

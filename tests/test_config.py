@@ -34,3 +34,19 @@ def test_describe_and_flatten():
     assert rows["poison_rate"][0] == 0.1 and "[0.0, 1.0]" in rows["poison_rate"][1]
     flat = flatten(build(get_registry().defense("nad").Config), "defense")
     assert flat["defense.betas"] == "500.0,1000.0,1000.0"
+
+
+def test_the_quick_profiles_finetuning_lr_is_what_its_validation_procedure_chose():
+    """The value comes from benchmarks/quick_lr.py's committed results (a validation split carved from
+    the training set, held-out seeds, a rule fixed before the runs), not from the test set."""
+    import importlib.util
+    from pathlib import Path
+
+    from nadbench.engine.grid import PROFILES
+
+    path = Path(__file__).parents[1] / "benchmarks" / "quick_lr.py"
+    spec = importlib.util.spec_from_file_location("quick_lr", path)
+    quick_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quick_lr)
+    assert PROFILES["quick"].finetune_lr == quick_lr.chosen()
+    assert PROFILES["paper"].finetune_lr is None  # the paper's profile keeps each defense's own lr

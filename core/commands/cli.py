@@ -128,7 +128,7 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
     An owner must be ``profile`` or an attack or defense of this grid (by its name, which a
     ``dist:name`` choice keeps): a --set that would be silently ignored is an error. A name that is
     both an attack and a defense of the grid takes its kind first: ``attack.NAME.FIELD=VALUE``."""
-    from ..engine.runner import KIND_PREFIX
+    from ..engine.plan import KIND_PREFIX
     from ..engine.registry import addressing, spelling
 
     prof, plugins = {}, {}
@@ -374,7 +374,7 @@ def _command() -> str:
 
 
 def _table(results: list[dict]) -> str:
-    from ..engine.runner import Cell
+    from ..engine.grid import Cell
 
     rows = [("cell", "clean ACC", "ACC before", "ASR before", "RA before", "ACC after", "ASR after", "RA after",
              "DER", "defense s", "")]
@@ -539,7 +539,7 @@ def _list_item(k: str, name: str, item, sources: bool = False) -> None:
 
 def _list_profiles():
     from ..contract.config import describe
-    from ..engine.runner import PROFILES, Profile
+    from ..engine.grid import PROFILES, Profile
 
     click.secho("profile fields (set with --set profile.FIELD=VALUE)", bold=True)
     names = list(PROFILES)
