@@ -256,3 +256,86 @@ def test_a_row_whose_defenses_repaired_different_backdoored_models_says_so():
         assert "repaired different backdoored models" in table.render(t, fmt)
         assert "cifar10/badnets seed 0 (ASR 82.44 vs 79.82; ACC 92.72 vs 91.46)" in table.render(t, fmt)
     assert table.to_json(t)["rows"][0]["mixed_no_defense"] == {"0": {"asr": [82.44, 79.82], "acc": [92.72, 91.46]}}
+
+
+# ------------------------------------------------------------------------------ bench report
+def _toy_grid(tracker) -> str:
+    """The fixture's grid (other tests add grids to its store)."""
+    grids = tracker.client.search_runs([tracker.experiment_id], "tags.`nadbench.grid` = '1'")
+    return next(r for r in grids if r.info.run_name == "toy grid").info.run_id
+
+
+def _report(store, tmp_path) -> str:
+    uri, _, tracker = store
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(main, ["report", "--tracking-uri", uri, "--run-id", _toy_grid(tracker),
+                                    "--output", str(out)])
+    assert res.exit_code == 0 and "1 grid(s), 8 finished cell(s)" in res.output, res.output
+    return out.read_text()
+
+
+def test_bench_report_is_one_self_contained_page_with_every_cells_numbers(store, tmp_path):
+    """Every number `bench table --format json` gives is on the page; the figures are inlined and
+    nothing on it reaches the network."""
+    import re
+
+    uri, results, tracker = store
+    page = _report(store, tmp_path)
+    data = json.loads(_cli(uri, "--format", "json", "--run-id", _toy_grid(tracker)))
+    for row in data["rows"]:
+        for defense in data["defenses"]:
+            for metric, s in row[defense].items():
+                if metric != "paper":
+                    assert f"{s['mean']:.2f} ± {s['std']:.2f}" in page, (row["attack"], defense, metric)
+    assert "toy grid" in page and "RA: robust accuracy" in page and "Leaderboard" in page
+    assert page.count("<details>") == len(results)  # one per cell, its figures behind the click
+    assert page.count('src="data:image/png;base64,') >= 2 + len(results)  # the charts and each cell's maps
+    assert not re.findall(r'(?:src|href)="(?!data:)', page) and "http://" not in page and "https://" not in page
+
+
+def _chromium():
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def test_the_report_shows_its_numbers_in_a_real_browser(store, tmp_path):
+    """Headless Chromium opens the file (no server) and its DOM holds the table. CI installs Chromium
+    and sets NADBENCH_REQUIRE_BROWSER, so it never skips there."""
+    import os
+
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("NADBENCH_REQUIRE_BROWSER"):
+            pytest.fail("NADBENCH_REQUIRE_BROWSER is set and no chromium is installed")
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    uri, _, tracker = store
+    _report(store, tmp_path)
+    data = json.loads(_cli(uri, "--format", "json", "--run-id", _toy_grid(tracker)))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--dump-dom", (tmp_path / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert "<table" in dom.stdout, dom.stderr[-2000:]
+    first = data["rows"][0]["finetune"]["asr"]
+    assert f"{first['mean']:.2f} ± {first['std']:.2f}" in dom.stdout and "Leaderboard" in dom.stdout
+
+
+def test_a_grid_is_named_by_what_ran():
+    from nadbench.commands.cli import grid_name
+
+    assert grid_name("quick", ["cifar10"], ["badnets"], ["finetune", "nad"], [0]) == \
+        "quick · cifar10 · badnets × finetune, nad · seed 0"
+    assert grid_name("paper", ["cifar10"], [f"a{i}" for i in range(13)], ["nad"], [0, 1]) == \
+        "paper · cifar10 · 13 attacks × nad · seeds 0,1"
+
+
+def test_the_report_lists_a_failed_cell_with_its_errors_first_line(tmp_path):
+    from types import SimpleNamespace
+
+    from nadbench.commands.report import _cells
+
+    run = SimpleNamespace(info=SimpleNamespace(run_name="cifar10/badnets/nad/wrn-16-1/seed0", run_id="r1",
+                                               status="FAILED"),
+                          data=SimpleNamespace(tags={"error": "DataError: no images in clean/\nmore"}, params={}))
+    assert _cells(None, [run], tmp_path) == ('<p class="failed">cifar10/badnets/nad/wrn-16-1/seed0: failed: '
+                                             "DataError: no images in clean/</p>")

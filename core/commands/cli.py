@@ -322,11 +322,21 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     interrupted = None
     with _terminate_as_interrupt() as signalled:
         try:
-            run_grid(runner, cells, name=f"bench run ({len(cells)} cells)", params=params,
+            run_grid(runner, cells, name=grid_name(prof.name, datasets, attacks, defenses, seeds), params=params,
                      results=results, failures=failures, executor=pool, summarise=log_grid)
         except KeyboardInterrupt:
             interrupted = 128 + (signalled[0] if signalled else signal.SIGINT)
     _grid_ended(results, failures, len(cells), time.perf_counter() - start, interrupted, output, dev, prof)
+
+
+def grid_name(profile_name: str, datasets, attacks, defenses, seeds) -> str:
+    """A grid's run name that says what ran, e.g. ``quick · cifar10 · badnets × finetune, nad · seed 0``
+    (a long list by its count: ``13 attacks``)."""
+    def names(items, kind):
+        return ", ".join(items) if len(items) <= 4 else f"{len(items)} {kind}"
+    seeds_text = f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    return (f"{profile_name} · {names(datasets, 'datasets')} · {names(attacks, 'attacks')} × "
+            f"{names(defenses, 'defenses')} · {seeds_text}")
 
 
 def _grid_ended(results: list, failures: list, n_cells: int, wall: float, interrupted: int | None, output, dev,
@@ -420,7 +430,6 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
               bench table --metrics asr,acc,ra,der
     """
     from . import tables as tablemod
-    from ..engine.tracking import Tracker, TrackingError
 
     if len(run_ids) > 1 and not leaderboard:
         fail("several --run-id need --leaderboard (Table 1 is one grid's)")
@@ -428,14 +437,7 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         metrics = tablemod.check_metrics(tuple(m.strip() for m in metrics.split(",") if m.strip()))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics") from None
-    try:
-        tracker = Tracker(tracking_uri, experiment)
-        grids = [tracker.grid_results(run_id) for run_id in run_ids or [None]]
-    except TrackingError as exc:
-        fail(str(exc), running=True)
-    for parent, results in grids:
-        if not results:
-            fail(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet", running=True)
+    tracker, grids = _tracked_grids(tracking_uri, experiment, run_ids)
     parent, results = grids[0]
     if leaderboard:
         text = tablemod.render_leaderboard(tablemod.leaderboard([r for _, rs in grids for r in rs]), fmt)
@@ -465,6 +467,46 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         output.write_text(text)
     click.echo(text, nl=False)
     click.echo(f"run {parent.info.run_id} ({parent.info.run_name}), {len(results)} cell(s)", err=True)
+
+
+def _tracked_grids(tracking_uri, experiment, run_ids):
+    """(tracker, [(parent run, results)]) of the grids ``run_ids`` (default: the newest), each with
+    a finished cell: `bench table`'s and `bench report`'s one reader."""
+    from ..engine.tracking import Tracker, TrackingError
+
+    try:
+        tracker = Tracker(tracking_uri, experiment)
+        grids = [tracker.grid_results(run_id) for run_id in run_ids or [None]]
+    except TrackingError as exc:
+        fail(str(exc), running=True)
+    for parent, results in grids:
+        if not results:
+            fail(f"run {parent.info.run_id} ({parent.info.run_name}) has no finished cell yet", running=True)
+    return tracker, grids
+
+
+@main.command()
+@click.option("--run-id", "run_ids", multiple=True,
+              help="The parent run of a `bench run` (default: the newest in the experiment); several for one "
+                   "page over several grids.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+              show_default=True, help="The HTML file to write.")
+@tracking_options(timeout=False)
+def report(run_ids, output, tracking_uri, experiment):
+    """One self-contained HTML page of a tracked grid (or several): what ran, Table 1 in the paper's
+    layout, RA and DER, the leaderboard, each cell's figures. No server, no network: open it in any
+    browser, mail it, print it.
+
+    \b
+    Example:  bench report --output report.html
+    """
+    from . import report as reportmod
+
+    tracker, grids = _tracked_grids(tracking_uri, experiment, run_ids)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(reportmod.build(tracker, grids), encoding="utf-8")
+    click.echo(f"wrote {output}: {len(grids)} grid(s), {sum(len(r) for _, r in grids)} finished cell(s) "
+               f"({', '.join(p.info.run_id for p, _ in grids)})")
 
 
 LIST_KINDS = ("datasets", "models", "attacks", "defenses", "profile")

@@ -17,9 +17,7 @@ DEFAULT_STORE = "sqlite:///./nadbench.db"
 
 def fail(message: str, *, running: bool = False) -> NoReturn:
     """Stop the command: bad input (exit 2) or, with ``running``, a failure while running (exit 1)."""
-    if running:
-        raise click.ClickException(message)
-    raise click.UsageError(message, ctx=click.get_current_context(silent=True))
+    raise (click.ClickException if running else click.UsageError)(message)
 
 
 class Command(click.Command):
@@ -67,8 +65,7 @@ class Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
-            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
-            click.echo(f"Error: {exc.format_message()}{where}", err=True)
+            click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(2)
         except click.ClickException as exc:
             exc.show()

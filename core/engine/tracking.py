@@ -231,15 +231,17 @@ class Tracker:
                 parent = self.client.get_run(run_id)
             except Exception:  # noqa: BLE001 — MLflow raises its own exception types
                 raise TrackingError(f"no run {run_id!r} in {self.uri}") from None
-        children = self.client.search_runs([parent.info.experiment_id],
-                                           f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=50000,
-                                           order_by=["attributes.start_time ASC"])
         results = []
-        for c in children:
+        for c in self.children(parent):
             if "nadbench.result" in c.data.tags:  # results recorded before they named their profile: the run's
                 result = json.loads(c.data.tags["nadbench.result"])
                 results.append({"profile": c.data.params.get("profile.name"), **result})
         return parent, results
+
+    def children(self, parent) -> list:
+        """The cell runs of a grid's parent run, oldest first."""
+        return self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                       max_results=50000, order_by=["attributes.start_time ASC"])
 
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               tags: dict[str, str] | None = None) -> str:
