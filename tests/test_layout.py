@@ -14,14 +14,14 @@ RANK = {"contract": 0, "training": 1, "toolkit": 2, "engine": 2, "commands": 3}
 SIDE_BY_SIDE = {"toolkit", "engine"}
 
 
-def _module(file: Path) -> str:
-    parts = ["nadbench", *file.relative_to(CORE).with_suffix("").parts]
+def _module(file: Path, root: Path = CORE) -> str:
+    parts = ["nadbench", *file.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(file: Path):
+def _imports(file: Path, root: Path = CORE):
     """(line, absolute module) for every import in ``file`` that names a nadbench module."""
-    module = _module(file)
+    module = _module(file, root)
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(file.read_text())):
         if isinstance(node, ast.Import):
@@ -42,16 +42,16 @@ def _layer(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in RANK else None
 
 
-def wrong_way(files) -> list[str]:
+def wrong_way(files, root: Path = CORE) -> list[str]:
     found = []
     for file in files:
-        here = _layer(_module(file))
-        for line, target in _imports(file):
+        here = _layer(_module(file, root))
+        for line, target in _imports(file, root):
             there = _layer(target)
             if here is None or there is None or there == here:
                 continue
             if RANK[there] > RANK[here] or {here, there} == SIDE_BY_SIDE:
-                found.append(f"{file.relative_to(CORE)}:{line} ({here}) imports {target} ({there})")
+                found.append(f"{file.relative_to(root)}:{line} ({here}) imports {target} ({there})")
     return found
 
 
@@ -64,18 +64,15 @@ def test_core_is_in_its_layers_and_every_import_runs_down():
 
 
 def test_the_walk_finds_an_import_that_runs_up(tmp_path):
-    """The check itself: an engine module importing the commands, a lazy one inside a function, and
-    the toolkit importing the engine are each found."""
-    engine, toolkit = CORE / "engine" / "x.py", CORE / "toolkit" / "y.py"
-    bad = {engine: "def f():\n    from ..commands import tables\n",
-           toolkit: "from nadbench.engine.grid import Cell\n"}
-    try:
-        for file, text in bad.items():
-            file.write_text(text)
-        assert len(wrong_way(bad)) == 2
-    finally:
-        for file in bad:
-            file.unlink()
+    """The check itself, on a scratch tree laid out as core/ (never core/ itself, which other test
+    files read): an engine module importing the commands lazily inside a function, and the toolkit
+    importing the engine, are each found."""
+    engine, toolkit = tmp_path / "engine" / "x.py", tmp_path / "toolkit" / "y.py"
+    for file, text in {engine: "def f():\n    from ..commands import tables\n",
+                       toolkit: "from nadbench.engine.grid import Cell\n"}.items():
+        file.parent.mkdir()
+        file.write_text(text)
+    assert len(wrong_way([engine, toolkit], root=tmp_path)) == 2
 
 
 @pytest.mark.parametrize("old, new", [("nadbench.train", "nadbench.training.train"),
