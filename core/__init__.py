@@ -12,8 +12,8 @@ starts fast. The package's layers, each importing only those below it (``tests/t
 The engine and the toolkit sit side by side: neither imports the other.
 """
 from . import moved
-from .contract.api import (TARGET_MODES, Attack, AttackContext, DatasetSpec, Defended, Defense, DefenseContext,
-                           ModelSpec, Split)
+from .contract.api import (DETECTOR_LEVELS, TARGET_MODES, Attack, AttackContext, DatasetSpec, Defended, Defense,
+                           DefenseContext, Detection, DetectionContext, Detector, ModelSpec, Split)
 from .contract.config import ConfigError, param
 from .contract.hookspecs import hookimpl
 from .contract.sources import Deviation, Source
@@ -21,5 +21,5 @@ from .contract.sources import Deviation, Source
 moved.install()
 
 __version__ = "0.1.0"
-__all__ = ["TARGET_MODES", "Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
+__all__ = ["DETECTOR_LEVELS", "Detection", "DetectionContext", "Detector", "TARGET_MODES", "Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
            "ModelSpec", "Source", "Deviation", "Split", "hookimpl", "param"]

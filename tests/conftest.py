@@ -142,6 +142,30 @@ def record(request, effect_seed):
 
 
 # ------------------------------------------------------------------------------ toy registry
+def _tiny(num_classes):
+    """A network small enough that training it costs nothing: for tests of rules, not effects."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+    return Tiny()
+
+
+def _tiny_spec():
+    from nadbench import ModelSpec
+
+    return ModelSpec("tiny", _tiny, attention_layers=("bn",), classifier_layer="fc")
+
+
+TINY = _tiny_spec()
+
+
 def toy_split(n, seed):
     """``n`` random 32x32 images, labels 0..9 in turn: shapes only, nothing to learn."""
     import torch
@@ -154,13 +178,13 @@ def toy_split(n, seed):
 @pytest.fixture(scope="session")
 def toy_registry():
     """A factory: the installed plugins plus the dataset "toy" (64 training and 40 test images of
-    ``toy_split``) and the extra models / defenses given, registered as a third party would."""
+    ``toy_split``) and the extra models / defenses / detectors given, registered as a third party would."""
     import types
 
     from nadbench import DatasetSpec, hookimpl
     from nadbench.engine.registry import PluginInfo, Registry
 
-    def make(models=(), defenses=()):
+    def make(models=(), defenses=(), detectors=()):
         reg = Registry()
         reg.load_entrypoints()
         toy = DatasetSpec("toy", lambda root: (toy_split(64, 0), toy_split(40, 1)), 10,
@@ -169,6 +193,7 @@ def toy_registry():
         module.register_datasets = hookimpl(lambda register: register(toy))
         module.register_models = hookimpl(lambda register: [register(m) for m in models])
         module.register_defenses = hookimpl(lambda register: [register(d) for d in defenses])
+        module.register_detectors = hookimpl(lambda register: [register(d) for d in detectors])
         info = PluginInfo("toy", "toy_plugin", "toy-dist 0.1")
         reg.add_plugin(module, info)
         assert info.error is None, info.traceback
@@ -252,3 +277,55 @@ def ssba_prepared(effect_seed):
     attack.prepare(AttackContext(dataset=get_registry().dataset("cifar10"), train=train,
                                  device=torch.device("cpu"), seed=effect_seed, progress=False))
     return attack
+
+
+# ------------------------------------------------------------------------------ detection on the fixture
+@pytest.fixture(scope="session")
+def badnets_detection():
+    """What the detectors' effect tests share (tests/test_detectors*.py): the committed BadNets model
+    (``fixture_model("badnets")``) and the clean one, the BadNets poisoning those saw re-crafted from the
+    fixture's seed (the poison stage's generator over the same 20,000 training images), and:
+
+    - ``data``: a seeded 4,000 of those poisoned training rows, ``poisoned`` (bool) marking BadNets'
+      rows among them, ``clean``: the defender's clean share, 200 clean training images: 5 % of the
+      rows inspected, as a grid's share is of its training set (the engine mixes the share into what a
+      data detector inspects, so a larger one would dilute the poison there: AC's verdict turns on it);
+    - ``inputs``: 300 clean test images and 300 triggered ones (the ASR set: target-class images
+      excluded), shuffled together, ``triggered`` (bool) marking them;
+    - ``ctx``: the DetectionContext of a WRN-16-1 on CIFAR-10, seed 0."""
+    import json
+    import types
+
+    import torch
+
+    from nadbench import DetectionContext
+    from nadbench.engine.poisoning import seeded
+    from nadbench.engine.registry import get_registry
+    from nadbench.training.models import build, classifier_name
+    from nadbench.training.subsets import clean_subset, limit
+
+    registry = get_registry()
+    spec, arch = registry.dataset("cifar10"), registry.model("wrn-16-1")
+    meta = json.loads((FIXTURES / "fixtures.json").read_text())["models"]["badnets-wrn16-1.safetensors"]
+    attack = registry.attack("badnets")(registry.attack("badnets").Config(**json.loads(meta["attack.config"])))
+    attack.num_classes = spec.num_classes
+    full_train, full_test = spec.load(data_root())
+    train, test = limit(full_train, FIXTURE_TRAIN_LIMIT, seed=0), limit(full_test, 2000, seed=0)
+    poisoned, index = attack.poison_train(train, seeded(0, "poison"))
+    truth = torch.zeros(len(train), dtype=torch.bool)
+    truth[index] = True
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(3))[:4000].sort().values
+    triggered = attack.trigger_test(test)
+    g = torch.Generator().manual_seed(4)
+    clean_in = test.images[torch.randperm(len(test), generator=g)[:300]]
+    trig_in = triggered.images[torch.randperm(len(triggered), generator=g)[:300]]
+    order = torch.randperm(600, generator=g)
+    model = fixture_model("badnets")
+    built = build(arch, spec)
+    ctx = DetectionContext(device=torch.device("cpu"), num_classes=10, seed=0, arch="wrn-16-1",
+                           layers=tuple(arch.attention_layers), classifier_layer=classifier_name(built, arch),
+                           build_model=lambda name: build(registry.model(name), spec), progress=False)
+    return types.SimpleNamespace(
+        model=model, clean_model=fixture_model("clean"), attack=attack, data=poisoned.subset(rows),
+        poisoned=truth[rows], clean=clean_subset(train, 0.01, seed=0),
+        inputs=torch.cat([clean_in, trig_in])[order], triggered=(torch.arange(600) >= 300)[order], ctx=ctx)

@@ -24,7 +24,7 @@ def test_bad_set_values_are_usage_errors():
     res = _run("run", "--set", "nad.attention=max")
     assert res.exit_code == 2 and "nad.attention = 'max' is invalid: must be one of mean_p, sum_p, sum" in res.output
     res = _run("run", "--set", "foo.bar=1")
-    assert res.exit_code == 2 and "neither 'profile' nor an attack or defense" in res.output
+    assert res.exit_code == 2 and "neither 'profile' nor an attack, defense or detector" in res.output
     res = _run("run", "--set", "profile.epochs=0")
     assert res.exit_code == 2 and "profile.epochs = 0 is out of range" in res.output
     res = _run("run", "--profile", "slow")

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import toy_split
+from conftest import TINY, toy_split
 
-from nadbench import Attack, ConfigError, ModelSpec, hookimpl, param
+from nadbench import Attack, ConfigError, hookimpl, param
 from nadbench.toolkit.channels import prune_bn
 from nadbench.engine import Cell, Runner, check_grid, expand, profile
 from nadbench.training.evaluate import predict
@@ -33,18 +33,6 @@ TACT = ROOT / "tests" / "packages" / "nadbench-tact"
 CPU = torch.device("cpu")
 
 
-class _Tiny(nn.Module):
-    """A network small enough that training it costs nothing: these tests check rules, not effects."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-TINY = ModelSpec("tiny", _Tiny, attention_layers=("bn",), classifier_layer="fc")
 
 
 def _add(reg: Registry, name: str, **hooks) -> PluginInfo:

@@ -16,7 +16,6 @@ from ..engine import environment
 from .options import (Group, computing_options, fail, machine_options, model_output_option, profile_option,
                       seed_option, sets_option, tracking_options)
 
-KIND_OF_OPTION = {"datasets": "datasets", "attacks": "attacks", "defenses": "defenses", "models": "models"}
 
 
 def run_settings(device: str, precision: str, compile_: bool, threads: int | None, **more):
@@ -64,7 +63,7 @@ class NameList(click.ParamType):
                 registry.get(self.kind, part)  # plain or dist:name; ambiguous names are errors
             except PluginError as exc:
                 message = str(exc)
-                if self.kind in ("attacks", "defenses") and message.startswith("unknown"):
+                if self.kind in ("attacks", "defenses", "detectors") and message.startswith("unknown"):
                     message = message.replace(f"valid {self.kind}: {', '.join(valid)}",
                                               f"valid {self.kind}: {', '.join(valid)}, all")
                 self.fail(message, param, ctx)
@@ -133,11 +132,11 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
 
     prof, plugins = {}, {}
     # By plugin name, and a variant (NAME@bb@all2all) also by each spelling its --set reaches it by.
-    in_grid = {kind: {registry.get(kind, n).name for n in grid[kind]}
-               | {a for n in grid[kind] if "@" in n
+    in_grid = {kind: {registry.get(kind, n).name for n in grid.get(kind, [])}
+               | {a for n in grid.get(kind, []) if "@" in n
                   for a in addressing(registry.get(kind, n).name, n.split("@")[1:])}
-               for kind in ("attacks", "defenses")}
-    valid = sorted(in_grid["attacks"] | in_grid["defenses"])
+               for kind in KIND_PREFIX}
+    valid = sorted(set().union(*in_grid.values()))
     for item in sets:
         key, eq, value = item.partition("=")
         owner, dot, field = key.strip().partition(".")
@@ -155,14 +154,16 @@ def _parse_sets(sets: tuple[str, ...], registry, grid: dict[str, list[str]]) -> 
             prof[field] = value
         elif len(kinds) == 1 and owner in in_grid[kinds[0]]:
             plugins.setdefault(f"{KIND_PREFIX[kinds[0]]}.{owner}", {})[field] = value
-        elif len(kinds) == 2:
-            raise click.BadParameter(f"{item!r}: {owner!r} is both an attack and a defense of this grid; write "
-                                     f"attack.{owner}.{field}={value} or defense.{owner}.{field}={value}",
+        elif len(kinds) >= 2:
+            spelled = " or ".join(f"{KIND_PREFIX[k]}.{owner}.{field}={value}" for k in kinds)
+            kinds_of = " and ".join({"attacks": "an attack", "defenses": "a defense", "detectors": "a detector"}[k]
+                                    for k in kinds)
+            raise click.BadParameter(f"{item!r}: {owner!r} is both {kinds_of} of this grid; write {spelled}",
                                      param_hint="--set")
         else:
-            known = set(registry.names("attacks")) | set(registry.names("defenses"))
-            why = ("is not in this grid (add it to --attacks/--defenses, or drop the --set)" if owner in known
-                   else "is neither 'profile' nor an attack or defense")
+            known = set().union(*(registry.names(k) for k in KIND_PREFIX))
+            why = ("is not in this grid (add it to --attacks/--defenses/--detectors, or drop the --set)"
+                   if owner in known else "is neither 'profile' nor an attack, defense or detector")
             raise click.BadParameter(f"{item!r}: {owner!r} {why}; valid here: profile, "
                                      f"{', '.join(valid)}", param_hint="--set")
     return prof, plugins
@@ -176,7 +177,7 @@ def main():
 
 
 def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares,
-          profile_name, sets, device):
+          profile_name, sets, device, detectors=()):
     """`bench run`'s profile, --set overrides, cells and device, every config and pair checked before
     anything trains: a usage error otherwise."""
     from ..contract.config import ConfigError
@@ -184,7 +185,8 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
     from ..engine.registry import PluginError
 
     try:
-        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses})
+        prof_over, plugin_over = _parse_sets(sets, registry, {"attacks": attacks, "defenses": defenses,
+                                                              "detectors": detectors})
         prof = profile(profile_name, prof_over)
         dev = resolve_device(device)
         if teachers and not any(registry.defense(d).uses_teacher for d in defenses):
@@ -193,7 +195,8 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
                               f"and none of {', '.join(defenses)} does: add one to --defenses or drop --teachers")
         picked = getattr(attacks, "picked_by_all", ())
         cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
-                       tuple(teacher_sources.split(",")), clean_shares, picked)
+                       tuple(teacher_sources.split(",")), clean_shares, picked, detectors)
+        cells = _detectable(registry, cells, plugin_over, prof)
         for name in picked:
             only = registry.attack(name).all_datasets
             if only and set(datasets) - set(only):
@@ -208,8 +211,26 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
     return prof, plugin_over, cells, dev
 
 
+def _detectable(registry, cells, overrides, prof):
+    """``cells`` less the data detectors' cells on attacks that control training (their poisoning is no
+    stored set of rows to inspect), each pair skipped with a note."""
+    from ..engine.plan import configured
+
+    kept, skipped = [], {}
+    for cell in cells:
+        if cell.detector and registry.detector(cell.detector).level == "data" and \
+                configured(registry, "attacks", cell.attack, overrides, prof).controls_training:
+            skipped.setdefault(cell.attack, set()).add(cell.detector)
+            continue
+        kept.append(cell)
+    for attack, detectors in skipped.items():
+        click.echo(f"note: skipped {', '.join(sorted(detectors))} on {attack}: {attack} runs the training of its "
+                   "model (its poisoning is no set of training rows a data detector could inspect)", err=True)
+    return kept
+
+
 RUN_SECTIONS = {
-    "The grid": ("datasets", "attacks", "defenses", "students", "teachers", "teacher_sources", "seeds",
+    "The grid": ("datasets", "attacks", "defenses", "detectors", "fpr", "students", "teachers", "teacher_sources", "seeds",
                  "clean_shares", "profile_name", "sets", "clean_reference", "reactivation"),
     "Training": ("device", "data_root", "precision", "compile_", "threads", "fused", "fused_max"),
     "Execution": ("executor", "workers", "cells_per_gpu", "ray_address", "rerun", "stale_after", "progress"),
@@ -223,8 +244,16 @@ RUN_SECTIONS = {
               help="Comma-separated datasets.")
 @click.option("--attacks", type=NameList("attacks"), default="badnets", show_default=True,
               help="Comma-separated attacks, or 'all'; a variant as NAME@bb, NAME@all2all, NAME@bb@all2all.")
-@click.option("--defenses", type=NameList("defenses"), default="nad", show_default=True,
-              help="Comma-separated defenses, or 'all'; a variant as NAME@bb.")
+@click.option("--defenses", type=NameList("defenses"), default=None,
+              help="Comma-separated defenses, or 'all'; a variant as NAME@bb.  [default: nad, or none with "
+                   "--detectors]")
+@click.option("--detectors", type=NameList("detectors"), default=None,
+              help="Comma-separated detectors, or 'all' (`bench list detectors`): a detection cell per dataset, "
+                   "attack, model and seed, on its poisoned training set (data level) or its backdoored model's "
+                   "inputs (input level).")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Detectors that only score are given a decision: flag what scores above this false-positive "
+                   "rate's threshold on the clean share; also the FPR at which TPR is reported.")
 @click.option("--models", "students", type=NameList("models"), default="wrn-16-1", show_default=True,
               help="Student (backdoored) architectures (`bench list models`).")
 @click.option("--teachers", type=NameList("models"), default=None,
@@ -268,13 +297,15 @@ RUN_SECTIONS = {
                    "networks are launch-bound). Attacks that control training train alone.")
 @click.option("--fused-max", type=click.IntRange(min=1), default=14, show_default=True, envvar="NADBENCH_FUSED_MAX",
               show_envvar=True, help="The most models --fused stacks into one; a larger group trains in chunks.")
-def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds, clean_shares, profile_name, sets, device,
-        data_root, tracking_uri, experiment, output, clean_reference, reactivation, tracking_timeout, rerun, workers,
-        cells_per_gpu, executor, ray_address, stale_after, fused, fused_max, progress, precision, compile_, threads):
+def run(datasets, attacks, defenses, detectors, fpr, students, teachers, teacher_sources, seeds, clean_shares,
+        profile_name, sets, device, data_root, tracking_uri, experiment, output, clean_reference, reactivation,
+        tracking_timeout, rerun, workers, cells_per_gpu, executor, ray_address, stale_after, fused, fused_max, progress,
+        precision, compile_, threads):
     """Run the grid datasets x attacks x defenses x models x seeds; log every cell to MLflow.
 
     \b
     Example:  bench run --attacks all --defenses nad
+              bench run --attacks badnets,blend --detectors spectral,strip
     Running the same command again skips the cells already recorded as finished (see --rerun).
     Ctrl-C or SIGTERM ends the current cell (its run KILLED), writes --output with what finished,
     and exits 130 (SIGINT) or 143 (SIGTERM).
@@ -285,24 +316,19 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     from ..contract.config import ConfigError
     from ..engine.runner import Runner, run_grid
     from .tables import log_grid
-    from ..engine.tracking import Tracker, TrackingError
 
     registry = _registry()
     for line in registry.problems():  # e.g. a third-party package that claimed a built-in's name
         click.secho(f"warning: {line}", fg="yellow", err=True)
+    detectors = detectors or []
+    defenses = defenses if defenses is not None else ([] if detectors else ["nad"])
     prof, plugin_over, cells, dev = _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sources,
-                                          seeds, clean_shares, profile_name, sets, device)
-    try:
-        tracker = Tracker(tracking_uri, experiment, timeout=tracking_timeout)
-        for run_id in tracker.reap(stale_after):
-            click.echo(f"marked run {run_id} KILLED: its process is gone (tag nadbench.end_reason says how "
-                       "that was told)", err=True)
-    except TrackingError as exc:
-        fail(str(exc), running=True)
+                                          seeds, clean_shares, profile_name, sets, device, detectors)
+    tracker = _grid_tracker(tracking_uri, experiment, tracking_timeout, stale_after)
     settings = run_settings(str(dev), precision, compile_, threads, fused=fused, fused_max=fused_max)
     runner = Runner(registry, prof, settings=settings, data_root=data_root, overrides=plugin_over,
                     tracker=tracker, progress=progress, clean_reference=clean_reference, rerun=rerun,
-                    reactivation=reactivation)
+                    reactivation=reactivation, fpr=fpr)
     try:
         pool = executors.make(executor, workers, device=dev.type, threads=threads, cells_per_gpu=cells_per_gpu,
                               ray_address=ray_address)
@@ -311,22 +337,35 @@ def run(datasets, attacks, defenses, students, teachers, teacher_sources, seeds,
     where = pool.describe if pool else "in-process"
     click.echo(f"{len(cells)} cell(s) on {dev} ({where}), profile {prof.name}; tracking to {tracker.uri}", err=True)
     start = time.perf_counter()
-    params = {"grid.datasets": ",".join(datasets), "grid.attacks": ",".join(attacks),
-              "grid.defenses": ",".join(defenses), "grid.students": ",".join(students),
-              "grid.teachers": ",".join(teachers or students), "grid.teacher_sources": teacher_sources,
-              "grid.seeds": ",".join(map(str, seeds)),
-              "grid.clean_shares": ",".join(map(str, clean_shares or [prof.clean_share])), "executor": where, "threads": threads or "default",
-              "numerics": runner.keys.numerics,
-              "profile": prof.name, "device": str(dev), "command": _command()}
+    grid = {"datasets": datasets, "attacks": attacks, "defenses": defenses, "detectors": detectors, "fpr": [fpr],
+            "students": students, "teachers": teachers or students, "teacher_sources": [teacher_sources],
+            "seeds": seeds, "clean_shares": clean_shares or [prof.clean_share]}
+    params = {**{f"grid.{k}": ",".join(map(str, v)) for k, v in grid.items()}, "executor": where,
+              "threads": threads or "default", "numerics": runner.keys.numerics, "profile": prof.name,
+              "device": str(dev), "command": _command()}
     results, failures = [], []
     interrupted = None
     with _terminate_as_interrupt() as signalled:
         try:
-            run_grid(runner, cells, name=grid_name(prof.name, datasets, attacks, defenses, seeds), params=params,
-                     results=results, failures=failures, executor=pool, summarise=log_grid)
+            run_grid(runner, cells, name=grid_name(prof.name, datasets, attacks, [*defenses, *detectors], seeds),
+                     params=params, results=results, failures=failures, executor=pool, summarise=log_grid)
         except KeyboardInterrupt:
             interrupted = 128 + (signalled[0] if signalled else signal.SIGINT)
     _grid_ended(results, failures, len(cells), time.perf_counter() - start, interrupted, output, dev, prof)
+
+
+def _grid_tracker(tracking_uri, experiment, timeout: float, stale_after: float):
+    """`bench run`'s tracker, checked reachable, with the runs of processes that are gone marked KILLED."""
+    from ..engine.tracking import Tracker, TrackingError
+
+    try:
+        tracker = Tracker(tracking_uri, experiment, timeout=timeout)
+        for run_id in tracker.reap(stale_after):
+            click.echo(f"marked run {run_id} KILLED: its process is gone (tag nadbench.end_reason says how "
+                       "that was told)", err=True)
+    except TrackingError as exc:
+        fail(str(exc), running=True)
+    return tracker
 
 
 def grid_name(profile_name: str, datasets, attacks, defenses, seeds) -> str:
@@ -385,6 +424,14 @@ def _command() -> str:
 
 def _table(results: list[dict]) -> str:
     from ..engine.grid import Cell
+    from . import detections as detmod
+    from .tables import repairs
+
+    found = detmod.detections(results)
+    text = detmod.render(detmod.build(found), "text", found[0].get("fpr_target", 0.05)) if found else ""
+    results = repairs(results)
+    if not results:
+        return text.rstrip("\n")
 
     rows = [("cell", "clean ACC", "ACC before", "ASR before", "RA before", "ACC after", "ASR after", "RA after",
              "DER", "defense s", "")]
@@ -397,8 +444,8 @@ def _table(results: list[dict]) -> str:
                      *(pct(r["after"], k) for k in ("acc", "asr", "ra", "der")),
                      f"{r['time_defense_s']:.0f}", "(recorded before)" if r.get("reused_from") else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
-                     for row in rows)
+    return text + "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+                            for row in rows)
 
 
 @main.command()
@@ -415,30 +462,43 @@ def _table(results: list[dict]) -> str:
 @click.option("--paired", default=None, metavar="A,B",
               help="Also compare defense A with B on the same backdoored models (paired by seed): mean "
                    "difference of ASR and ACC and twice its standard error, e.g. nad,finetune.")
-@click.option("--metrics", default="asr,acc", show_default=True, metavar="M,...",
+@click.option("--metrics", default=None, metavar="M,...",
               help="What each cell shows, of asr, acc, ra (robust accuracy: triggered images classified as "
                    "their true label), der (defense effectiveness rating, after a defense only) and an attack's "
-                   "own evaluations, attack.NAME (e.g. attack.cover).")
+                   "own evaluations, attack.NAME (e.g. attack.cover); with --detectors, of auroc, tpr, precision, "
+                   "recall, f1, fpr.  [default: asr,acc; auroc,tpr with --detectors]")
+@click.option("--detectors", "detectors_table", is_flag=True,
+              help="The detectors' table instead: AUROC and TPR per attack and detector (with --leaderboard: the "
+                   "detectors ranked by AUROC).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file.")
 @tracking_options(timeout=False)
-def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_uri, experiment):
+def table(run_ids, fmt, paper, leaderboard, paired, metrics, detectors_table, output, tracking_uri, experiment):
     """Table 1 from the tracked runs of a `bench run`: ASR / ACC per attack and defense (or the
     --metrics chosen), mean ± std over seeds, with an average and a deviation row.
 
     \b
     Example:  bench table --paper --format markdown --output table1.md
               bench table --metrics asr,acc,ra,der
+              bench table --detectors
     """
+    from . import detections as detmod
     from . import tables as tablemod
 
     if len(run_ids) > 1 and not leaderboard:
         fail("several --run-id need --leaderboard (Table 1 is one grid's)")
+    checker = detmod.check_metrics if detectors_table else tablemod.check_metrics
     try:  # before the store is read: a typo is named before anything about the runs
-        metrics = tablemod.check_metrics(tuple(m.strip() for m in metrics.split(",") if m.strip()))
+        default = detmod.METRICS if detectors_table else tablemod.METRICS
+        metrics = checker(tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else default)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics") from None
     tracker, grids = _tracked_grids(tracking_uri, experiment, run_ids)
     parent, results = grids[0]
+    if detectors_table:
+        _detection_table(grids, leaderboard, metrics, fmt, output)
+        return
+    if not tablemod.repairs(results):
+        fail(f"run {parent.info.run_id} ({parent.info.run_name}) has detection cells only: bench table --detectors")
     if leaderboard:
         text = tablemod.render_leaderboard(tablemod.leaderboard([r for _, rs in grids for r in rs]), fmt)
         if output:
@@ -467,6 +527,24 @@ def table(run_ids, fmt, paper, leaderboard, paired, metrics, output, tracking_ur
         output.write_text(text)
     click.echo(text, nl=False)
     click.echo(f"run {parent.info.run_id} ({parent.info.run_name}), {len(results)} cell(s)", err=True)
+
+
+def _detection_table(grids, leaderboard: bool, metrics, fmt: str, output) -> None:
+    """`bench table --detectors`: the detection table of one grid, or the detectors' leaderboard."""
+    from . import detections as detmod
+
+    results = [r for _, rs in grids for r in rs]
+    found = detmod.detections(results)
+    if not found:
+        fail(f"no detection cell in run(s) {', '.join(p.info.run_id for p, _ in grids)}: run a grid with "
+             "--detectors (e.g. bench run --detectors spectral,strip)")
+    text = (detmod.render_leaderboard(detmod.leaderboard(found), fmt) if leaderboard else
+            detmod.render(detmod.build(found, metrics), fmt, found[0].get("fpr_target", 0.05)))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    click.echo(text, nl=False)
+    click.echo(f"{len(grids)} run(s), {len(found)} detection cell(s)", err=True)
 
 
 def _tracked_grids(tracking_uri, experiment, run_ids):
@@ -509,15 +587,16 @@ def report(run_ids, output, tracking_uri, experiment):
                f"({', '.join(p.info.run_id for p, _ in grids)})")
 
 
-LIST_KINDS = ("datasets", "models", "attacks", "defenses", "profile")
+LIST_KINDS = ("datasets", "models", "attacks", "defenses", "detectors", "profile")
+METHOD_KINDS = ("attacks", "defenses", "detectors")
 
 
 @main.command("list")
 @click.argument("what", required=False, metavar=f"[{'|'.join(LIST_KINDS)}|NAME]")
 def list_(what):
-    """List the registered datasets, models, attacks and defenses (providers, config fields), and
-    the fields of the profiles. NAME (an attack or defense, or any item) shows that one with its
-    sources and its deviations from them."""
+    """List the registered datasets, models, attacks, defenses and detectors (providers, config
+    fields), and the fields of the profiles. NAME (an attack, defense or detector, or any item) shows
+    that one with its sources and its deviations from them."""
     if what == "profile":
         _list_profiles()
         return
@@ -526,9 +605,9 @@ def list_(what):
         from ..engine.registry import PluginError
 
         try:  # a variant (sig@bb) as its method, or an error naming the method's valid variants
-            found = [(k, registry.get(k, what)) for k in ("attacks", "defenses", "models", "datasets")
+            found = [(k, registry.get(k, what)) for k in ("attacks", "defenses", "detectors", "models", "datasets")
                      if what in registry.items[k] or what in registry.qualified[k]
-                     or ("@" in what and k in ("attacks", "defenses") and what.split("@")[0] in registry.items[k])]
+                     or ("@" in what and k in METHOD_KINDS and what.split("@")[0] in registry.items[k])]
         except PluginError as exc:
             fail(str(exc))
         if not found:
@@ -537,7 +616,7 @@ def list_(what):
             click.secho(k[:-1], bold=True)
             _list_item(k, what, item, sources=True)
     else:
-        for k in [what] if what else ["datasets", "models", "attacks", "defenses"]:
+        for k in [what] if what else ["datasets", "models", "attacks", "defenses", "detectors"]:
             click.secho(k, bold=True)
             for name in registry.names(k) + sorted(n for n in registry.qualified[k]
                                                    if n.split(":", 1)[1] in registry.ambiguous[k]):
@@ -553,24 +632,27 @@ def _list_item(k: str, name: str, item, sources: bool = False) -> None:
     from ..contract.sources import describe as describe_sources
 
     click.echo(f"  {name:<28} {item.description}  [{item.provider}]")
-    if sources and k in ("attacks", "defenses"):
+    if k == "detectors":
+        click.echo(f"      level: {item.level}" + (" (reads the model trained on the set)" if item.level == "data"
+                                                    and item.uses_model else ""))
+    if sources and k in METHOD_KINDS:
         for line in describe_sources(item) or ["no sources declared"]:
             click.echo(f"      {line}")
     if k == "models" and item.attention_layers:
         click.echo(f"      attention layers: {', '.join(item.attention_layers)}")
     if k == "datasets":
         click.echo(f"      {item.num_classes} classes, {item.image_size}x{item.image_size}")
-    variants = variants_of(item) if k in ("attacks", "defenses") else ()
+    variants = variants_of(item) if k in METHOD_KINDS else ()
     if variants:
         click.echo(f"      variants: {', '.join(f'{item.name}@{v}' for v in variants)}"
                    + (f" (combined: {spelling(item.name, variants)})" if len(variants) > 1 else ""))
-    for variant, values in (item.variant_defaults.items() if k in ("attacks", "defenses") else ()):
+    for variant, values in (item.variant_defaults.items() if k in METHOD_KINDS else ()):
         click.echo(f"      {item.name}@{variant} starts from: " + ", ".join(
             f"{f}={v}" if not isinstance(v, dict) else
             f"{f}=" + " / ".join(f"{pv} on {pn}" for pn, pv in v.items()) for f, v in values.items()))
     if k == "attacks" and item.all_datasets:
         click.echo(f"      --attacks all runs it on: {', '.join(item.all_datasets)}")
-    if k in ("attacks", "defenses"):
+    if k in METHOD_KINDS:
         by_profile = {n: profile_values(item, p) for n, p in PROFILES.items()}
         for field, default, help_ in describe(item.Config):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
@@ -778,6 +860,122 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
     except TrackingError as exc:
         fail(str(exc), running=True)
     _echo_report(report, defense_name, output)
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(path_type=Path), required=False)
+@click.option("--detector", "detector_name", required=True, help="A registered detector (`bench list detectors`).")
+@click.option("--model", "arch", default=None,
+              help="MODEL_FILE's registered architecture (`bench list models`); with MODEL_FILE.")
+@click.option("--data", "data_given", default=None, metavar="DATA",
+              help="A training set to inspect (data-level detectors): an ImageFolder folder or archive, or a "
+                   "registered dataset as NAME[:SHARE]; MODEL_FILE is then the model trained on it, where the "
+                   "detector reads one.")
+@click.option("--inputs", "inputs_given", default=None, metavar="DATA",
+              help="Inputs to screen (input-level detectors): a folder or archive of images (class folders "
+                   "optional; labels are not read), for the model MODEL_FILE.")
+@click.option("--clean", "clean_data", required=True, metavar="DATA",
+              help="Your clean data (folder, archive or NAME:SHARE, e.g. cifar10:0.05): what the detector may "
+                   "trust, and where the threshold of a detector that only scores is drawn.")
+@sets_option("Override the detector's config: strip.overlays=50.")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="A detector that only scores flags what scores above this false-positive rate's threshold on "
+                   "your clean data.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("scores.csv"),
+              show_default=True, help="The scores (CSV: file, score, flagged); the flagged files, the report and "
+                                      "the histogram go beside it (.flagged.txt, .report.json, .scores.png).")
+@click.option("--mean", default=None, help="Input normalisation mean of a bare state dict, e.g. 0.49,0.48,0.45.")
+@click.option("--std", default=None, help="Input normalisation std of a bare state dict.")
+@click.option("--normalize", default=None, metavar="DATASET", help="Take mean/std from a registered dataset.")
+@click.option("--image-size", type=int, default=None,
+              help="Resize folder images to this size (default: the named dataset's, else 32).")
+@seed_option
+@machine_options
+@computing_options
+def detect(model_file, detector_name, arch, data_given, inputs_given, clean_data, sets, fpr, output, mean, std,
+           normalize, image_size, seed, device, data_root, progress, precision, compile_, threads):
+    """Score a training set you were handed (--data) for poisoned images, or inputs (--inputs) for a
+    trigger, with a detector and your clean data; write a score per file and the files it flags.
+
+    \b
+    Example:  bench detect --detector spectral --data handed-train/ backdoored.safetensors --model wrn-16-1 \\
+                --clean cifar10:0.05
+              bench detect --detector strip --inputs incoming/ backdoored.safetensors --model wrn-16-1 \\
+                --clean cifar10:0.02
+    """
+    from ..contract.config import ConfigError
+    from ..engine.plan import config_values
+    from ..engine.registry import PluginError
+    from ..engine.runner import resolve_device
+    from ..training.data import DataError
+    from ..training.settings import use
+    from .screening import detect_files
+    from .userfiles import HandoverError, read_safetensors
+
+    registry = _registry()
+    try:
+        detector_cls = registry.detector(detector_name)
+        given = {"--data": data_given, "--inputs": inputs_given}
+        wanted = "--data" if detector_cls.level == "data" else "--inputs"
+        if not given[wanted] or any(v for k, v in given.items() if k != wanted):
+            fail(f"{detector_name} is {'a data' if wanted == '--data' else 'an input'}-level detector: give {wanted} "
+                 f"(and not {'--inputs' if wanted == '--data' else '--data'})")
+        if model_file is not None:
+            read_safetensors(model_file)  # refuse pickles and broken files before anything else
+            if not arch:
+                fail("MODEL_FILE needs --model ARCH, its registered architecture (`bench list models`)")
+            registry.model(arch)
+        detector_name = registry.canonical("detectors", detector_name)
+        _, plugin_over = _parse_sets(sets, registry, {"detectors": [detector_name]})
+        _, overrides = config_values(registry, "detectors", detector_name, plugin_over)
+        detector_cls.from_overrides(overrides)
+        mean_v, std_v = _normalisation(registry, normalize, mean, std)
+        dev = resolve_device(device)
+        looked_at, names, clean = _detect_data(registry, wanted, given[wanted], clean_data, image_size, seed, data_root)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        with use(run_settings(str(dev), precision, compile_, threads)):
+            report = detect_files(registry, detector_name=detector_name, overrides=overrides, clean=clean, names=names,
+                                  data=looked_at if wanted == "--data" else None,
+                                  inputs=looked_at if wanted == "--inputs" else None, model_path=model_file,
+                                  arch=arch or "", mean=mean_v, std=std_v, seed=seed, device=dev, fpr=fpr, out=output,
+                                  progress=progress)
+    except (HandoverError, ConfigError, PluginError, DataError) as exc:
+        fail(str(exc))
+    click.echo(f"{detector_name} ({report['level']} level) scored {report['n_inspected']} file(s) of "
+               f"{report['inspected']}; flagged {report['n_flagged']} ({report['decision']})")
+    click.echo(f"wrote {report['scores']}, {report['flagged']}, {output.with_suffix('.report.json')}, "
+               f"{report['figure']}")
+
+
+def _detect_data(registry, wanted: str, where: str, clean_data: str, image_size, seed: int, data_root):
+    """`bench detect`'s data: what is inspected (first: a missing folder is named before the clean data
+    loads), each file's name, and the clean data."""
+    from .practitioner import load_user_data
+    from .userfiles import image_names
+
+    size = image_size or next((registry.dataset(d.partition(":")[0]).image_size for d in (clean_data, where)
+                               if d and d.partition(":")[0] in registry.names("datasets")), None)
+    if wanted == "--data":
+        looked_at = load_user_data(registry, where, train=True, image_size=size, seed=seed, data_root=data_root)
+    else:
+        looked_at = _inputs(where, size or 32)
+    names = (image_names(where, flat=wanted == "--inputs") if Path(where).exists()
+             else [f"{where}#{i}" for i in range(len(looked_at.split))])
+    clean = load_user_data(registry, clean_data, train=True, image_size=size, seed=seed, data_root=data_root)
+    return looked_at, names, clean
+
+
+def _inputs(where: str, size: int):
+    """Inputs to screen: a folder or archive of images, in class folders or not (labels unused)."""
+    from .practitioner import UserData
+    from .userfiles import load_image_folder
+
+    split, _, resized = load_image_folder(where, size, flat=True)
+    note = f"resized {resized} of {len(split)} images to {size}x{size}" if resized else ""
+    return UserData(split, int(split.labels.max()) + 1 if len(split) else 0, where, note)
 
 
 def _normalisation(registry, normalize: str | None, mean: str | None, std: str | None):

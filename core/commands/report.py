@@ -15,11 +15,12 @@ import re
 import tempfile
 from pathlib import Path
 
-from . import tables
+from . import detections, tables
 
 # The figures a cell's run holds (engine/record.py), shown behind its <details>.
-CELL_FIGURES = ("attention", "samples", "defense")
+CELL_FIGURES = ("attention", "samples", "defense", "detector")
 WHAT_RAN = (("datasets", "grid.datasets"), ("attacks", "grid.attacks"), ("defenses", "grid.defenses"),
+            ("detectors", "grid.detectors"),
             ("students", "grid.students"), ("teachers", "grid.teachers"), ("seeds", "grid.seeds"),
             ("clean shares", "grid.clean_shares"), ("profile", "profile"), ("device", "device"),
             ("numerics", "numerics"), ("command", "command"))
@@ -128,6 +129,8 @@ def _cells(tracker, children, scratch: Path) -> str:
         result = json.loads(run.data.tags.get("nadbench.result", "{}"))  # what `bench table` reads
         numbers = ", ".join(f"{phase} {k.upper()} {100 * result[phase][k]:.2f}" for phase in ("before", "after")
                             for k in ("asr", "acc") if k in result.get(phase, {}))
+        if result.get("kind") == "detection":
+            numbers = ", ".join(f"{k.upper()} {100 * result['detection'][k]:.2f}" for k in ("auroc", "tpr", "f1"))
         figures = "".join(f"<p>{image}</p>" for image in _cell_figures(tracker, run, scratch))
         out.append(f"<details><summary>{name}: {numbers}</summary>{figures or '<p>no figures</p>'}</details>")
     return "\n".join(out)
@@ -145,16 +148,25 @@ def build(tracker, grids: list[tuple]) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         for parent, results in grids:
             title, children = parent.info.run_name or parent.info.run_id, tracker.children(parent)
-            t = tables.build(results, paper=True)
-            parts += [f"<h2>{html.escape(title)}</h2>", "<h3>What ran</h3>", _what_ran(parent, children),
-                      "<h3>Table 1</h3>", markdown_to_html(tables.render(t, "markdown")), _figure(
-                          tables.figure(t, title), "Table 1 as bars"),
-                      "<h3>Robust accuracy and DER</h3>",
-                      markdown_to_html(tables.render(tables.build(results, metrics=("ra", "der")), "markdown")),
-                      "<h3>Cells</h3>", _cells(tracker, children, Path(scratch))]
-    board = tables.leaderboard([r for _, rs in grids for r in rs])
-    parts += ["<h2>Leaderboard</h2>", markdown_to_html(tables.render_leaderboard(board, "markdown")),
-              _figure(tables.leaderboard_figure(board, "leaderboard"), "the leaderboard as bars")]
+            parts += [f"<h2>{html.escape(title)}</h2>", "<h3>What ran</h3>", _what_ran(parent, children)]
+            if tables.repairs(results):
+                t = tables.build(results, paper=True)
+                parts += ["<h3>Table 1</h3>", markdown_to_html(tables.render(t, "markdown")),
+                          _figure(tables.figure(t, title), "Table 1 as bars"), "<h3>Robust accuracy and DER</h3>",
+                          markdown_to_html(tables.render(tables.build(results, metrics=("ra", "der")), "markdown"))]
+            found = detections.detections(results)
+            if found:
+                parts += ["<h3>Detection</h3>", markdown_to_html(detections.render(
+                    detections.build(found), "markdown", found[0].get("fpr_target", 0.05)))]
+            parts += ["<h3>Cells</h3>", _cells(tracker, children, Path(scratch))]
+    everything = [r for _, rs in grids for r in rs]
+    board = tables.leaderboard(everything)
+    if board:
+        parts += ["<h2>Leaderboard</h2>", markdown_to_html(tables.render_leaderboard(board, "markdown")),
+                  _figure(tables.leaderboard_figure(board, "leaderboard"), "the leaderboard as bars")]
+    if detections.detections(everything):
+        parts += ["<h2>Detectors</h2>", markdown_to_html(detections.render_leaderboard(
+            detections.leaderboard(everything), "markdown"))]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>nadbench report</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts)
             + f"\n<script>{SORT_SCRIPT}</script></body></html>\n")

@@ -107,6 +107,12 @@ class Table:
         return out
 
 
+def repairs(results: list[dict]) -> list[dict]:
+    """The finished defense cells of ``results`` (a grid's detection cells have tables of their own:
+    ``nadbench.commands.detections``)."""
+    return [r for r in results if r.get("status", "FINISHED") == "FINISHED" and r.get("kind") != "detection"]
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -128,7 +134,7 @@ def build(results: list[dict], paper: bool = False, metrics: tuple[str, ...] = M
     check_metrics(metrics)
     from ..engine.grid import Cell
 
-    cells = [(Cell(**r["cell"]), r) for r in results if r.get("status", "FINISHED") == "FINISHED"]
+    cells = [(Cell(**r["cell"]), r) for r in repairs(results)]
     taught = [c for c, _ in cells if c.teacher_source]  # cells of defenses that use a teacher
     axes = [(f, h) for f, h in AXES
             if len({_axis(c, f) for c in (taught if f in TEACHER_AXES else [c for c, _ in cells])}) > 1]
@@ -379,7 +385,7 @@ def leaderboard(results: list[dict]) -> list[dict]:
     check ran, the ASR it regained and the clean model's after the same retuning. A defense is
     grouped by name, profile and configuration: cells of different profiles or configurations are
     never pooled (they get entries of their own, "nad [paper]", "nad #2")."""
-    cells = [r for r in results if r.get("status", "FINISHED") == "FINISHED"]
+    cells = repairs(results)
 
     def group(r):  # results recorded before they carried profile and config group by name alone
         return r["cell"]["defense"], r.get("profile"), json.dumps(r.get("defense_config"), sort_keys=True)
@@ -484,7 +490,16 @@ def log_grid(tracker, run_id: str, results: list[dict], title: str) -> None:
     """Table 1 of a grid on its parent run: Markdown (also the run's description, which the MLflow
     UI's Overview page renders), JSON and a bar chart of ASR and ACC with error bars; the defenses'
     leaderboard (Markdown, JSON, a chart of DER) and its summary metrics per defense (``nad.der``,
-    ``nad.after.asr``, ...), so that the runs list compares grids without expanding them."""
+    ``nad.after.asr``, ...), so that the runs list compares grids without expanding them. A grid's
+    detection cells get the detection table and the detectors' leaderboard
+    (:func:`nadbench.commands.detections.log_detections`)."""
+    from . import detections
+
+    found = detections.detections(results)
+    if found:
+        detections.log_detections(tracker, run_id, found, found[0].get("fpr_target", 0.05))
+    if not repairs(results):
+        return
     t = build(results)
     markdown = render(t, "markdown")
     tracker.tag(run_id, "mlflow.note.content", f"## {title}\n\n{markdown}")

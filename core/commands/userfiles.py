@@ -168,19 +168,10 @@ def _image_entries(path: Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
 TARGETS_FILE = "targets.csv"  # beside the class folders: "file,target" per image (`bench attack`)
 
 
-def load_image_folder(path: str | Path, image_size: int = 32, targets: bool = False):
-    """An ImageFolder tree (``<class>/<image>``, optionally under one top folder) from a folder or
-    archive: (uint8 split, class folder names, number of images resized to ``image_size``).
-
-    Labels: class folders named by integers are those labels (so a folder of triggered images may
-    lack the target class); other names are numbered in sorted order, as torchvision does (`bench
-    defend` then relabels a --test or --triggered folder by the clean data's class names).
-
-    ``targets``: also return each image's backdoor target from the folder's ``targets.csv`` (None
-    when it has none), as a fourth item."""
-    from PIL import Image
-
-    path = Path(path)
+def _listing(path: Path, flat: bool = False,
+             targets: bool = False) -> tuple[list[tuple[str, tuple[str, ...], bytes]], dict | None]:
+    """(class, path parts, bytes) of each image of an ImageFolder tree (``flat``: images directly in the
+    folder too, of class "-"), and (with ``targets``) the targets.csv rows when there is one."""
     if not path.exists():
         raise HandoverError(f"{path}: no such folder or archive")
     found: list[tuple[str, tuple[str, ...], bytes]] = []
@@ -189,19 +180,41 @@ def load_image_folder(path: str | Path, image_size: int = 32, targets: bool = Fa
         for parts, data in _image_entries(path):
             if targets and parts[-1] == TARGETS_FILE and len(parts) <= 2:
                 listed = _read_targets(path, data)
-            if len(parts) >= 2 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not any(
+            if (len(parts) >= 2 or flat) and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not any(
                     p.startswith(".") for p in parts):
-                found.append((parts[-2], parts, data))
+                found.append((parts[-2] if len(parts) >= 2 else "-", parts, data))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         raise HandoverError(f"{path}: unreadable archive ({type(exc).__name__}: {exc})") from None
     if not found:
         raise HandoverError(f"{path}: no images found (expected <class>/<image> with one of "
                             f"{', '.join(IMAGE_SUFFIXES)})")
+    return sorted(found, key=lambda e: e[1]), listed
+
+
+def image_names(path: str | Path, flat: bool = False) -> list[str]:
+    """The images of a folder or archive as :func:`load_image_folder` orders them, by their path in it."""
+    return ["/".join(parts) for _, parts, _ in _listing(Path(path), flat)[0]]
+
+
+def load_image_folder(path: str | Path, image_size: int = 32, targets: bool = False, flat: bool = False):
+    """An ImageFolder tree (``<class>/<image>``, optionally under one top folder) from a folder or
+    archive: (uint8 split, class folder names, number of images resized to ``image_size``).
+
+    Labels: class folders named by integers are those labels (so a folder of triggered images may
+    lack the target class); other names are numbered in sorted order, as torchvision does (`bench
+    defend` then relabels a --test or --triggered folder by the clean data's class names).
+
+    ``targets``: also return each image's backdoor target from the folder's ``targets.csv`` (None
+    when it has none), as a fourth item. ``flat``: images directly in the folder are read too (class "-")."""
+    from PIL import Image
+
+    path = Path(path)
+    found, listed = _listing(path, flat, targets)
     classes = sorted({cls for cls, _, _ in found})
     numeric = all(c.isdigit() for c in classes)
     index = {c: (int(c) if numeric else i) for i, c in enumerate(classes)}
     images, labels, resized = [], [], 0
-    for cls, parts, data in sorted(found, key=lambda e: e[1]):
+    for cls, parts, data in found:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image = image.convert("RGB")
@@ -218,7 +231,7 @@ def load_image_folder(path: str | Path, image_size: int = 32, targets: bool = Fa
         return split, classes, resized
     if listed is None:
         return split, classes, resized, None
-    names = ["/".join(parts[-2:]) for _, parts, _ in sorted(found, key=lambda e: e[1])]
+    names = ["/".join(parts[-2:]) for _, parts, _ in found]
     missing = [n for n in names if n not in listed]
     if missing:
         raise HandoverError(f"{path}: {TARGETS_FILE} gives no target for {len(missing)} image(s), e.g. {missing[0]}")

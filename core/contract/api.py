@@ -175,6 +175,13 @@ class Attack(_Configurable):
         return self.apply_trigger(images)
 
     @property
+    def controls_training(self) -> bool:
+        """Whether the attacker runs the training of the backdoored model (its own :meth:`train_step`,
+        or a trigger learnt while the model trains): its poisoning is then no stored set of rows that
+        a data detector could inspect. An attack whose step depends on its config overrides this."""
+        return self.learns_trigger or type(self).train_step is not Attack.train_step
+
+    @property
     def all_to_all(self) -> bool:
         return getattr(self.config, "target_mode", "all2one") == "all2all"
 
@@ -314,4 +321,74 @@ class Defense(_Configurable):
         """Validate the config against the architectures; the default accepts everything."""
 
     def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module | Defended":
+        raise NotImplementedError
+
+
+DETECTOR_LEVELS = ("data", "input")
+
+
+@dataclass
+class DetectionContext:
+    """What a detector may use besides its data: the model's architecture and layers, the device,
+    the seed and the logging callbacks. Like :class:`DefenseContext` it holds nothing that loads data
+    and never says which attack was used, which rows are poisoned or which inputs are triggered."""
+
+    device: Any
+    num_classes: int
+    seed: int
+    arch: str = ""                        # the architecture of the model ("" when there is none)
+    # The model's attention layers and its final linear layer (dotted names; see ModelSpec): the
+    # inputs of ``classifier_layer`` are the penultimate features most detectors read.
+    layers: tuple[str, ...] = ()
+    classifier_layer: str = ""
+    # A fresh, randomly initialised model of a registered architecture (float [0, 1] input, on device).
+    build_model: Callable[[str], "nn.Module"] = None  # type: ignore[assignment]
+    log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
+    # Log a matplotlib figure as the artifact ``detector/<path>`` of the run.
+    log_figure: Callable[[Any, str], None] = lambda figure, path: None
+    progress: bool = True
+
+
+@dataclass
+class Detection:
+    """What a detector may return instead of bare scores: one suspicion score per row or input
+    (higher: more suspicious) and, optionally, its own decision (a bool per row or input, True where
+    it flags one). Without a decision the engine thresholds the scores at the grid's false-positive
+    rate on the defender's clean share."""
+
+    scores: "torch.Tensor"
+    flagged: "torch.Tensor | None" = None
+
+
+class Detector(_Configurable):
+    """A detector plugin, at one of two ``level``\\ s (:data:`DETECTOR_LEVELS`):
+
+    - ``"data"``: inspects a training set someone supplied. :meth:`detect` gets the set (uint8 images
+      and labels, never which rows are poisoned), the defender's clean share and, when the class sets
+      ``uses_model``, the model the engine trained on that set (None otherwise); it returns a score per
+      row (a tensor, or a :class:`Detection` with its own decision).
+    - ``"input"``: screens the inputs of a deployed model. :meth:`prepare` gets the model and the
+      clean share once; :meth:`score` then gets batches of uint8 inputs (clean and triggered shuffled
+      together; it never learns which are which) and returns a score per input. A score must not
+      depend on the other inputs of its batch: permuting a batch permutes its scores.
+
+    Scores are checked (one finite value per row or input); a detector that only scores is given the
+    engine's decision (the threshold at the grid's false-positive rate on the clean share)."""
+
+    level: ClassVar[str] = "data"
+    # Data level: whether :meth:`detect` needs the model trained on the inspected set (the engine
+    # trains it, or `bench detect` takes it with --model). Input detectors always get the model.
+    uses_model: ClassVar[bool] = True
+
+    def detect(self, data: Split, clean: Split, model: "nn.Module | None",
+               ctx: DetectionContext) -> "torch.Tensor | Detection":
+        """Data level: a suspicion score per row of ``data``."""
+        raise NotImplementedError
+
+    def prepare(self, model: "nn.Module", clean: Split, ctx: DetectionContext) -> None:
+        """Input level: whatever the scores need from the clean share (statistics, overlays, a
+        threshold); called once before :meth:`score`."""
+
+    def score(self, model: "nn.Module", images: "torch.Tensor") -> "torch.Tensor | Detection":
+        """Input level: a suspicion score per input of a uint8 batch (N, C, H, W) on the device."""
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""The whole extension surface of nadbench: four hooks, each handed a ``register`` callback."""
+"""The whole extension surface of nadbench: five hooks, each handed a ``register`` callback."""
 import pluggy
 
 hookspec = pluggy.HookspecMarker("nadbench")
@@ -23,3 +23,8 @@ def register_attacks(register):
 @hookspec
 def register_defenses(register):
     """Call ``register(DefenseClass)`` once per defense (a subclass of ``nadbench.Defense``)."""
+
+
+@hookspec
+def register_detectors(register):
+    """Call ``register(DetectorClass)`` once per detector (a subclass of ``nadbench.Detector``)."""

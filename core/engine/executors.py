@@ -41,6 +41,7 @@ class RunSpec:
     clean_reference: bool
     disabled: tuple[str, ...] = ()  # the plugins the driver's registry left out (NADBENCH_DISABLE_PLUGINS)
     reactivation: bool = False
+    fpr: float = 0.05  # the detectors' decision (detection cells)
 
 
 def spec_of(runner, threads: int | None) -> RunSpec:
@@ -48,7 +49,7 @@ def spec_of(runner, threads: int | None) -> RunSpec:
     # the grid's stored stages, so workers compute each stage once, as usual.
     return RunSpec(runner.profile, runner.settings.replace(device=runner.device.type, threads=threads),
                    str(runner.data_root) if runner.data_root else None, runner.overrides, str(runner.cache_root),
-                   runner.clean_reference, tuple(sorted(runner.registry.disabled)), runner.reactivation)
+                   runner.clean_reference, tuple(sorted(runner.registry.disabled)), runner.reactivation, runner.fpr)
 
 
 _RUNNERS: dict[str, Any] = {}
@@ -65,7 +66,7 @@ def _runner(spec: RunSpec):
         registry.load_entrypoints(disabled=set(spec.disabled))
         _RUNNERS[key] = Runner(registry, spec.profile, settings=spec.settings, data_root=spec.data_root,
                                overrides=spec.overrides, progress=False, cache_dir=spec.cache_dir,
-                               clean_reference=spec.clean_reference, reactivation=spec.reactivation)
+                               clean_reference=spec.clean_reference, reactivation=spec.reactivation, fpr=spec.fpr)
     return _RUNNERS[key]
 
 
@@ -120,7 +121,8 @@ class Executor:
             keys = {}
             try:  # keys hold the data's digest: data that cannot be loaded fails the cell, in its run
                 plan = runner.plan(cell)
-                keys[plan.student[0]] = "student"
+                if plan.uses_model:  # not a data detector that reads no model
+                    keys[plan.student[0]] = "student"
                 if plan.teacher:
                     keys[plan.teacher[0]] = "teacher"
             except Exception:  # noqa: BLE001 — the worker meets the same error and records it
@@ -271,7 +273,7 @@ def pretrain_fused(runner, cells: list) -> list[str]:
         jobs: dict[tuple[str, str], Any] = {}
         for p in plans:
             c = p.cell
-            if p.student in jobs:
+            if p.student in jobs or not p.uses_model:
                 continue
             try:
                 poisoning = runner.poisoning(p)

@@ -91,3 +91,46 @@ def triggers_figure(triggers: list[tuple[str, torch.Tensor]], title: str = ""):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def detection_figure(scores: torch.Tensor, truth: torch.Tensor, threshold: float | None, title: str = "",
+                     positive: str = "poisoned"):
+    """A detector's picture: the ROC curve (with the diagonal of a random detector) and the score
+    histograms of the clean and the poisoned (or triggered) rows, the engine's threshold marked."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y, s = truth.cpu().numpy().astype(bool), scores.cpu().double().numpy()
+    fpr, tpr, _ = roc_curve(y, s)
+    fig, (roc, hist) = plt.subplots(1, 2, figsize=(9, 3.6))
+    roc.plot(fpr, tpr, color="tab:blue", label=f"AUROC {roc_auc_score(y, s):.3f}")
+    roc.plot([0, 1], [0, 1], color="0.6", linestyle=":", label="random")
+    roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    roc.legend(loc="lower right", fontsize=8)
+    bins = torch.linspace(float(s.min()), float(s.max()) + 1e-12, 41).numpy()
+    hist.hist(s[~y], bins=bins, alpha=0.6, color="tab:blue", label="clean", density=True)
+    hist.hist(s[y], bins=bins, alpha=0.6, color="tab:red", label=positive, density=True)
+    if threshold is not None:
+        hist.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    hist.set(xlabel="score (higher: more suspicious)", ylabel="density", title="scores")
+    hist.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def scores_figure(scores: torch.Tensor, clean_scores: torch.Tensor | None, threshold: float | None, title: str = ""):
+    """`bench detect`'s picture, where no truth is known: the histogram of the inspected files' scores
+    beside the clean data's, the threshold marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    values = [scores] + ([clean_scores] if clean_scores is not None and len(clean_scores) else [])
+    low, high = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+    bins = torch.linspace(low, high + 1e-12, 41).numpy()
+    ax.hist(scores.numpy(), bins=bins, alpha=0.6, color="tab:orange", label="inspected", density=True)
+    if len(values) > 1:
+        ax.hist(clean_scores.numpy(), bins=bins, alpha=0.6, color="tab:blue", label="your clean data", density=True)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label="threshold")
+    ax.set(xlabel="score (higher: more suspicious)", ylabel="density", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

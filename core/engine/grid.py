@@ -32,6 +32,10 @@ class Profile:
     # Reaches the defenses that declare it (``profile_settings = {"lr": "finetune_lr"}``); --set wins.
     finetune_lr: float | None = param(None, "initial lr of the finetuning-style defenses that take it "
                                       "(profile_settings; none: each defense's own default)", min=0.0, max=10.0)
+    # Detection cells only: how many clean test images and as many triggered ones an input detector
+    # screens (seeded subsets; none: all), as test_limit bounds a cell's evaluation.
+    detect_inputs: int | None = param(None, "clean and triggered test images an input detector screens, each "
+                                      "(none: all)", min=1)
 
     def backdoor_optim(self, epochs: int | None = None):
         """The training loop's ``Optim`` for the backdoored (and clean) models; ``epochs`` (an
@@ -58,7 +62,7 @@ PROFILES = {
     # backdoor: chosen on a validation split of the training set, never the test set
     # (benchmarks/quick_lr.py, benchmarks/results/quick-lr-validation.md; tests/test_config.py).
     "quick": Profile(name="quick", epochs=10, lr=0.2, schedule="onecycle", milestones=(),
-                     batch_size=128, weight_decay=5e-4, finetune_lr=0.03),
+                     batch_size=128, weight_decay=5e-4, finetune_lr=0.03, detect_inputs=500),
 }
 
 
@@ -113,6 +117,9 @@ class Cell:
     seed: int
     teacher_source: str = "supplied"
     clean_share: float | None = None  # None: the profile's (a grid without --clean-shares)
+    # A detection cell's detector (its defense is then "-", NO_DEFENSE): the detector inspects the
+    # cell's poisoned training set or screens inputs of its backdoored model instead of repairing it.
+    detector: str = ""
 
     @property
     def label(self) -> str:
@@ -120,4 +127,5 @@ class Cell:
         if self.teacher_source == "scratch":
             arch += "(scratch)"
         share = "" if self.clean_share is None else f"/clean{self.clean_share:g}"
-        return f"{self.dataset}/{self.attack}/{self.defense}/{arch}{share}/seed{self.seed}"
+        method = f"detect:{self.detector}" if self.detector else self.defense
+        return f"{self.dataset}/{self.attack}/{method}/{arch}{share}/seed{self.seed}"

@@ -25,10 +25,11 @@ NO_DEFENSE = "-"  # the defense of a cell that only backdoors a model (`bench at
 TRAIN_CODE = ("nadbench.engine.stages.train",)
 FUSED_CODE = ("nadbench.engine.stages.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
 CELL_CODE = ("nadbench.engine.stages.defend",)
+DETECT_CODE = ("nadbench.engine.stages.detect",)
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
 MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
 POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
-KIND_PREFIX = {"attacks": "attack", "defenses": "defense"}
+KIND_PREFIX = {"attacks": "attack", "defenses": "defense", "detectors": "detector"}
 
 Key = tuple[str, str]  # (digest, the canonical text it digests)
 
@@ -38,10 +39,11 @@ def overrides_for(overrides: dict[str, dict], registry: Registry, kind: str, nam
     its kind (``attack.NAME`` / ``defense.NAME`` keys) over those addressed by the plain name, which
     are refused when an attack and a defense share that name."""
     plain = overrides.get(name) or {}
-    other = "defenses" if kind == "attacks" else "attacks"
-    if plain and (name in registry.items[other] or name in registry.ambiguous[other]):
-        raise cfgmod.ConfigError(f"--set {name}.FIELD is ambiguous: {name!r} names an attack and a defense; "
-                                 f"write attack.{name}.FIELD or defense.{name}.FIELD")
+    others = [k for k in KIND_PREFIX if k != kind and (name in registry.items[k] or name in registry.ambiguous[k])]
+    if plain and others:
+        spelled = " or ".join(f"{KIND_PREFIX[k]}.{name}.FIELD" for k in (kind, *others))
+        raise cfgmod.ConfigError(f"--set {name}.FIELD is ambiguous: {name!r} names more than one kind of plugin; "
+                                 f"write {spelled}")
     return {**plain, **(overrides.get(f"{KIND_PREFIX[kind]}.{name}") or {})}
 
 
@@ -93,12 +95,20 @@ class Plan:
     teacher: Key | None         # the supplied teacher's train stage, when it is another model
     clean: Key                  # the clean model of the student architecture (when one is used)
     uses_clean: bool            # whether the cell uses that clean model (attack or clean reference)
-    key: Key | None             # the cell's recorded result (None without a defense)
+    key: Key | None             # the cell's recorded result (None without a defense or detector)
     clean_share: float
+    detector: Any = None        # the configured detector of a detection cell (its defense is None)
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether the cell needs its backdoored student: a defense's, an input detector's, and a data
+        detector's that reads the model trained on the set it inspects."""
+        d = self.detector
+        return d is None or d.level == "input" or d.uses_model
 
     def stored(self) -> list[tuple[str, Key]]:
         """(cache folder, key) of each stored stage the cell uses."""
-        keys = [(POISON_DIR, self.poison), (MODELS_DIR, self.student)]
+        keys = [(POISON_DIR, self.poison)] + [(MODELS_DIR, self.student)] * self.uses_model
         return keys + [(MODELS_DIR, self.teacher)] * bool(self.teacher) + [(MODELS_DIR, self.clean)] * self.uses_clean
 
 
@@ -108,7 +118,8 @@ class Keys:
 
     def __init__(self, registry: Registry, prof: Profile, device_type: str, numerics: str,
                  overrides: dict[str, dict], clean_reference: bool, digests: Callable[[str], dict],
-                 reactivation: bool = False):
+                 reactivation: bool = False, fpr: float = 0.05):
+        self.fpr = fpr  # the false-positive rate of the engine's decision for detectors (detection cells)
         self.registry, self.profile, self.device_type, self.numerics = registry, prof, device_type, numerics
         self.overrides, self.clean_reference, self.digests = overrides, clean_reference, digests
         self.reactivation = reactivation
@@ -127,7 +138,7 @@ class Keys:
         (``poison`` None) or on the poisoning with that key."""
         spec = self.registry.model(arch)
         prof = dataclasses.asdict(self.profile)
-        for k in ("name", "clean_share", "finetune_lr", "test_limit"):  # no effect on the weights
+        for k in ("name", "clean_share", "finetune_lr", "test_limit", "detect_inputs"):  # no effect on the weights
             prof.pop(k)
         return stage_key("train", {
             "data": self._data(dataset, "train"), "poison": poison, "model": arch,
@@ -151,6 +162,8 @@ class Keys:
         student = self.model(cell.dataset, cell.student, cell.seed, poison[0])
         share = self.profile.clean_share if cell.clean_share is None else cell.clean_share
         clean = self.model(cell.dataset, cell.student, cell.seed, None)
+        if cell.detector:
+            return self._detection(cell, attack, poison, student, clean, share)
         if cell.defense == NO_DEFENSE:  # `bench attack`: the backdoored model alone
             return Plan(cell, attack, None, poison, student, None, clean, attack.uses_clean_model, None, share)
         defense = self.configured("defenses", cell.defense)
@@ -167,6 +180,21 @@ class Keys:
             "reactivation": self.reactivation, "device": self.device_type})
         plan = Plan(cell, attack, defense, poison, student, teacher, clean,
                     self.clean_reference or self.reactivation or attack.uses_clean_model, key, share)
+        self._plans[cell] = plan
+        return plan
+
+    def _detection(self, cell: Cell, attack, poison: Key, student: Key, clean: Key, share: float) -> Plan:
+        """A detection cell's plan: its detector and the key of its result (what it inspects, by the
+        keys of the poisoning and of the model; the detector's config and code; the decision's FPR)."""
+        detector = self.configured("detectors", cell.detector)
+        model = detector.level == "input" or detector.uses_model
+        key = stage_key("detect", {
+            "poison": poison[0], "model": student[0] if model else None, "detector": detector.name,
+            "config": cfgmod.key_values(detector.config), "plugin": [detector.provider, detector.source_hash],
+            "code": code_hash(*DETECT_CODE), "clean_share": share, "fpr": self.fpr,
+            "inputs": self.profile.detect_inputs if detector.level == "input" else None,
+            "test": self._data(cell.dataset, "test"), "device": self.device_type})
+        plan = Plan(cell, attack, None, poison, student, None, clean, attack.uses_clean_model, key, share, detector)
         self._plans[cell] = plan
         return plan
 

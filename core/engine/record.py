@@ -27,8 +27,11 @@ def provenance(registry: Registry, cell: Cell) -> dict[str, str]:
     from .. import __version__
 
     parts = {"dataset": registry.dataset(cell.dataset), "attack": registry.attack(cell.attack),
-             "defense": registry.defense(cell.defense), "model.student": registry.model(cell.student),
-             "model.teacher": registry.model(cell.teacher)}
+             "model.student": registry.model(cell.student)}
+    if cell.detector:
+        parts["detector"] = registry.detector(cell.detector)
+    else:
+        parts.update({"defense": registry.defense(cell.defense), "model.teacher": registry.model(cell.teacher)})
     params = {"nadbench.version": __version__, "nadbench.git_commit": git_commit() or "unknown"}
     for key, item in parts.items():
         params[f"{key}.provider"] = item.provider
@@ -53,11 +56,11 @@ def side_metrics(models: dict[str, dict[str, float]] | None) -> dict[str, float]
     return {f"{name}.{k}": v for name, values in (models or {}).items() for k, v in values.items()}
 
 
-def figure_logger(tracker, run_id: str | None):
-    """``ctx.log_figure``: a defense's figure as the artifact ``defense/<path>`` of its run."""
+def figure_logger(tracker, run_id: str | None, folder: str = "defense"):
+    """``ctx.log_figure``: a defense's (or detector's) figure as the artifact ``<folder>/<path>`` of its run."""
     def log_figure(figure, path: str) -> None:
         if tracker and run_id:
-            tracker.figure(run_id, figure, f"defense/{path}")
+            tracker.figure(run_id, figure, f"{folder}/{path}")
         else:
             import matplotlib.pyplot as plt
 
@@ -93,6 +96,35 @@ def cell_params(runner, cell: Cell, defense) -> dict[str, Any]:
             "defense.clean_share": runner.profile.clean_share if cell.clean_share is None else cell.clean_share, "device": str(runner.device),
             **provenance(runner.registry, cell), **cfgmod.flatten(defense.config, "defense"),
             **cfgmod.flatten(runner.profile, "profile")}
+
+
+def detection_params(runner, cell: Cell, detector) -> dict[str, Any]:
+    """What a detection cell's run records before any stage runs (as :func:`cell_params`)."""
+    return {"dataset": cell.dataset, "attack.name": cell.attack, "detector.name": cell.detector,
+            "detector.level": detector.level, "model.student": cell.student, "seed": cell.seed,
+            "detector.clean_share": runner.profile.clean_share if cell.clean_share is None else cell.clean_share,
+            "detector.fpr": runner.fpr, "device": str(runner.device), **provenance(runner.registry, cell),
+            **cfgmod.flatten(detector.config, "detector"), **cfgmod.flatten(runner.profile, "profile")}
+
+
+def record_detection(t, run_id: str, plan, result: dict, p, detected, truth: torch.Tensor) -> None:
+    """A detection cell's outcome: the poisoning's params, the metrics (``detect.*``), the ROC curve and
+    score histograms, the scores with the truth (safetensors) and the result."""
+    from safetensors.torch import save
+
+    from .figures import detection_figure
+
+    t.params(run_id, {**cfgmod.flatten(p.attack.config, "attack"), "attack.n_poisoned": len(p.index),
+                      "poison.cache_hit": p.hit, "detect.n_inspected": result["n_inspected"]})
+    timing = {k.replace("time_", "time.").removesuffix("_s") + "_s": v for k, v in result.items() if k.startswith("time_")}
+    t.metrics(run_id, {**{f"detect.{k}": v for k, v in result["detection"].items()}, **timing,
+                       **{f"before.{k}": v for k, v in result["before"].items()}})
+    positive = "poisoned" if result["level"] == "data" else "triggered"
+    t.figure(run_id, detection_figure(detected.scores, truth, detected.threshold, plan.cell.label, positive),
+             "detector/roc_and_scores.png")
+    t.artifact(run_id, save({"scores": detected.scores.contiguous(), "flagged": detected.flagged.contiguous(),
+                             "truth": truth.contiguous()}), "detector/scores.safetensors")
+    t.tag(run_id, "nadbench.result", json.dumps(result))
 
 
 @contextlib.contextmanager

@@ -19,14 +19,17 @@ from typing import Any
 import pluggy
 
 from ..contract import hookspecs
-from ..contract.api import TARGET_MODES, Attack, DatasetSpec, Defense, ModelSpec
+from ..contract.api import DETECTOR_LEVELS, TARGET_MODES, Attack, DatasetSpec, Defense, Detector, ModelSpec
 from ..contract.config import ConfigError, PluginError, check_fields  # noqa: F401 — PluginError is re-exported
 
 GROUP = "nadbench"
 BUILTIN = "nadbench"  # the distribution whose items keep their names against any third party
 DISABLE_ENV = "NADBENCH_DISABLE_PLUGINS"
-KINDS = ("datasets", "models", "attacks", "defenses")
-_TYPES = {"datasets": DatasetSpec, "models": ModelSpec, "attacks": Attack, "defenses": Defense}
+KINDS = ("datasets", "models", "attacks", "defenses", "detectors")
+_TYPES = {"datasets": DatasetSpec, "models": ModelSpec, "attacks": Attack, "defenses": Defense,
+          "detectors": Detector}
+# The kinds registered as classes with a typed Config (the others as spec instances).
+METHODS = ("attacks", "defenses", "detectors")
 
 
 @dataclass
@@ -64,7 +67,7 @@ def _source_hash(*modules: str) -> str:
 
 
 def _defining_module(kind: str, item: Any) -> str:
-    if kind in ("attacks", "defenses"):
+    if kind in METHODS:
         return item.__module__
     fn = item.build if kind == "models" else item.load
     return getattr(getattr(fn, "func", fn), "__module__", "") or ""
@@ -78,7 +81,7 @@ def check_contract(kind: str, item: Any) -> None:
     """What the plugin contract demands of an item and can be checked without running anything.
     Raises ``PluginError`` naming the rule that is broken."""
     expected = _TYPES[kind]
-    if kind in ("attacks", "defenses"):
+    if kind in METHODS:
         if not (isinstance(item, type) and issubclass(item, expected)):
             raise PluginError(f"register_{kind} got {item!r}; expected a subclass of nadbench.{expected.__name__}")
     elif not isinstance(item, expected):
@@ -87,7 +90,7 @@ def check_contract(kind: str, item: Any) -> None:
     if not isinstance(name, str) or not name or any(c in name for c in ",: ="):
         raise PluginError(f"{kind[:-1]} name {name!r} is invalid: a non-empty string without ',', ':', '=' "
                           "or spaces")
-    if kind not in ("attacks", "defenses"):
+    if kind not in METHODS:
         return
     what = f"{kind[:-1]} {name!r}"
     try:
@@ -98,7 +101,7 @@ def check_contract(kind: str, item: Any) -> None:
         raise PluginError(f"{what}: {exc}") from None
     fields = {f.name for f in dataclasses.fields(item.Config)}
     _check_profile_settings(what, item, fields)
-    for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data"):
+    for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data", "uses_model"):
         if not isinstance(getattr(item, flag, True), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
     _check_variants(what, item, fields)
@@ -117,8 +120,20 @@ def check_contract(kind: str, item: Any) -> None:
             raise PluginError(f"{what} overrides {' and '.join(m + '()' for m in learnt)} but does not set "
                               "learns_trigger = True, without which the engine neither stores nor restores what "
                               "it learnt: set learns_trigger = True on the class")
-    elif not _overrides(item, Defense, "defend"):
+    elif kind == "defenses" and not _overrides(item, Defense, "defend"):
         raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
+    elif kind == "detectors":
+        _check_detector(what, item)
+
+
+def _check_detector(what: str, item: Any) -> None:
+    if item.level not in DETECTOR_LEVELS:
+        raise PluginError(f"{what}: level must be one of {', '.join(DETECTOR_LEVELS)}, not {item.level!r}")
+    needed = {"data": ["detect"], "input": ["score"]}[item.level]
+    missing = [m for m in needed if not _overrides(item, Detector, m)]
+    if missing:
+        raise PluginError(f"{what} is {'a data' if item.level == 'data' else 'an input'}-level detector and does not implement "
+                          f"{', '.join(m + '()' for m in missing)}")
 
 
 # A variant's name: lowercase letters, digits, '_' or '-' (it follows '@' in a cell's attack or
@@ -202,7 +217,7 @@ def _check_profile_keys(what: str, attr: str, values: list) -> None:
 
 
 class Registry:
-    """The registered datasets, models, attacks and defenses, each tagged with its provider.
+    """The registered datasets, models, attacks, defenses and detectors, each tagged with its provider.
 
     Names: a built-in (distribution ``nadbench``) keeps its name; a third-party item claiming it is
     refused and reported. Two third-party items with one name make the plain name ambiguous; each
@@ -225,7 +240,7 @@ class Registry:
         return sorted(self.items[kind])
 
     def get(self, kind: str, name: str) -> Any:
-        if kind in ("attacks", "defenses") and "@" in name:  # a variant: NAME@bb, NAME@all2all, NAME@bb@all2all
+        if kind in METHODS and "@" in name:  # a variant: NAME@bb, NAME@all2all, NAME@bb@all2all
             return self._variant(kind, name)
         if name in self.items[kind]:
             return self.items[kind][name]
@@ -256,7 +271,7 @@ class Registry:
 
     def canonical(self, kind: str, name: str) -> str:
         """The canonical spelling of a (valid) name: a variant's, see :func:`spelling`; others as given."""
-        if "@" not in name or kind not in ("attacks", "defenses"):
+        if "@" not in name or kind not in METHODS:
             return name
         self.get(kind, name)
         base, *variants = name.split("@")
@@ -293,6 +308,9 @@ class Registry:
 
     def dataset(self, name: str) -> DatasetSpec:
         return self.get("datasets", name)
+
+    def detector(self, name: str) -> type[Detector]:
+        return self.get("detectors", name)
 
     @property
     def failed(self) -> list[PluginInfo]:
@@ -349,7 +367,7 @@ class Registry:
                                 f"({builtin_here.provider}); the built-in keeps it")
             return
         source = _source_hash(plugin_module, _defining_module(kind, item))
-        if kind in ("attacks", "defenses"):
+        if kind in METHODS:
             item.provider, item.source_hash = provider, source
         else:
             item = replace(item, provider=provider, source_hash=source)

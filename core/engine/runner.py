@@ -27,15 +27,17 @@ from ..contract.api import DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
 from .executors import pretrain_fused
 from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
-from .plan import (CELL_CODE, KIND_PREFIX, MODELS_DIR, POISON_CODE, POISON_DIR, TRAIN_CODE,  # noqa: F401
+from .plan import (CELL_CODE, KIND_PREFIX, MODELS_DIR, NO_DEFENSE, POISON_CODE, POISON_DIR, TRAIN_CODE,  # noqa: F401
                    Keys, Plan, configured, overrides_for)
 from .poisoning import Poisoning
-from .record import (cell_params, cell_run, close_grid, figure_logger, git_commit, log_extras,  # noqa: F401
-                     provenance, record_backdoor, record_result, reuse_finished, side_metrics)
+from .record import (cell_params, cell_run, close_grid, detection_params, figure_logger, git_commit,  # noqa: F401
+                     log_extras, provenance, record_backdoor, record_detection, record_result, reuse_finished,
+                     side_metrics)
 from .registry import Registry
 from ..contract.sources import cell_tag
 from ..training.settings import RunSettings, current, use
 from .stages import defend as defend_stage
+from .stages import detect as detect_stage
 from .stages import poison as poison_stage
 from .stages import train as train_stage
 from .stages.defend import attention_layers, classifier_layer  # noqa: F401 — re-exported
@@ -75,6 +77,9 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
 
     for cell in cells:
         check_attack(configured(registry, "attacks", cell.attack, overrides, prof), registry.dataset(cell.dataset))
+        if cell.detector:
+            configured(registry, "detectors", cell.detector, overrides, prof)
+            continue
         defense_cls = registry.defense(cell.defense)
         defense = configured(registry, "defenses", cell.defense, overrides, prof)
         defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
@@ -84,21 +89,26 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
 
 
 def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds,
-           teacher_sources=("supplied",), clean_shares=None, picked_by_all=()) -> list[Cell]:
+           teacher_sources=("supplied",), clean_shares=None, picked_by_all=(), detectors=()) -> list[Cell]:
     """All cells of the grid. Teacher architectures and teacher sources multiply only the defenses
     that use a teacher (``Defense.uses_teacher``); the others get one cell with teacher = student.
-    ``clean_shares`` (None: the profile's share) multiplies every defense. An attack in
-    ``picked_by_all`` (chosen by ``--attacks all``, not by name) runs only on its ``all_datasets``."""
+    ``clean_shares`` (None: the profile's share) multiplies every defense and detector. An attack in
+    ``picked_by_all`` (chosen by ``--attacks all``, not by name) runs only on its ``all_datasets``.
+    Each detector adds a detection cell per (dataset, attack, student, share, seed), beside the defenses'."""
     cells = []
     # One cell per method and variants: NAME@all2all@bb and NAME@bb@all2all are one canonical spelling.
     attacks = list(dict.fromkeys(registry.canonical("attacks", a) for a in attacks))
     defenses = list(dict.fromkeys(registry.canonical("defenses", de) for de in defenses))
-    for d, a, de, s, share, seed in itertools.product(datasets, attacks, defenses, students,
-                                                      clean_shares or [None], seeds):
+    detectors = list(dict.fromkeys(registry.canonical("detectors", de) for de in detectors))
+    methods = [(de, "") for de in defenses] + [(NO_DEFENSE, de) for de in detectors]
+    for d, a, (de, detector), s, share, seed in itertools.product(datasets, attacks, methods, students,
+                                                                  clean_shares or [None], seeds):
         only = registry.attack(a).all_datasets
         if a in picked_by_all and only and d not in only:
             continue
-        if registry.defense(de).uses_teacher:
+        if detector:
+            cells.append(Cell(d, a, NO_DEFENSE, s, s, seed, "", share, detector))
+        elif registry.defense(de).uses_teacher:
             for t, src in itertools.product(teachers or [s], teacher_sources or ("supplied",)):
                 cells.append(Cell(d, a, de, s, t, seed, src, share))
         else:
@@ -147,7 +157,7 @@ class Runner:
                  settings: RunSettings | None = None, data_root=None,
                  overrides: dict[str, dict[str, str]] | None = None, tracker=None, progress=True,
                  cache_dir: Path | None = None, clean_reference: bool = False, rerun: str | None = None,
-                 reactivation: bool = False):
+                 reactivation: bool = False, fpr: float = 0.05):
         settings = settings or current()
         device = device or resolve_device(settings.device)
         # How this runner computes (nadbench.training.settings), in force around each stage it runs (@_in_force)
@@ -164,7 +174,8 @@ class Runner:
         self.cache = StageCache(Store(self.cache_root))
         self.datasets = datamod.GridData(registry, prof, data_root, device)
         self.keys = Keys(registry, prof, device.type, numerics(self.settings, device), self.overrides, clean_reference,
-                         self.datasets.digests, reactivation)
+                         self.datasets.digests, reactivation, fpr)
+        self.fpr = fpr  # the engine's decision for detectors that make none: this false-positive rate
         self._metrics: dict[tuple, dict] = {}    # evaluations, by the keys of what they measure
         self._armed: tuple[tuple, Poisoning] | None = None  # the last cell's (it measures, retunes, records)
 
@@ -289,6 +300,8 @@ class Runner:
     @_in_force
     def run_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Run one cell and log it as a child run of ``parent`` (or into the open run ``run_id``)."""
+        if cell.detector:
+            return self.detect_cell(cell, parent, run_id)
         params = cell_params(self, cell, self.keys.configured("defenses", cell.defense))
         with cell_run(self.tracker, cell.label, params, parent, run_id) as (t, run_id, log):
             plan = self.plan(cell)
@@ -321,6 +334,37 @@ class Runner:
             if t:
                 record_result(t, run_id, plan, result, p, repaired, original, train_set, test_set,
                               ctx.student_layers)
+            return result
+
+    @_in_force
+    def detect_cell(self, cell: Cell, parent: str | None = None, run_id: str | None = None) -> dict[str, Any]:
+        """Run one detection cell (``cell.detector``) and log it as :meth:`run_cell` logs a defense's."""
+        plan = self.plan(cell)
+        with cell_run(self.tracker, cell.label, detection_params(self, cell, plan.detector), parent, run_id) as (
+                t, run_id, log):
+            if t:
+                t.tag(run_id, "nadbench.cell_key", plan.key[0])
+                t.tag(run_id, "nadbench.sources", cell_tag(self.registry.attack(cell.attack),
+                                                           self.registry.detector(cell.detector)))
+            spec, train_set, test_set = self.data(cell.dataset)
+            model, before, hit = self.backdoored(plan) if plan.uses_model else (None, {}, None)
+            p = self.armed(plan)
+            ctx = detect_stage.context(self.registry, spec, arch=cell.student if plan.uses_model else "",
+                                       seed=cell.seed, device=self.device, log_metric=log,
+                                       log_figure=figure_logger(self.tracker, run_id, "detector"),
+                                       progress=self.progress)
+            detected, truth, metrics = detect_stage.detect(plan.detector, p, model, train_set, test_set,
+                                                           plan.clean_share, cell.seed, ctx, self.fpr,
+                                                           self.profile.detect_inputs)
+            result = {"kind": "detection", "cell": dataclasses.asdict(cell), "cell_key": plan.key[0],
+                      "level": plan.detector.level, "detection": metrics, "before": before,
+                      "own_decision": detected.own_decision, "threshold": detected.threshold, "fpr_target": self.fpr,
+                      "n_inspected": len(truth), "n_positive": int(truth.sum()), "backdoor_cache_hit": hit,
+                      ("time_per_input_s" if plan.detector.level == "input" else "time_detect_s"): detected.seconds,
+                      "status": "FINISHED", "profile": self.profile.name,
+                      "detector_config": cfgmod.key_values(plan.detector.config)}
+            if t:
+                record_detection(t, run_id, plan, result, p, detected, truth)
             return result
 
     def defense_context(self, cell: Cell | Plan, log, run_id: str | None = None) -> DefenseContext:

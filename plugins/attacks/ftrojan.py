@@ -100,6 +100,10 @@ class FTrojan(Attack):
     def poison_images(self, images, labels):
         return images.clone() if self.config.after_augmentation else self.apply_trigger(images)
 
+    @property
+    def controls_training(self):  # only when it puts the trigger on after the loop's augmentation
+        return self.config.after_augmentation
+
     def train_step(self, poisoned, n_train):
         if not self.config.after_augmentation:
             return None

@@ -1,0 +1,140 @@
+"""The detectors on the quick profile: five of the paper's six attacks × the eight built-in detectors
+on CIFAR-10 / WRN-16-1, seed 0 (Refool, the other seeds of BadNets and Blend, and the attacks since
+the paper, as prepared commands); AUROC and TPR at 5 % FPR beside the published detection numbers found, with a
+line per detector on where ours differs and why.
+
+    NADBENCH_DATA_ROOT=../shared/data python benchmarks/detection.py
+
+runs `bench run --detectors all` into a scratch MLflow store (the models come from the
+stage cache when stored), keeps their JSON results in benchmarks/results/detection-quick.json and
+renders benchmarks/results/detection-quick.md. `--render-only` re-renders from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "detection-quick"
+PAPER_ATTACKS = "badnets,trojan,blend,cl,sig"  # the paper's sixth, Refool, is among the prepared commands
+GRIDS = [["--attacks", PAPER_ATTACKS, "--seeds", "0"]]
+# Not run yet (the session's time): the other seeds of BadNets and Blend, and the attacks since the paper.
+PREPARED = ["bench run --datasets cifar10 --models wrn-16-1 --attacks refool --seeds 0 --detectors all "
+            "--profile quick --output detection-quick-refool.json",
+            "bench run --datasets cifar10 --models wrn-16-1 --attacks badnets,blend --seeds 1,2 --detectors all "
+            "--profile quick --output detection-quick-seeds12.json"]
+COMMON = ["--datasets", "cifar10", "--models", "wrn-16-1", "--detectors", "all", "--profile", "quick", "--no-progress"]
+SINCE = ("bench run --datasets cifar10 --attacks wanet,bppattack,ftrojan,adaptive-blend,iad,lf,ssba "
+         "--detectors all --seeds 0 --profile quick --output detection-quick-since.json")
+
+# Published detection numbers where a fetched repository or the paper gives them for a setting near
+# ours, (metric, value in %, where). Filled from the sources each detector declares.
+PUBLISHED: dict[str, list[tuple[str, str, str]]] = {
+    "strip": [("false acceptance 0 % at false rejection 2 %, 1 % and 0.5 % (complete separation)",
+               "CIFAR-10, triggers b and c, N = 100",
+               "the paper's Table 3, garrisongys/STRIP@6588a385")],
+    "scale-up": [("AUROC 96.7 (BadNets), 97.3 (WaNet), 93.2 (ISSBA)", "Tiny-ImageNet, data-free SPC",
+                  "computed from the official repository's saved scores, JunfengGo/SCALE-UP@a2c6d062 "
+                  "saved_np/*/tiny_*.npy, scored as its test.py does")],
+}
+# Where ours differs from the authors' setting, one line per detector (every declared deviation is in
+# docs/fidelity.md).
+NOTES: dict[str, str] = {
+    "spectral": "Every class is inspected (the authors inspect the target class, which they know), so the AUROC "
+                "also asks the method to tell the target class from the others; the score is the official code's "
+                "uncentred projection; its own decision removes 1.5 eps = 15 % of every class, hence an FPR near 13 %.",
+    "ac": "PCA to 10 dimensions (ART's default; the paper and BackdoorBench use FastICA, whose random start turned "
+          "the target class's split with the seed on the suite's fixture); the score (signed distance to the 2-means "
+          "boundary, towards the smaller cluster) is ours, the authors give a decision only; at 10 % all-to-one the "
+          "poison is more than half of the target class, outside the relative-size rule (below 35 %), which then "
+          "flags none of it.",
+    "spectre": "Robust covariance by scikit-learn's MinCovDet instead of the authors' iterative filter (dkk17.jl); "
+               "eps = 10 % of each class (the authors pass the true count); classes ranked by their QUE statistic, "
+               "the decision in the top one (the authors filter the known target class only).",
+    "scan": "Per-row score (the authors have none): the class's anomaly index J* plus the row's posterior of the "
+            "suspicious subgroup; one-sided anomaly index; EM on the clean share as the official code.",
+    "strip": "The N = 100 overlays are drawn once from the clean share and shared by every input (the authors draw "
+             "per input), so that a score does not depend on its batch; the decision is the engine's threshold.",
+    "scale-up": "Data-limited SPC by default (standardised per predicted class on the clean share; the official "
+                "script's default is the data-free SPC: scale-up@free); no input noise.",
+    "teco": "14 of the 15 corruptions (frost needs the package's photographs), implemented in torch at the package's "
+            "v1.1.2 constants; each corruption applied to the input itself (the official code compounds them in "
+            "place).",
+    "ibd-psc": "BackdoorBox's implementation (the authors'); the score is -log(1 - PSC), in PSC's order; the authors "
+               "compute AUROC on correctly classified clean inputs and successful triggered ones only, the engine on "
+               "all.",
+}
+
+
+def run(store: str, out: Path) -> None:
+    results = []
+    for i, grid in enumerate(GRIDS):
+        part = out.with_name(f"{out.stem}-{i}.json")
+        cmd = [sys.executable, "-m", "nadbench.commands.cli", "run", *COMMON, *grid, "--tracking-uri", store,
+               "--output", str(part)]
+        print(" ".join(cmd[2:]), flush=True)
+        subprocess.run(cmd, check=False)
+        data = json.loads(part.read_text())
+        results += data["results"]
+        part.unlink()
+    command = "NADBENCH_DATA_ROOT=../shared/data python benchmarks/detection.py"
+    out.write_text(json.dumps({"command": command, "grids": [" ".join(["bench run", *COMMON, *g]) for g in GRIDS],
+                               "machine": machine(), "results": results}, indent=2))
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return f"{model}; avx512_bf16: {'avx512_bf16' in flags}; amx: {'amx_bf16' in flags}; {os.cpu_count()} cores"
+
+
+def render(data: dict) -> str:
+    from nadbench.commands import detections as det
+
+    results = data["results"]
+    table = det.render(det.build(results, ("auroc", "tpr")), "markdown")
+    f1 = det.render(det.build(results, ("precision", "recall", "f1")), "markdown")
+    board = det.render_leaderboard(det.leaderboard(results), "markdown")
+    lines = ["# Detectors on the quick profile: the paper's attacks", "",
+             f"Command: `{data['command']}`, which ran", ""]
+    lines += [f"    {g}" for g in data["grids"]]
+    lines += ["", f"Machine: {data['machine']}; precision `auto` (the CLI's default). CIFAR-10, WRN-16-1, the "
+              "quick profile (20,000 training images, 10 epochs), clean share 5 % (1,000 images); input "
+              "detectors see 500 clean test images and 500 triggered ones (`profile.detect_inputs`). Own "
+              "decisions: " + ", ".join(sorted({r["cell"]["detector"] for r in results if r["own_decision"]}))
+              + "; the others get the engine's threshold.", "",
+              "## AUROC / TPR at 5 % FPR", "", table, "## The decision: precision / recall / F1", "",
+              "Each detector's own decision where it makes one, else the engine's threshold at 5 % FPR on the "
+              "clean share.", "", f1, "## Detectors ranked by AUROC", "", board, "## Published numbers", ""]
+    for name in sorted({r["cell"]["detector"] for r in results}):
+        found = PUBLISHED.get(name)
+        lines.append(f"- **{name}**: " + ("; ".join(f"published: {m}, {v} ({w})." for m, v, w in found) if found else
+                                          "no detection number published for a comparable setting was found.")
+                     + (f" {NOTES[name]}" if name in NOTES else ""))
+    lines += ["", "## Not run yet", "", "Refool, the other seeds of BadNets and Blend, and the attacks since the "
+              "paper (the session's time ran out); the prepared commands:", ""]
+    lines += [f"    {command}" for command in (*PREPARED, SINCE)] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    json_path = OUT.with_suffix(".json")
+    if not args.render_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            run(f"sqlite:///{tmp}/detection.db", json_path)
+    OUT.with_suffix(".md").write_text(render(json.loads(json_path.read_text())))
+    print(f"wrote {OUT.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
