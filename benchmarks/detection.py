@@ -82,6 +82,8 @@ def run(store: str, out: Path) -> None:
         subprocess.run(cmd, check=False)
         data = json.loads(part.read_text())
         results += data["results"]
+        if data.get("interrupted"):
+            print(f"{part}: interrupted; {len(data['results'])} cell(s) finished", flush=True)
         part.unlink()
     command = "NADBENCH_DATA_ROOT=../shared/data python benchmarks/detection.py"
     out.write_text(json.dumps({"command": command, "grids": [" ".join(["bench run", *COMMON, *g]) for g in GRIDS],
@@ -105,6 +107,10 @@ def render(data: dict) -> str:
     lines = ["# Detectors on the quick profile: the paper's attacks", "",
              f"Command: `{data['command']}`, which ran", ""]
     lines += [f"    {g}" for g in data["grids"]]
+    stopped = [a for a in PAPER_ATTACKS.split(",") if a not in {r["cell"]["attack"] for r in results}]
+    if stopped:
+        lines += ["", f"stopped (SIGTERM, which keeps the finished cells) before {', '.join(stopped)}, for the "
+                      "session's time: see Not run yet."]
     lines += ["", f"Machine: {data['machine']}; precision `auto` (the CLI's default). CIFAR-10, WRN-16-1, the "
               "quick profile (20,000 training images, 10 epochs), clean share 5 % (1,000 images); input "
               "detectors see 500 clean test images and 500 triggered ones (`profile.detect_inputs`). Own "
@@ -118,9 +124,15 @@ def render(data: dict) -> str:
         lines.append(f"- **{name}**: " + ("; ".join(f"published: {m}, {v} ({w})." for m, v, w in found) if found else
                                           "no detection number published for a comparable setting was found.")
                      + (f" {NOTES[name]}" if name in NOTES else ""))
-    lines += ["", "## Not run yet", "", "Refool, the other seeds of BadNets and Blend, and the attacks since the "
-              "paper (the session's time ran out); the prepared commands:", ""]
-    lines += [f"    {command}" for command in (*PREPARED, SINCE)] + [""]
+    ran = {r["cell"]["attack"] for r in results}
+    missing = [a for a in PAPER_ATTACKS.split(",") if a not in ran]
+    prepared = list(PREPARED)
+    if missing:  # a grid stopped early (SIGTERM: `bench run` keeps what finished)
+        prepared.insert(0, f"bench run --datasets cifar10 --models wrn-16-1 --attacks {','.join(missing)} --seeds 0 "
+                           "--detectors all --profile quick --output detection-quick-rest.json")
+    lines += ["", "## Not run yet", "", "Refool" + "".join(f", {a}" for a in missing) + ", the other seeds of BadNets "
+              "and Blend, and the attacks since the paper (the session's time ran out); the prepared commands:", ""]
+    lines += [f"    {command}" for command in (*prepared, SINCE)] + [""]
     return "\n".join(lines)
 
 
