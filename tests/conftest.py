@@ -292,20 +292,19 @@ def badnets_detection():
       data detector inspects, so a larger one would dilute the poison there: AC's verdict turns on it);
     - ``inputs``: 300 clean test images and 300 triggered ones (the ASR set: target-class images
       excluded), shuffled together, ``triggered`` (bool) marking them;
-    - ``ctx``: the DetectionContext of a WRN-16-1 on CIFAR-10, seed 0."""
+    - ``ctx``: the DetectionContext of a WRN-16-1 on CIFAR-10, seed 0, as the engine makes it."""
     import json
     import types
 
     import torch
 
-    from nadbench import DetectionContext
     from nadbench.engine.poisoning import seeded
     from nadbench.engine.registry import get_registry
-    from nadbench.training.models import build, classifier_name
+    from nadbench.engine.stages.detect import context
     from nadbench.training.subsets import clean_subset, limit
 
     registry = get_registry()
-    spec, arch = registry.dataset("cifar10"), registry.model("wrn-16-1")
+    spec = registry.dataset("cifar10")
     meta = json.loads((FIXTURES / "fixtures.json").read_text())["models"]["badnets-wrn16-1.safetensors"]
     attack = registry.attack("badnets")(registry.attack("badnets").Config(**json.loads(meta["attack.config"])))
     attack.num_classes = spec.num_classes
@@ -321,10 +320,8 @@ def badnets_detection():
     trig_in = triggered.images[torch.randperm(len(triggered), generator=g)[:300]]
     order = torch.randperm(600, generator=g)
     model = fixture_model("badnets")
-    built = build(arch, spec)
-    ctx = DetectionContext(device=torch.device("cpu"), num_classes=10, seed=0, arch="wrn-16-1",
-                           layers=tuple(arch.attention_layers), classifier_layer=classifier_name(built, arch),
-                           build_model=lambda name: build(registry.model(name), spec), progress=False)
+    ctx = context(registry, spec, arch="wrn-16-1", seed=0, device=torch.device("cpu"),
+                  log_metric=lambda *a, **k: None, log_figure=lambda figure, path: None, progress=False)
     return types.SimpleNamespace(
         model=model, clean_model=fixture_model("clean"), attack=attack, data=poisoned.subset(rows),
         poisoned=truth[rows], clean=clean_subset(train, 0.01, seed=0),

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ...contract.api import DatasetSpec, DetectionContext, Split
+from ...training.attention import layer_names
 from ...training.models import build, classifier_name
 from ...training.subsets import clean_subset, limit
 from ..detecting import Detected, detection_metrics, inspect_data, screen_inputs
@@ -24,7 +25,8 @@ def context(registry, dataset: DatasetSpec, *, arch: str, seed: int, device: tor
     built = build(spec, dataset) if spec else None
     return DetectionContext(
         device=device, num_classes=dataset.num_classes, seed=seed, arch=arch,
-        layers=tuple(spec.attention_layers) if spec else (), classifier_layer=classifier_name(built, spec) if spec else "",
+        layers=layer_names(built, spec.attention_layers) if spec else (),
+        classifier_layer=classifier_name(built, spec) if spec else "",
         build_model=lambda name: build(registry.model(name), dataset, device), log_metric=log_metric,
         log_figure=log_figure, progress=progress)
 
