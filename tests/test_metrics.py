@@ -1,4 +1,6 @@
 """RA and DER (issue: beyond ASR) on hand-computed examples, in tables and in the run summary."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,26 @@ def test_the_leaderboard_ranks_defenses_by_der_and_never_pools_profiles_or_confi
     metrics = table.summary_metrics(board)
     assert metrics["finetune.der"] == pytest.approx(75)
     assert metrics["nad quick 1.reactivated.asr"] == 80  # what MLflow allows in a metric name
+
+
+def test_the_leaderboards_weigh_each_attack_once_when_seeds_ran_different_attacks():
+    """Seed 0 ran BadNets and Blend, seeds 1 and 2 only BadNets (a grid extended by seeds of some rows):
+    the mean is over the attacks of each one's mean over its seeds, as the table's average row, never a
+    mean of per-seed averages (which would count BadNets three times); the std is over seeds on BadNets."""
+    from nadbench.commands import detections, tables
+
+    before = {"asr": 1.0, "acc": 0.9, "ra": 0.0}
+    ders = [("badnets", 0, 0.0), ("blend", 0, 1.0), ("badnets", 1, 0.0), ("badnets", 2, 0.5)]
+    results = []
+    for attack, seed, asr in ders:
+        r = _result("nad", seed, before, {"asr": asr, "acc": 0.9, "ra": 0.0})
+        r["cell"]["attack"] = attack
+        results.append({**r, "profile": "quick", "defense_config": {}})
+    nad = tables.leaderboard(results)[0]["der"]
+    # DER: 100 where ASR falls to 0, 50 where it stays, 75 at half; BadNets (100 + 100 + 75) / 3, Blend 50
+    assert nad["mean"] == pytest.approx((275 / 3 + 50) / 2) and nad["seeds"] == 3
+    assert nad["std"] == pytest.approx(statistics.stdev([100, 100, 75]))
+    cells = [{"kind": "detection", "cell": {"dataset": "c", "attack": a, "seed": s, "detector": "x", "defense": "-"},
+              "level": "data", "detection": {"auroc": v, "tpr": v}, "profile": "quick", "detector_config": {}}
+             for a, s, v in [("badnets", 0, 1.0), ("refool", 0, 0.5), ("badnets", 1, 1.0), ("badnets", 2, 1.0)]]
+    assert detections.leaderboard(cells)[0]["auroc"]["mean"] == pytest.approx(75)  # not (75 + 100 + 100) / 3

@@ -9,7 +9,7 @@ import io
 import json
 import statistics
 
-from .tables import FORMATS, Stat, _mean
+from .tables import FORMATS, Stat, _mean, over_seeds
 
 METRICS = ("auroc", "tpr")
 ALL_METRICS = ("auroc", "tpr", "precision", "recall", "f1", "fpr")
@@ -91,8 +91,8 @@ def render(t: dict, fmt: str = "text", fpr: float = 0.05) -> str:
 
 
 def leaderboard(results: list[dict]) -> list[dict]:
-    """The detectors ranked by AUROC: per seed, a detector's AUROC averaged over the attacks it ran on,
-    then mean ± std over seeds; beside it, averaged over its cells, TPR at the FPR, its decision's F1
+    """The detectors ranked by AUROC: averaged over the attacks it ran on, ± its std over seeds
+    (``tables.over_seeds``); beside it, averaged over its cells, TPR at the FPR, its decision's F1
     and, for input detectors, the seconds per input. Configurations and profiles are never pooled."""
     cells = detections(results)
 
@@ -102,15 +102,11 @@ def leaderboard(results: list[dict]) -> list[dict]:
     board = []
     for g in groups:
         mine = [r for r in cells if group(r) == g]
-        per_seed: dict[int, list[float]] = {}
-        for r in mine:
-            per_seed.setdefault(r["cell"]["seed"], []).append(100 * r["detection"]["auroc"])
-        auroc = Stat({s: statistics.fmean(v) for s, v in per_seed.items()})
         label = g[0] + (f" [{g[1]}]" if len({h[1] for h in groups if h[0] == g[0]}) > 1 else "")
         siblings = [h for h in groups if h[:2] == g[:2]]
         label += f" #{siblings.index(g) + 1}" if len(siblings) > 1 else ""
         board.append({"detector": label, "level": mine[0]["level"], "profile": g[1], "config": json.loads(g[2]),
-                      "auroc": {"mean": auroc.mean, "std": auroc.std, "seeds": len(auroc.values)},
+                      "auroc": over_seeds(mine, lambda r: 100 * r["detection"]["auroc"]),
                       "attacks": len({(r["cell"]["dataset"], r["cell"]["attack"]) for r in mine}),
                       "tpr": statistics.fmean(100 * r["detection"]["tpr"] for r in mine),
                       "f1": _mean([100 * r["detection"]["f1"] for r in mine if "f1" in r["detection"]]),

@@ -378,9 +378,27 @@ def figure(t: Table, title: str = ""):
 
 # ------------------------------------------------------------------------------------ leaderboard
 
+def over_seeds(cells: list[dict], value) -> dict:
+    """``value(cell)`` summarised as a leaderboard shows it: ``mean``, the mean over the cells' rows (every
+    axis but the seed and the method) of each row's mean over its seeds, as a table's average row; ``std``,
+    over seeds, of their average over the rows every seed ran (0 with one seed); ``seeds``. A per-seed
+    average over whatever rows each seed ran would weigh seeds that ran only the easy rows as a full grid."""
+    by_row: dict[str, list[float]] = {}
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in cells:
+        row = json.dumps({k: v for k, v in r["cell"].items() if k not in ("seed", "defense", "detector")},
+                         sort_keys=True)
+        by_row.setdefault(row, []).append(value(r))
+        by_seed.setdefault(r["cell"]["seed"], {})[row] = value(r)
+    common = set.intersection(*(set(rows) for rows in by_seed.values()))
+    per_seed = [statistics.fmean(rows[row] for row in common) for rows in by_seed.values()] if common else []
+    return {"mean": statistics.fmean(statistics.fmean(v) for v in by_row.values()),
+            "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0, "seeds": len(by_seed)}
+
+
 def leaderboard(results: list[dict]) -> list[dict]:
-    """The defenses of one or more grids ranked by DER: per seed, a defense's DER averaged over the
-    rows (attacks, and other axes) it ran on; then mean ± std over seeds. Beside it, averaged over
+    """The defenses of one or more grids ranked by DER: averaged over the rows (attacks, and other axes)
+    it ran on, ± its std over seeds (``over_seeds``). Beside it, averaged over
     its cells: the ACC drop (points, before - after), ASR and RA after, and where the reactivation
     check ran, the ASR it regained and the clean model's after the same retuning. A defense is
     grouped by name, profile and configuration: cells of different profiles or configurations are
@@ -394,10 +412,6 @@ def leaderboard(results: list[dict]) -> list[dict]:
     for g in groups:
         d, prof, config = g
         mine = [r for r in cells if group(r) == g]
-        per_seed: dict[int, list[float]] = {}
-        for r in mine:
-            per_seed.setdefault(r["cell"]["seed"], []).append(100 * _metric(r, "after", "der"))
-        ders = Stat({s: statistics.fmean(v) for s, v in per_seed.items()})
         react = [r["reactivated"] for r in mine if r.get("reactivated")]
         label = d  # several profiles or configs of one defense are never pooled: told apart
         if len({h[1] for h in groups if h[0] == d}) > 1:
@@ -407,7 +421,7 @@ def leaderboard(results: list[dict]) -> list[dict]:
             label += f" #{siblings.index(g) + 1}"
         board.append({
             "defense": label, "profile": prof, "config": json.loads(config),
-            "der": {"mean": ders.mean, "std": ders.std, "seeds": len(ders.values)},
+            "der": over_seeds(mine, lambda r: 100 * _metric(r, "after", "der")),
             "rows": len({(r["cell"]["dataset"], r["cell"]["attack"]) for r in mine}),
             "acc_drop": statistics.fmean(100 * (r["before"]["acc"] - r["after"]["acc"]) for r in mine),
             "asr_after": statistics.fmean(100 * r["after"]["asr"] for r in mine),
