@@ -13,7 +13,8 @@ The engine and the toolkit sit side by side: neither imports the other.
 """
 from . import moved
 from .contract.api import (DETECTOR_LEVELS, TARGET_MODES, Attack, AttackContext, DatasetSpec, Defended, Defense,
-                           DefenseContext, Detection, DetectionContext, Detector, ModelSpec, Split)
+                           DefenseContext, Detection, DetectionContext, Detector, ModelSpec, Split,
+                           TrainingContext, TrainingDefense)
 from .contract.config import ConfigError, param
 from .contract.hookspecs import hookimpl
 from .contract.sources import Deviation, Source
@@ -22,4 +23,4 @@ moved.install()
 
 __version__ = "0.1.0"
 __all__ = ["DETECTOR_LEVELS", "Detection", "DetectionContext", "Detector", "TARGET_MODES", "Attack", "AttackContext", "ConfigError", "DatasetSpec", "Defended", "Defense", "DefenseContext",
-           "ModelSpec", "Source", "Deviation", "Split", "hookimpl", "param"]
+           "ModelSpec", "Source", "Deviation", "Split", "TrainingContext", "TrainingDefense", "hookimpl", "param"]

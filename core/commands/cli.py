@@ -196,7 +196,7 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
         picked = getattr(attacks, "picked_by_all", ())
         cells = expand(registry, datasets, attacks, defenses, students, teachers, seeds,
                        tuple(teacher_sources.split(",")), clean_shares, picked, detectors)
-        cells = _detectable(registry, cells, plugin_over, prof)
+        cells = _threat_models(registry, cells, plugin_over, prof, getattr(defenses, "picked_by_all", ()))
         for name in picked:
             only = registry.attack(name).all_datasets
             if only and set(datasets) - set(only):
@@ -211,21 +211,29 @@ def _grid(registry, datasets, attacks, defenses, students, teachers, teacher_sou
     return prof, plugin_over, cells, dev
 
 
-def _detectable(registry, cells, overrides, prof):
-    """``cells`` less the data detectors' cells on attacks that control training (their poisoning is no
-    stored set of rows to inspect), each pair skipped with a note."""
+def _threat_models(registry, cells, overrides, prof, defenses_by_all=()):
+    """``cells`` less the pairs an attack that controls training makes with a data detector (its poisoning
+    is no stored set of rows to inspect) and with a training-time defense that ``--defenses all`` chose
+    (the defender would run the training the attacker runs; one named is refused by ``check_grid``),
+    each pair skipped with a note."""
     from ..engine.plan import configured
 
-    kept, skipped = [], {}
+    kept, skipped, untrained = [], {}, {}
     for cell in cells:
-        if cell.detector and registry.detector(cell.detector).level == "data" and \
-                configured(registry, "attacks", cell.attack, overrides, prof).controls_training:
+        controls = lambda: configured(registry, "attacks", cell.attack, overrides, prof).controls_training  # noqa: E731
+        if cell.detector and registry.detector(cell.detector).level == "data" and controls():
             skipped.setdefault(cell.attack, set()).add(cell.detector)
-            continue
-        kept.append(cell)
+        elif not cell.detector and cell.defense in defenses_by_all and registry.defense(cell.defense).trains \
+                and controls():
+            untrained.setdefault(cell.attack, set()).add(cell.defense)
+        else:
+            kept.append(cell)
     for attack, detectors in skipped.items():
         click.echo(f"note: skipped {', '.join(sorted(detectors))} on {attack}: {attack} runs the training of its "
                    "model (its poisoning is no set of training rows a data detector could inspect)", err=True)
+    for attack, defenses in untrained.items():
+        click.echo(f"note: skipped {', '.join(sorted(defenses))} on {attack}: {attack} runs the training of its "
+                   "model, and a training-time defense is a defender who runs it", err=True)
     return kept
 
 
@@ -635,6 +643,9 @@ def _list_item(k: str, name: str, item, sources: bool = False) -> None:
     if k == "detectors":
         click.echo(f"      level: {item.level}" + (" (reads the model trained on the set)" if item.level == "data"
                                                     and item.uses_model else ""))
+    if k == "defenses" and item.trains:
+        click.echo("      training-time: trains a model on the poisoned set (bench train; refused on attacks that "
+                   "control training)")
     if sources and k in METHOD_KINDS:
         for line in describe_sources(item) or ["no sources declared"]:
             click.echo(f"      {line}")
@@ -834,6 +845,9 @@ def defend(model_file, arch, clean_data, defense_name, sets, test_data, triggere
         if teacher_file:
             read_safetensors(teacher_file)
         spec, defense_cls = registry.model(arch), registry.defense(defense_name)
+        if defense_cls.trains:
+            fail(f"{defense_name} is a training-time defense: it trains a model on a supplied set "
+                 f"(bench train --defense {defense_name}) and repairs none")
         if teacher_arch:
             registry.model(teacher_arch)
         _check_data_options(registry, defense_name, defense_cls, clean_data, test_data, triggered_data, target)
@@ -948,6 +962,110 @@ def detect(model_file, detector_name, arch, data_given, inputs_given, clean_data
                f"{report['inspected']}; flagged {report['n_flagged']} ({report['decision']})")
     click.echo(f"wrote {report['scores']}, {report['flagged']}, {output.with_suffix('.report.json')}, "
                f"{report['figure']}")
+
+
+@main.command()
+@click.option("--data", "data_given", required=True, metavar="DATA",
+              help="The training set you were handed: an ImageFolder folder or archive, or a registered dataset's "
+                   "training split as NAME[:SHARE] (e.g. cifar10).")
+@click.option("--model", "arch", default="wrn-16-1", show_default=True,
+              help="The architecture to train (`bench list models`).")
+@click.option("--defense", "defense_name", default="abl", show_default=True,
+              help="A training-time defense (abl, filter-retrain[@DETECTOR], ...), or none for plain training.")
+@profile_option("The training schedule (see `bench list profile`): epochs, lr, augmentation.")
+@sets_option("Override the defense's, its detector's or the profile's config: abl.isolation=0.02, "
+             "spectral.eps=0.2, profile.epochs=5.")
+@click.option("--clean", "clean_data", default=None, metavar="DATA",
+              help="Clean data you trust (folder, archive or NAME:SHARE), for defenses that use it (filter-retrain: "
+                   "its detector's threshold).")
+@click.option("--test", "test_data", default=None, metavar="DATA",
+              help="Data for ACC (NAME[:SHARE] of a registered dataset's test split, or a folder/archive); "
+                   "default: a held-out 10% of --data, kept out of training.")
+@click.option("--triggered", "triggered_data", default=None, metavar="DATA",
+              help="Triggered images with their true labels (ImageFolder), for ASR, if you have some.")
+@click.option("--target", type=int, default=None, help="The backdoor's target label (with --triggered); default: "
+                                                        "the folder's targets.csv.")
+@click.option("--baseline", is_flag=True, help="Also train the model plainly and report it beside the defended one.")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="A detector that only scores flags rows above this false-positive rate's threshold on --clean.")
+@model_output_option("trained.safetensors", "Where to write the trained model (safetensors); the report goes "
+                                            "beside it.")
+@click.option("--normalize", default=None, metavar="DATASET",
+              help="Take the input normalisation from a registered dataset (default: --data's, or its pixels').")
+@click.option("--image-size", type=int, default=None,
+              help="Resize folder images to this size (default: the named dataset's, else 32).")
+@seed_option
+@machine_options
+@tracking_options(experiment="nadbench-train")
+@computing_options
+def train(data_given, arch, defense_name, profile_name, sets, clean_data, test_data, triggered_data, target, baseline,
+          fpr, output, normalize, image_size, seed, device, data_root, tracking_uri, experiment, tracking_timeout,
+          progress, precision, compile_, threads):
+    """Train a model on a training set you were handed, part of which may be poisoned, with a
+    training-time defense; write the model and a report (ACC, and ASR with --triggered).
+
+    \b
+    Example:  bench train --data handed-train/ --model wrn-16-1 --defense abl --test cifar10 \\
+                --triggered triggered --output model.safetensors
+    """
+    from ..contract.config import ConfigError
+    from ..engine.plan import config_values
+    from ..engine.registry import PluginError
+    from ..engine.runner import profile, resolve_device
+    from ..engine.tracking import Tracker, TrackingError
+    from ..training.data import DataError
+    from ..training.settings import use
+    from .training import NONE, train_file
+    from .userfiles import HandoverError
+
+    registry = _registry()
+    try:
+        registry.model(arch)
+        named = defense_name != NONE
+        defense_name = registry.canonical("defenses", defense_name) if named else NONE
+        defense_cls = registry.defense(defense_name) if named else None
+        if defense_cls is not None and not defense_cls.trains:
+            trains = [n for n in registry.names("defenses") if registry.defense(n).trains]
+            fail(f"{defense_name} repairs a trained model (use bench defend); bench train takes a training-time "
+                 f"defense: {', '.join([*trains, NONE])}")
+        _, overrides = config_values(registry, "defenses", defense_name, {}) if named else (None, {})
+        detectors = list(defense_cls.from_overrides(overrides).uses_detectors) if named else []
+        prof_over, plugin_over = _parse_sets(sets, registry, {"defenses": [defense_name] if named else [],
+                                                              "detectors": detectors})
+        prof = profile(profile_name, prof_over)
+        if named:
+            _, overrides = config_values(registry, "defenses", defense_name, plugin_over)
+            defense_cls.from_overrides(overrides)
+        detector_over = {n: config_values(registry, "detectors", n, plugin_over)[1] for n in detectors}
+        mean_std = _normalisation(registry, normalize or (data_given.partition(":")[0]
+                                                          if data_given.partition(":")[0] in registry.names("datasets")
+                                                          else None), None, None)
+        dev = resolve_device(device)
+        data = _user_data(registry, image_size, seed, data_root, None, data_given, None, ())[1]
+        test, clean, triggered, _ = _user_data(registry, image_size, seed, data_root, test_data, clean_data,
+                                               triggered_data, ())
+        settings = run_settings(str(dev), precision, compile_, threads)
+        with use(settings):
+            report = train_file(registry, data=data, arch=arch, defense_name=defense_name, overrides=overrides,
+                                detector_overrides=detector_over, clean=clean, test=test, triggered=triggered,
+                                target=target, prof=prof, mean=mean_std[0], std=mean_std[1], seed=seed, device=dev,
+                                out=output, fpr=fpr, baseline=baseline, progress=progress,
+                                make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout))
+    except (HandoverError, ConfigError, PluginError, DataError) as exc:
+        fail(str(exc))
+    except TrackingError as exc:
+        fail(str(exc), running=True)
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    after = report["after"]
+    line = f"ACC {100 * after['acc']:.2f}" + (f", ASR {100 * after['asr']:.2f}" if "asr" in after else "")
+    if report["before"]:
+        b = report["before"]
+        line += f" (plain training: ACC {100 * b['acc']:.2f}" + (f", ASR {100 * b['asr']:.2f}" if "asr" in b else "")
+        line += ")"
+    click.echo(f"{defense_name}: {arch} trained on {report['n_train']} images of {report['data']}; {line}")
+    click.echo(f"took {report['time_defense_s']:.0f} s ({report['time_total_s']:.0f} s in all); wrote {output}, "
+               f"{output.with_suffix('.report.json')}")
 
 
 def _detect_data(registry, wanted: str, where: str, clean_data: str, image_size, seed: int, data_root):

@@ -316,12 +316,67 @@ class Defense(_Configurable):
     # False for a data-free defense (CLP): the core then hands ``defend`` an empty clean split (it
     # reads no data, by construction), and `bench defend` runs it without ``--clean``.
     uses_clean_data: ClassVar[bool] = True
+    # True for a training-time defense (:class:`TrainingDefense`): it trains the model itself.
+    trains: ClassVar[bool] = False
 
     def check(self, student_layers: tuple[str, ...], teacher_layers: tuple[str, ...]) -> None:
         """Validate the config against the architectures; the default accepts everything."""
 
     def defend(self, model: "nn.Module", clean: Split, ctx: DefenseContext) -> "nn.Module | Defended":
         raise NotImplementedError
+
+
+@dataclass
+class TrainingContext:
+    """What a training-time defense may use: the architecture it trains, the profile's schedule,
+    models and detectors, device, seed, logging. Never which rows are poisoned, nor the attack."""
+
+    device: Any
+    num_classes: int
+    arch: str                             # the architecture to train
+    seed: int
+    schedule: Any = None                  # the profile's training schedule (nadbench.training.train.Optim)
+    layers: tuple[str, ...] = ()          # the architecture's attention layers (dotted module names)
+    classifier_layer: str = ""
+    # A fresh model of ``arch`` (float [0, 1] input, on device), initialised from the seed as plain training's is.
+    build_model: Callable[[], "nn.Module"] = None  # type: ignore[assignment]
+    # The model plain training on the same set gives (the profile's schedule): what a defender who
+    # trains first and inspects after holds. A grid reuses its stored backdoored model; a fresh copy per call.
+    plain_model: Callable[[], "nn.Module"] = None  # type: ignore[assignment]
+    # ``detect(name)``: a registered data detector the defense names in ``uses_detectors``, run by the
+    # engine over the training set (the clean share mixed in, as in a detection cell): a score per
+    # row and a decision (the detector's own, else the threshold at the run's FPR on the clean share).
+    detect: Callable[[str], "Detection"] = None  # type: ignore[assignment]
+    log_metric: Callable[[str, float, int | None], None] = lambda key, value, step=None: None
+    log_figure: Callable[[Any, str], None] = lambda figure, path: None
+    progress: bool = True
+
+
+class TrainingDefense(Defense):
+    """A training-time defense: the defender trains the model on a set someone else supplied, part of it
+    poisoned, unknown which. ``train(data, clean, ctx)`` returns the model it trained (or a
+    :class:`Defended`), through the core loop (``nadbench.training.train.train`` with a ``Step``).
+
+    It is a :class:`Defense` so that it is picked, configured, reported and ranked as every defense is
+    (ACC, ASR, RA, DER against the plainly trained model of the same poisoning and seed); the engine
+    refuses it on attacks that control training (``Attack.controls_training``), whose threat model has
+    the attacker run the training this defender runs. ``uses_clean_data`` (default False) gives it the
+    cell's clean share; ``uses_detectors`` names the data detectors it runs through ``ctx.detect``
+    (their configs and code are in its stored model's key)."""
+
+    trains: ClassVar[bool] = True
+    uses_clean_data: ClassVar[bool] = False
+
+    @property
+    def uses_detectors(self) -> tuple[str, ...]:
+        return ()
+
+    def train(self, data: Split, clean: Split, ctx: TrainingContext) -> "nn.Module | Defended":
+        raise NotImplementedError
+
+    def defend(self, model, clean, ctx):
+        raise TypeError(f"{self.name} is a training-time defense: it trains a model on the supplied set "
+                        "(train(data, clean, ctx)) and repairs none; use `bench train`, or a grid cell")
 
 
 DETECTOR_LEVELS = ("data", "input")

@@ -87,10 +87,10 @@ def inspect_data(detector: Detector, data: Split, clean: Split, model, ctx: Dete
     out = checked(detector, detector.detect(inspected, clean, model if detector.uses_model else None, ctx),
                   len(inspected))
     seconds = time.perf_counter() - start
-    cut = threshold(out.scores[reference], fpr)
     own = out.flagged is not None
+    cut = None if own else threshold(out.scores[reference], fpr)  # a detector's own decision needs no clean share
     flagged = out.flagged[rows] if own else out.scores[rows] > cut
-    return Detected(out.scores[rows], flagged, own, seconds, None if own else cut, out.scores[reference])
+    return Detected(out.scores[rows], flagged, own, seconds, cut, out.scores[reference])
 
 
 def score_inputs(detector: Detector, model, images: torch.Tensor, batch_size: int = BATCH) -> Detection:

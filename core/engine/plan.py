@@ -26,8 +26,9 @@ TRAIN_CODE = ("nadbench.engine.stages.train",)
 FUSED_CODE = ("nadbench.engine.stages.fused",)  # in the train keys of a --fused run (not in the others: their keys stay)
 CELL_CODE = ("nadbench.engine.stages.defend",)
 DETECT_CODE = ("nadbench.engine.stages.detect",)
+TRAIN_DEFENSE_CODE = ("nadbench.engine.stages.train_defense",)
 # Stage folders under the cache (``$NADBENCH_CACHE``, default ~/.cache/nadbench).
-MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers)
+MODELS_DIR = "models"   # trained models (clean, backdoored, supplied teachers, training-time defenses')
 POISON_DIR = "poison"   # poisonings: changed training rows, the ASR set, what the attack logged
 KIND_PREFIX = {"attacks": "attack", "defenses": "defense", "detectors": "detector"}
 
@@ -98,6 +99,8 @@ class Plan:
     key: Key | None             # the cell's recorded result (None without a defense or detector)
     clean_share: float
     detector: Any = None        # the configured detector of a detection cell (its defense is None)
+    defended: Key | None = None  # the model a training-time defense trains (its stored train stage)
+    detectors: dict = dataclasses.field(default_factory=dict)  # the configured detectors that defense runs
 
     @property
     def uses_model(self) -> bool:
@@ -109,6 +112,7 @@ class Plan:
     def stored(self) -> list[tuple[str, Key]]:
         """(cache folder, key) of each stored stage the cell uses."""
         keys = [(POISON_DIR, self.poison)] + [(MODELS_DIR, self.student)] * self.uses_model
+        keys += [(MODELS_DIR, self.defended)] * bool(self.defended)
         return keys + [(MODELS_DIR, self.teacher)] * bool(self.teacher) + [(MODELS_DIR, self.clean)] * self.uses_clean
 
 
@@ -136,15 +140,33 @@ class Keys:
     def model(self, dataset: str, arch: str, seed: int, poison: str | None) -> Key:
         """The key of a model of ``arch`` trained with the profile's schedule on the clean training set
         (``poison`` None) or on the poisoning with that key."""
+        return stage_key("train", {
+            **self._training(dataset, arch, seed), "poison": poison,
+            "code": code_hash(*TRAIN_CODE, *(FUSED_CODE if "fused" in self.numerics else ()))})
+
+    def _training(self, dataset: str, arch: str, seed: int) -> dict[str, Any]:
+        """What every trained model's key holds: the training set, the architecture, the profile's fields
+        that change the weights, the device's numerics and the seed."""
         spec = self.registry.model(arch)
         prof = dataclasses.asdict(self.profile)
         for k in ("name", "clean_share", "finetune_lr", "test_limit", "detect_inputs"):  # no effect on the weights
             prof.pop(k)
-        return stage_key("train", {
-            "data": self._data(dataset, "train"), "poison": poison, "model": arch,
-            "model_plugin": [spec.provider, spec.source_hash],
-            "code": code_hash(*TRAIN_CODE, *(FUSED_CODE if "fused" in self.numerics else ())),
-            "device": self.device_type, "precision": self.numerics, "seed": seed, "profile": prof})
+        return {"data": self._data(dataset, "train"), "model": arch, "model_plugin": [spec.provider, spec.source_hash],
+                "device": self.device_type, "precision": self.numerics, "seed": seed, "profile": prof}
+
+    def defended(self, cell: Cell, defense, poison: Key, plain: Key, share: float) -> tuple[Key, dict]:
+        """The key of the model a training-time defense trains on the poisoning ``poison`` (the plainly
+        trained model's key ``plain`` beside it: the defense may start from it), and the configured
+        detectors it runs, whose configs and code the key holds."""
+        detectors = {name: self.configured("detectors", name) for name in defense.uses_detectors}
+        return stage_key("train-defense", {
+            **self._training(cell.dataset, cell.student, cell.seed), "poison": poison[0], "plain": plain[0],
+            "defense": defense.name, "config": cfgmod.key_values(defense.config),
+            "plugin": [defense.provider, defense.source_hash], "code": code_hash(*TRAIN_DEFENSE_CODE),
+            "detectors": {n: [d.name, cfgmod.key_values(d.config), d.provider, d.source_hash]
+                          for n, d in detectors.items()},
+            "clean_share": share if defense.uses_clean_data else None,
+            "fpr": self.fpr if detectors else None}), detectors
 
     def poison(self, cell: Cell, attack) -> Key:
         parts = {"data": self._data(cell.dataset, "train", "test"), "attack": attack.name,
@@ -171,15 +193,18 @@ class Keys:
         if defense.uses_teacher and cell.teacher_source == "supplied" and cell.teacher != cell.student:
             teacher = self.model(cell.dataset, cell.teacher, cell.seed, poison[0])
         arch = self.registry.model(cell.teacher)
+        defended, detectors = self.defended(cell, defense, poison, student, share) if defense.trains else (None, {})
         key = stage_key("cell", {
-            "model": student[0], "defense": defense.name, "config": cfgmod.key_values(defense.config),
+            "model": student[0], "defended": defended and defended[0], "defense": defense.name,
+            "config": cfgmod.key_values(defense.config),
             "plugin": [defense.provider, defense.source_hash], "code": code_hash(*CELL_CODE),
             "teacher": [cell.teacher, cell.teacher_source, arch.provider, arch.source_hash],
             "teacher_model": teacher and teacher[0], "clean_share": share,
             "test": self._data(cell.dataset, "test"), "clean_reference": self.clean_reference,
             "reactivation": self.reactivation, "device": self.device_type})
         plan = Plan(cell, attack, defense, poison, student, teacher, clean,
-                    self.clean_reference or self.reactivation or attack.uses_clean_model, key, share)
+                    self.clean_reference or self.reactivation or attack.uses_clean_model, key, share,
+                    defended=defended, detectors=detectors)
         self._plans[cell] = plan
         return plan
 
@@ -215,6 +240,10 @@ def unreachable(text: str, registry: Registry) -> str | None:
         if parts.get("code") != code_hash(*TRAIN_CODE, *(FUSED_CODE if fused else ())):
             return "the train stage's code changed"
         kind, name, plugin = "models", parts.get("model"), parts.get("model_plugin")
+    elif stage == "train-defense":
+        if parts.get("code") != code_hash(*TRAIN_DEFENSE_CODE):
+            return "the training-time defense stage's code changed"
+        kind, name, plugin = "defenses", parts.get("defense"), parts.get("plugin")
     elif stage == "poison":
         if parts.get("code") != code_hash(*POISON_CODE):
             return "the poison stage's code changed"

@@ -19,7 +19,8 @@ from typing import Any
 import pluggy
 
 from ..contract import hookspecs
-from ..contract.api import DETECTOR_LEVELS, TARGET_MODES, Attack, DatasetSpec, Defense, Detector, ModelSpec
+from ..contract.api import (DETECTOR_LEVELS, TARGET_MODES, Attack, DatasetSpec, Defense, Detector, ModelSpec,
+                            TrainingDefense)
 from ..contract.config import ConfigError, PluginError, check_fields  # noqa: F401 — PluginError is re-exported
 
 GROUP = "nadbench"
@@ -101,7 +102,7 @@ def check_contract(kind: str, item: Any) -> None:
         raise PluginError(f"{what}: {exc}") from None
     fields = {f.name for f in dataclasses.fields(item.Config)}
     _check_profile_settings(what, item, fields)
-    for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data", "uses_model"):
+    for flag in ("uses_clean_model", "uses_teacher", "uses_clean_data", "uses_model", "trains"):
         if not isinstance(getattr(item, flag, True), bool):
             raise PluginError(f"{what}: {flag} must be True or False, not {getattr(item, flag)!r}")
     _check_variants(what, item, fields)
@@ -120,6 +121,13 @@ def check_contract(kind: str, item: Any) -> None:
             raise PluginError(f"{what} overrides {' and '.join(m + '()' for m in learnt)} but does not set "
                               "learns_trigger = True, without which the engine neither stores nor restores what "
                               "it learnt: set learns_trigger = True on the class")
+    elif kind == "defenses" and item.trains:
+        if not (issubclass(item, TrainingDefense) and _overrides(item, TrainingDefense, "train")):
+            raise PluginError(f"{what} trains (trains = True) and does not implement train(data, clean, ctx): "
+                              "subclass nadbench.TrainingDefense and implement it")
+        if item.uses_teacher:
+            raise PluginError(f"{what} trains (trains = True), and a training-time defense has no supplied teacher: "
+                              "it cannot set uses_teacher = True")
     elif kind == "defenses" and not _overrides(item, Defense, "defend"):
         raise PluginError(f"{what} does not implement defend(model, clean, ctx)")
     elif kind == "detectors":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..contract import config as cfgmod
 from ..training import data as datamod
 from . import poisoning as poisonmod
-from ..contract.api import DefenseContext
+from ..contract.api import Defended, DefenseContext
 from .defending import RESERVED_PREFIXES, apply_defense, measure_defended  # noqa: F401 — re-exported
 from .executors import pretrain_fused
 from .grid import PROFILES, TEACHER_SOURCES, Cell, Profile, profile, profile_values  # noqa: F401 — re-exported
@@ -40,6 +40,7 @@ from .stages import defend as defend_stage
 from .stages import detect as detect_stage
 from .stages import poison as poison_stage
 from .stages import train as train_stage
+from .stages import train_defense
 from .stages.defend import attention_layers, classifier_layer  # noqa: F401 — re-exported
 from .stages.train import check_learned  # noqa: F401 — re-exported
 from .store import StageCache, Store
@@ -76,16 +77,34 @@ def check_grid(registry: Registry, cells: list[Cell], overrides: dict[str, dict[
         return layers[arch, dataset]
 
     for cell in cells:
-        check_attack(configured(registry, "attacks", cell.attack, overrides, prof), registry.dataset(cell.dataset))
+        attack = configured(registry, "attacks", cell.attack, overrides, prof)
+        check_attack(attack, registry.dataset(cell.dataset))
         if cell.detector:
             configured(registry, "detectors", cell.detector, overrides, prof)
             continue
         defense_cls = registry.defense(cell.defense)
         defense = configured(registry, "defenses", cell.defense, overrides, prof)
+        if defense.trains:
+            check_training_defense(registry, defense, attack, overrides, prof)
         defense.check(layers_of(cell.student, cell.dataset), layers_of(cell.teacher, cell.dataset))
         if defense_cls.uses_classifier and not classifier_layer(registry, cell.student, cell.dataset):
             raise cfgmod.ConfigError(f"defense {defense_cls.name!r} prunes the inputs of the model's classifier "
                                      f"layer, and {cell.student!r} declares none (ModelSpec.classifier_layer)")
+
+
+def check_training_defense(registry: Registry, defense, attack, overrides=None, prof: Profile | None = None) -> None:
+    """A training-time defense pairs with an attack that poisons data, never with one that runs the
+    training of its model (the defender runs it here: two threat models), and runs data detectors only."""
+    if attack.controls_training:
+        raise cfgmod.ConfigError(f"defense {defense.name!r} trains the model on the supplied set, and attack "
+                                 f"{attack.name!r} runs the training of its model (its threat model has the attacker "
+                                 "train): pair training-time defenses with attacks that poison data (--defenses all "
+                                 "skips such pairs)")
+    for name in defense.uses_detectors:
+        detector = configured(registry, "detectors", name, overrides, prof)
+        if detector.level != "data":
+            raise cfgmod.ConfigError(f"defense {defense.name!r} runs detector {name!r}, which screens inputs: a "
+                                     "training-time defense runs data detectors (bench list detectors)")
 
 
 def expand(registry: Registry, datasets, attacks, defenses, students, teachers, seeds,
@@ -320,9 +339,15 @@ class Runner:
                 record_backdoor(t, run_id, p, before, {"backdoor.cache_hit": hit, "teacher.cache_hit": teacher_hit},
                                 len(train_set), len(test_set), t_backdoor, clean_ref)
             original = copy.deepcopy(model)
-            ctx = self.defense_context(plan, log, run_id)
-            repaired, t_defense, n_clean, measured = defend_stage.cell(plan.defense, model, train_set, test_set, p,
-                                                                       before, plan.clean_share, cell.seed, ctx)
+            if plan.defense.trains:
+                repaired, t_defense, n_clean = self.defended_model(plan, log, run_id)
+                measured = defend_stage.measured(repaired, test_set, p, before)
+                layers = defend_stage.layers_of(self.registry, spec, cell.student, repaired.model)
+            else:
+                ctx = self.defense_context(plan, log, run_id)
+                repaired, t_defense, n_clean, measured = defend_stage.cell(plan.defense, model, train_set, test_set,
+                                                                           p, before, plan.clean_share, cell.seed, ctx)
+                layers = ctx.student_layers
             result = {"cell": dataclasses.asdict(cell), "cell_key": plan.key[0], "before": before, **measured,
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": n_clean, "clean_model": clean_ref, "status": "FINISHED",
@@ -332,8 +357,7 @@ class Runner:
                 result["reactivated"] = self.reactivated(plan, repaired.model)
                 result["time_reactivation_s"] = time.perf_counter() - start
             if t:
-                record_result(t, run_id, plan, result, p, repaired, original, train_set, test_set,
-                              ctx.student_layers)
+                record_result(t, run_id, plan, result, p, repaired, original, train_set, test_set, layers)
             return result
 
     @_in_force
@@ -366,6 +390,39 @@ class Runner:
             if t:
                 record_detection(t, run_id, plan, result, p, detected, truth)
             return result
+
+    @_in_force
+    def defended_model(self, plan: Plan, log=lambda *a, **k: None, run_id: str | None = None):
+        """The model a cell's training-time defense trains on its poisoned set (``stages.train_defense``),
+        stored under ``plan.defended``. Returns (Defended, the defense's seconds, clean images it got)."""
+        c = plan.cell
+        spec, train_set, test_set = self.data(c.dataset)
+        p = self.poisoning(plan)
+        clean = defend_stage.clean_data(train_set, plan.clean_share, c.seed)
+        model = train_stage.initial(self.registry.model(c.student), spec, c.seed, self.device)
+
+        def compute():
+            plain = lambda: copy.deepcopy(self.supplied(plan, c.student)[0])  # noqa: E731
+            dctx = detect_stage.context(self.registry, spec, arch=c.student, seed=c.seed, device=self.device,
+                                        log_metric=log, log_figure=figure_logger(self.tracker, run_id, "detector"),
+                                        progress=self.progress)
+            detect = train_defense.detectors_for(plan.defense, plan.detectors, p.poisoned, clean, plain, dctx, self.fpr)
+            ctx = train_defense.context(self.registry, spec, arch=c.student, seed=c.seed, device=self.device,
+                                        schedule=train_stage.schedule(self.profile), plain_model=plain, detect=detect,
+                                        log_metric=log, log_figure=figure_logger(self.tracker, run_id),
+                                        progress=self.progress)
+            defended, seconds = train_defense.trained(plan.defense, p.poisoned, clean, ctx)
+            entry = {**defended.model.state_dict(), "defense/seconds": torch.tensor(seconds)}
+            return {k: v.detach().clone() for k, v in entry.items()}, entry
+
+        def load(stored):
+            path = self.cache.store.path(MODELS_DIR, plan.defended[0])
+            return {k: v.clone() for k, v in stored.items()} if _load_state(
+                model, train_stage.part(stored, ""), path) else None
+        entry, _ = self.cache.get(MODELS_DIR, plan.defended, compute, load, {"defense": plan.defense.name})
+        model.load_state_dict(train_stage.part(entry, ""))
+        n_clean = len(clean) if plan.defense.uses_clean_data else 0
+        return Defended(model.eval()), float(entry["defense/seconds"]), n_clean
 
     def defense_context(self, cell: Cell | Plan, log, run_id: str | None = None) -> DefenseContext:
         """What the cell's defense may reach (:func:`nadbench.engine.stages.defend.context`), with the

@@ -4,5 +4,6 @@ domain (``frequency``), warping fields (``warping``), implicit hypergradients (`
 learnt-trigger networks (``iad_networks``, ``stegastamp``); for detectors, a model read in batches
 (``features``: logits, penultimate features, a layer's output), clustering (``clusters``), robust
 statistics (``robust``), superimposition and pixel scaling (``perturb``) and the common image
-corruptions (``corruptions``). Built on the training core; beside the engine, which it never
+corruptions (``corruptions``); for training-time defenses, each row's loss and a set split by a
+decision or a rank (``samples``). Built on the training core; beside the engine, which it never
 imports (nor the engine it). This ``__init__`` imports nothing."""
