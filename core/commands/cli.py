@@ -220,7 +220,8 @@ def _threat_models(registry, cells, overrides, prof, defenses_by_all=()):
 
     kept, skipped, untrained = [], {}, {}
     for cell in cells:
-        controls = lambda: configured(registry, "attacks", cell.attack, overrides, prof).controls_training  # noqa: E731
+        def controls():
+            return configured(registry, "attacks", cell.attack, overrides, prof).controls_training
         if cell.detector and registry.detector(cell.detector).level == "data" and controls():
             skipped.setdefault(cell.attack, set()).add(cell.detector)
         elif not cell.detector and cell.defense in defenses_by_all and registry.defense(cell.defense).trains \
@@ -1009,47 +1010,30 @@ def train(data_given, arch, defense_name, profile_name, sets, clean_data, test_d
                 --triggered triggered --output model.safetensors
     """
     from ..contract.config import ConfigError
-    from ..engine.plan import config_values
     from ..engine.registry import PluginError
-    from ..engine.runner import profile, resolve_device
+    from ..engine.runner import resolve_device
     from ..engine.tracking import Tracker, TrackingError
     from ..training.data import DataError
     from ..training.settings import use
-    from .training import NONE, train_file
+    from .training import train_file
     from .userfiles import HandoverError
 
     registry = _registry()
     try:
         registry.model(arch)
-        named = defense_name != NONE
-        defense_name = registry.canonical("defenses", defense_name) if named else NONE
-        defense_cls = registry.defense(defense_name) if named else None
-        if defense_cls is not None and not defense_cls.trains:
-            trains = [n for n in registry.names("defenses") if registry.defense(n).trains]
-            fail(f"{defense_name} repairs a trained model (use bench defend); bench train takes a training-time "
-                 f"defense: {', '.join([*trains, NONE])}")
-        _, overrides = config_values(registry, "defenses", defense_name, {}) if named else (None, {})
-        detectors = list(defense_cls.from_overrides(overrides).uses_detectors) if named else []
-        prof_over, plugin_over = _parse_sets(sets, registry, {"defenses": [defense_name] if named else [],
-                                                              "detectors": detectors})
-        prof = profile(profile_name, prof_over)
-        if named:
-            _, overrides = config_values(registry, "defenses", defense_name, plugin_over)
-            defense_cls.from_overrides(overrides)
-        detector_over = {n: config_values(registry, "detectors", n, plugin_over)[1] for n in detectors}
-        mean_std = _normalisation(registry, normalize or (data_given.partition(":")[0]
-                                                          if data_given.partition(":")[0] in registry.names("datasets")
-                                                          else None), None, None)
+        defense_name, overrides, detector_over, prof = _train_configs(registry, defense_name, sets, profile_name)
+        named = data_given.partition(":")[0]
+        mean, std = _normalisation(registry, normalize or (named if named in registry.names("datasets") else None),
+                                   None, None)
         dev = resolve_device(device)
         data = _user_data(registry, image_size, seed, data_root, None, data_given, None, ())[1]
         test, clean, triggered, _ = _user_data(registry, image_size, seed, data_root, test_data, clean_data,
                                                triggered_data, ())
-        settings = run_settings(str(dev), precision, compile_, threads)
-        with use(settings):
+        with use(run_settings(str(dev), precision, compile_, threads)):
             report = train_file(registry, data=data, arch=arch, defense_name=defense_name, overrides=overrides,
                                 detector_overrides=detector_over, clean=clean, test=test, triggered=triggered,
-                                target=target, prof=prof, mean=mean_std[0], std=mean_std[1], seed=seed, device=dev,
-                                out=output, fpr=fpr, baseline=baseline, progress=progress,
+                                target=target, prof=prof, mean=mean, std=std, seed=seed, device=dev, out=output,
+                                fpr=fpr, baseline=baseline, progress=progress,
                                 make_tracker=lambda: Tracker(tracking_uri, experiment, timeout=tracking_timeout))
     except (HandoverError, ConfigError, PluginError, DataError) as exc:
         fail(str(exc))
@@ -1057,15 +1041,32 @@ def train(data_given, arch, defense_name, profile_name, sets, clean_data, test_d
         fail(str(exc), running=True)
     for note in report["notes"]:
         click.echo(f"note: {note}")
-    after = report["after"]
-    line = f"ACC {100 * after['acc']:.2f}" + (f", ASR {100 * after['asr']:.2f}" if "asr" in after else "")
-    if report["before"]:
-        b = report["before"]
-        line += f" (plain training: ACC {100 * b['acc']:.2f}" + (f", ASR {100 * b['asr']:.2f}" if "asr" in b else "")
-        line += ")"
-    click.echo(f"{defense_name}: {arch} trained on {report['n_train']} images of {report['data']}; {line}")
+
+    def metrics(m):
+        return f"ACC {100 * m['acc']:.2f}" + (f", ASR {100 * m['asr']:.2f}" if "asr" in m else "")
+    plain = f" (plain training: {metrics(report['before'])})" if report["before"] else ""
+    click.echo(f"{defense_name}: {arch} trained on {report['n_train']} images of {report['data']}; "
+               f"{metrics(report['after'])}{plain}")
     click.echo(f"took {report['time_defense_s']:.0f} s ({report['time_total_s']:.0f} s in all); wrote {output}, "
                f"{output.with_suffix('.report.json')}")
+
+
+def _train_configs(registry, defense_name: str, sets, profile_name: str):
+    """`bench train`'s defense (its canonical name; a repair refused), its config values and its detectors'
+    with the --set overrides, and the profile."""
+    from ..engine.plan import config_values
+    from ..engine.runner import profile
+    from .training import NONE, training_defense
+
+    cls = training_defense(registry, defense_name)
+    name = registry.canonical("defenses", defense_name) if cls else NONE
+    detectors = list(cls.from_overrides(config_values(registry, "defenses", name, {})[1]).uses_detectors) if cls else []
+    prof_over, plugin_over = _parse_sets(sets, registry, {"defenses": [name] if cls else [], "detectors": detectors})
+    overrides = config_values(registry, "defenses", name, plugin_over)[1] if cls else {}
+    if cls:
+        cls.from_overrides(overrides)
+    return (name, overrides, {n: config_values(registry, "detectors", n, plugin_over)[1] for n in detectors},
+            profile(profile_name, prof_over))
 
 
 def _detect_data(registry, wanted: str, where: str, clean_data: str, image_size, seed: int, data_root):

@@ -33,7 +33,9 @@ class ABLConfig:
     finetuning_epochs: int = param(60, "epochs of finetuning on the rows not isolated (0: none)", min=0, max=1000)
     finetuning_lr: float = param(0.1, "the finetuning's initial learning rate", min=0.0, max=10.0)
     milestones: tuple[int, ...] = param((40,), "finetuning epochs at which its lr drops 10x", min=0)
-    cutout: int = param(3, "the finetuning's cutout square (crop 4 and flips beside it; 0: off)", min=0, max=32)
+    crop: int = param(4, "the finetuning's random-crop padding (0: off)", min=0, max=16)
+    flip: bool = param(True, "the finetuning's random horizontal flips")
+    cutout: int = param(3, "the finetuning's cutout square (0: off)", min=0, max=32)
     unlearning_epochs: int = param(4, "epochs of gradient ascent on the isolated rows", min=0, max=1000)
     unlearning_lr: float = param(5e-4, "the unlearning's learning rate (constant)", min=0.0, max=10.0)
     batch_size: int = param(128, "batch size of every phase", min=1, max=65536)
@@ -89,8 +91,8 @@ class ABL(TrainingDefense):
         model, isolated = self.isolate(data, ctx)
         rest, suspects = split(data, isolated)
         if c.finetuning_epochs:
-            train(model, rest, self.optim(c.finetuning_epochs, c.finetuning_lr, milestones=c.milestones, crop=4,
-                                          flip=True, cutout=c.cutout), seed=ctx.seed, desc="abl finetuning",
+            train(model, rest, self.optim(c.finetuning_epochs, c.finetuning_lr, milestones=c.milestones, crop=c.crop,
+                                          flip=c.flip, cutout=c.cutout), seed=ctx.seed, desc="abl finetuning",
                   progress=ctx.progress)
         if c.unlearning_epochs:
             train(model, suspects, self.optim(c.unlearning_epochs, c.unlearning_lr), seed=ctx.seed, step=Ascent(),

@@ -7,7 +7,8 @@ the 1.5 eps highest-scoring rows, retrain), and the use every poisoned-data dete
 rows dropped are the detector's decision (its own, else the threshold at the run's false-positive
 rate on the clean share), or with ``drop`` > 0 that share of all rows with the highest scores.
 
-``filter-retrain@NAME`` runs the detector NAME (``bench list detectors``, the data level).
+``filter-retrain@NAME`` runs the built-in data detector NAME; any registered one (a third party's
+included) with ``--set filter-retrain.detector=NAME``.
 """
 from dataclasses import dataclass
 
