@@ -77,7 +77,7 @@ READING = """\
   content, and score near a coin (STRIP 45, IBD-PSC 60). Its poisoned rows are another matter: SCAn
   finds them (99.3).
 - BadNets, Trojan and Blend poison 10 % of the set with the target label (dirty label): the poison is then
-  more than half of the target class (about 2,000 of 3,800 rows), outside the assumption of Spectral, AC
+  more than half of the target class (about 5,000 of 9,500 rows), outside the assumption of Spectral, AC
   and SPECTRE that it is a minority. AC's score points at the smaller cluster, there the clean
   target-class rows: AUROC far *below* 0.5 on BadNets and Blend (0.13 / 0.12 / 0.60 over BadNets' three
   seeds: the split turns with the seed); SPECTRE's decision names another class.
@@ -133,7 +133,7 @@ def render(data: dict) -> str:
         lines += ["", f"stopped (SIGTERM, which keeps the finished cells) before {', '.join(stopped)}, for the "
                       "session's time: see Not run yet."]
     lines += ["", f"Machine: {data['machine']}; precision `auto` (the CLI's default). CIFAR-10, WRN-16-1, the "
-              "quick profile (20,000 training images, 10 epochs), clean share 5 % (1,000 images); input "
+              "quick profile (the 50,000 training images, 10 epochs), clean share 5 % (2,500 images); input "
               "detectors see 500 clean test images and 500 triggered ones (`profile.detect_inputs`). Own "
               "decisions: " + ", ".join(sorted({r["cell"]["detector"] for r in results if r["own_decision"]}))
               + "; the others get the engine's threshold.", "",
