@@ -16,6 +16,7 @@ from ...training.attention import layer_names
 from ...training.models import build, classifier_name
 from ..defending import apply_training_defense
 from ..detecting import FPR, inspect_data
+from .train import initial
 
 
 def context(registry, dataset: DatasetSpec, *, arch: str, seed: int, device: torch.device, schedule,
@@ -24,14 +25,10 @@ def context(registry, dataset: DatasetSpec, *, arch: str, seed: int, device: tor
     """What a training-time defense may reach, in a grid cell and in `bench train` alike."""
     spec = registry.model(arch)
     built = build(spec, dataset)
-
-    def fresh() -> torch.nn.Module:  # seeded as the train stage seeds plain training's model
-        torch.manual_seed(seed)
-        return build(spec, dataset, device)
     return TrainingContext(device=device, num_classes=dataset.num_classes, arch=arch, seed=seed, schedule=schedule,
                            layers=layer_names(built, spec.attention_layers),
                            classifier_layer=classifier_name(built, spec),
-                           build_model=fresh, plain_model=plain_model, detect=detect, log_metric=log_metric,
+                           build_model=lambda: initial(spec, dataset, seed, device), plain_model=plain_model, detect=detect, log_metric=log_metric,
                            log_figure=log_figure, progress=progress)
 
 
