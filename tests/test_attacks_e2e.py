@@ -46,8 +46,8 @@ pytestmark = pytest.mark.slow
 STRONGER = {
     "wanet": ({"strength": "3"}, 0.45),  # seeds 0/1/2: 0.65 / 0.73 / 0.59
     "bppattack": ({"squeeze": "4"}, 0.7),  # 0.93 / 0.93 / 0.93 (0.89 / 0.87 / 0.87 when a negative could be its own)
-    "ftrojan": ({"magnitude": "60"}, 0.8),  # 1.00 / 0.98 / 0.99
-    "adaptive-blend": ({"alpha": "0.3", "test_alpha": "0.3"}, 0.8),  # 1.00 / 0.98 / 0.96
+    "ftrojan@aligned": ({"magnitude": "60", "poison_rate": "0.1"}, 0.8),  # 1.00 / 0.98 / 0.99
+    "adaptive-blend@dense": ({"alpha": "0.3", "test_alpha": "0.3"}, 0.8),  # 1.00 / 0.98 / 0.96
     "badnets@all2all": ({"poison_rate": "0.3"}, 0.2),  # 0.33 / 0.29 / 0.32
     # IAD's generator costs more than this classifier: quarter-width networks, 30 % backdoor samples
     # per batch, 2 mask + 6 joint epochs: 0.79 / 0.90 / 0.95

@@ -5,6 +5,8 @@ import torch
 
 from conftest import real_subset
 from nadbench import ConfigError, Split
+from nadbench.engine import configured
+from nadbench.engine.registry import get_registry
 from nadbench.toolkit.frequency import dct2, dct_matrix, idct2, rgb_to_yuv, yuv_to_rgb
 from nadbench.plugins.attacks.adaptive_blend import AdaptiveBlend
 from nadbench.plugins.attacks.blend import Blend
@@ -56,9 +58,14 @@ def test_yuv_is_bt601_full_range_and_inverts():
 
 # ------------------------------------------------------------------------------ FTrojan
 def test_ftrojan_defaults_are_the_official_cifar10_settings():
+    """SoftWiser-group/FTrojan 300e05427f43, train.py's CIFAR-10 settings: 2 % of the training set
+    poisoned, the trigger in the stored images (the victim trains); data poisoning, not training control."""
     cfg = FTrojan().config
     assert (cfg.target, cfg.magnitude, cfg.positions, cfg.channels, cfg.window, cfg.yuv) == (
         8, 20.0, (15, 15, 31, 31), (1, 2), 32, True)
+    assert (cfg.poison_rate, cfg.after_augmentation, FTrojan().controls_training) == (0.02, False, False)
+    aligned = configured(get_registry(), "attacks", "ftrojan@aligned")
+    assert (aligned.config.after_augmentation, aligned.controls_training, aligned.config.poison_rate) == (True, True, 0.02)
     for bad in ({"positions": (15, 15, 31)}, {"positions": (15, 32)}, {"channels": (3,)}):
         with pytest.raises(ConfigError):
             FTrojan(FTrojan.Config(**bad))
@@ -151,7 +158,12 @@ def test_adaptive_blend_all_to_one_relabels_payload_to_the_target(train):
     changed = poisoned.labels != train.labels
     assert bool(torch.isin(changed.nonzero().flatten(), index).all()) and bool((poisoned.labels[changed] == 3).all())
     assert 20 - int((train.labels[index] == 3).sum()) <= int(changed.sum()) <= 20
-    assert AdaptiveBlend().config.poison_rate == AdaptiveBlend().config.cover_rate  # the official 1:1 ratio
+    # vtu81/backdoor-toolbox's README and config.py: 0.3 % payload, 0.3 % cover, alpha 0.15 / test 0.2
+    cfg = AdaptiveBlend().config
+    assert (cfg.poison_rate, cfg.cover_rate, cfg.alpha, cfg.test_alpha, cfg.pieces, cfg.mask_rate) == (
+        0.003, 0.003, 0.15, 0.2, 16, 0.5)
+    dense = configured(get_registry(), "attacks", "adaptive-blend@dense").config  # Blend's 10 %, 1:1
+    assert (dense.poison_rate, dense.cover_rate) == (0.05, 0.05)
 
 
 def test_adaptive_blend_test_trigger_is_the_whole_key_at_alpha_0_2(train):

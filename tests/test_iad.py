@@ -142,6 +142,31 @@ def test_the_step_trains_the_mask_first_then_classifier_and_generator_on_backdoo
     assert attack.generator is step.G and attack.mask_net is step.M  # the learnt trigger is the attack's
 
 
+@pytest.mark.parametrize("zero", [True, False])
+def test_the_generators_gradients_are_zeroed_every_step_unless_asked_to_sum_as_the_official_code(zero):
+    """VinAIResearch/input-aware-backdoor-attack-release 1750e4ff, train.py: only optimizerC.zero_grad()
+    in the joint loop, so netG's gradients sum over the run; ours zero them unless told not to."""
+    assert IAD().config.zero_generator_grads
+    attack = IAD(IAD.Config(p_attack=0.25, p_cross=0.25, width=8, zero_generator_grads=zero))
+    calls, grads = {"generator": 0, "classifier": 0}, []
+
+    class Counting(IADStep):
+        def update(self, model, x, y, optimizer):
+            if self.t >= self.m and not grads:  # count each optimizer's zero_grad from the first joint step
+                for name, opt in (("generator", self.optimizers["generator"]), ("classifier", optimizer)):
+                    opt.zero_grad = (lambda f, n: lambda **kw: (calls.__setitem__(n, calls[n] + 1), f(**kw)))(
+                        opt.zero_grad, name)
+            loss = super().update(model, x, y, optimizer)
+            if self.t >= self.m:
+                grads.append(next(self.G.parameters()).grad.clone())
+            return loss
+
+    train(_tiny_model(), toy_split(24, 0), Optim(epochs=2, lr=0.1, batch_size=8), seed=0, step=Counting(attack),
+          progress=False)
+    assert calls == {"generator": 3 if zero else 0, "classifier": 3}
+    assert len(grads) == 3 and not torch.equal(grads[1], grads[2])
+
+
 @pytest.mark.parametrize("epochs, mask", [(1, 0), (2, 1), (10, 2), (100, 25)])
 def test_mask_epochs_are_a_share_of_the_run_and_leave_joint_epochs(epochs, mask):
     assert IADStep(IAD()).mask_epochs(epochs) == mask

@@ -89,7 +89,7 @@ def test_a_trigger_after_augmentation_reaches_exactly_the_poisoned_rows_the_mode
     assert len(inputs) == 8 and sum(int(m.sum()) for m in masks) == 2 * len(poisoned)
     for x, mine in zip(inputs, masks):
         assert bool((x[mine] == 1).all()) and not bool((x[~mine] == 1).flatten(1).all(1).any())
-    ftrojan = configured(get_registry(), "attacks", "ftrojan")
+    ftrojan = configured(get_registry(), "attacks", "ftrojan@aligned")
     data = toy_split(40, 1)
     images = ftrojan.poison_images(data.images[:4], data.labels[:4])
     assert torch.equal(images, data.images[:4])  # the stored rows: relabelled, trigger added in training

@@ -12,13 +12,16 @@ alpha 0.2 (toolbox README: ``-alpha 0.15 -test_alpha 0.2``; the first repository
 0.2 for both); payload images are relabelled to the target (0), cover images keep their labels.
 All-to-one (``target_mode = all2all``: payload y -> (y + 1) mod C).
 
-Where we differ, and why: the official key is a Hello Kitty picture we cannot ship; the key here is
-Blend's seeded uniform-noise key (the same ``key_seed`` gives the same key as ``blend``). Rates: 0.05
-payload and 0.05 cover (official 0.003 and 0.003, over 200 epochs): our profile trains 10 epochs, and
-the official rates are unlikely to implant in so few; this modifies the same 10 % of the training set as
-Blend, in the official 1:1 ratio; ``--set adaptive-blend.poison_rate=0.003`` (and ``cover_rate``)
-gives the official shares. The indices :meth:`poison_train` returns are those of every modified image,
-payload and cover alike (only the payload ones take their :meth:`targets`).
+Rates as there: 0.3 % payload and 0.3 % cover. The low rate is what defines the attack (it keeps
+the poisoned rows close to the clean ones in the latent space); on the ``quick`` profile's 10 epochs
+it may not implant, and the results say so (benchmarks/results/table1-quick-authors-settings.md).
+``adaptive-blend@dense`` modifies the same 10 % of the training set as Blend, in the official 1:1
+ratio (0.05 / 0.05: what ran by default before).
+
+Where we differ, and why: the official key is a Hello Kitty picture (``hellokitty_32.png``) we cannot
+ship (neither repository has a licence); the key here is Blend's seeded uniform-noise key (the same
+``key_seed`` gives the same key as ``blend``). The indices :meth:`poison_train` returns are those of
+every modified image, payload and cover alike (only the payload ones take their :meth:`targets`).
 """
 from dataclasses import dataclass
 
@@ -31,8 +34,8 @@ from nadbench import TARGET_MODES, Attack, ConfigError, Deviation, Source, Split
 class AdaptiveBlendConfig:
     target: int = param(0, "target label", min=0)
     target_mode: str = param("all2one", "all2one, or all2all: y -> (y + 1) mod C", choices=TARGET_MODES)
-    poison_rate: float = param(0.05, "share of training images triggered and relabelled (payload)", min=0.0, max=1.0)
-    cover_rate: float = param(0.05, "share of training images triggered, labels kept (cover)", min=0.0, max=1.0)
+    poison_rate: float = param(0.003, "share of training images triggered and relabelled (payload)", min=0.0, max=1.0)
+    cover_rate: float = param(0.003, "share of training images triggered, labels kept (cover)", min=0.0, max=1.0)
     alpha: float = param(0.15, "blend weight of the key on training images", min=0.0, max=1.0)
     test_alpha: float = param(0.2, "blend weight of the whole key at test time", min=0.0, max=1.0)
     pieces: int = param(16, "number of key pieces, a square (4 x 4)", min=1)
@@ -49,9 +52,12 @@ class AdaptiveBlend(Attack):
                       repo="Unispac/Circumventing-Backdoor-Defenses", path="poison_tool_box/adaptive_blend.py",
                       commit="e7c070344a5c6004d6fbcdf0720e2d60ec808953"),)
     deviations = (Deviation("key", ours="Blend's seeded uniform-noise key", theirs="a Hello Kitty picture",
-                            why="a picture cannot ship"),
-                  Deviation("payload / cover rate", ours="0.05 / 0.05", theirs="0.003 / 0.003 (200 epochs)",
-                            why="the official shares are unlikely to implant in 10 epochs; Blend's 10 %, 1:1"))
+                            why="neither repository has a licence and neither says where the picture comes "
+                                "from: it cannot ship"),
+                  Deviation("schedule", ours="the profile's", theirs="200 epochs",
+                            why="one schedule for every attack of a grid"))
+    # adaptive-blend@dense: Blend's 10 % of the training set modified, in the official 1:1 ratio.
+    variant_defaults = {"dense": {"poison_rate": 0.05, "cover_rate": 0.05}}
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -8,18 +8,18 @@ in ``train.py`` and ``th_train.py: train_cifar10``), read for its settings; the 
 image), positions (15, 15) (mid) and (31, 31) (high), magnitude 20 in the orthonormal DCT, target 8,
 dirty-label, all-to-one (``target_mode = all2all``: y -> (y + 1) mod C).
 
-Where we differ, and why: poison_rate is 0.1 (official 0.02), the NAD paper's rate for every attack,
-because our profile trains 10 epochs with crops and flips (which shift and mirror the trigger's
-phase) where the official code trains 60 epochs without augmentation; ``--set ftrojan.poison_rate=0.02``
-gives the official share. The official code rounds to uint8 after each colour conversion and
-truncates the inverse DCT with ``astype(uint8)`` (negative values wrap around); here everything is
-float and rounded once, at the end. The transform is linear, so the trigger is an additive RGB
-pattern, the same for every image, computed once. The official code trains without augmentation, so
-the model always sees the trigger's exact phase; our profile crops and flips, which shifts the (31, 31)
-checkerboard by a pixel (negating it) and mirrors the rest. So by default (``after_augmentation``) the
-attack controls training: its step adds the trigger to the poisoned rows after augmentation, aligned
-as at test time (with it in the stored images instead, the quick profile did not implant it:
-benchmarks/results/table1-quick-modern-attacks.md).
+FTrojan is a data-poisoning attack: the attacker hands over the triggered images and the victim
+trains. So by default the trigger is in the stored images and the profile's crop and flip apply on
+top, at the authors' 2 % (``poison_rate`` 0.02). The official code trains without augmentation
+(``train.py``: 50 epochs; ``th_train.py``: 130), so the model always sees the trigger's exact phase; a crop shifts the (31, 31)
+checkerboard by a pixel (negating it) and a flip mirrors the rest, and on the ``quick`` profile the
+default barely implants (benchmarks/results/table1-quick-authors-settings.md). ``ftrojan@aligned``
+adds the trigger to the poisoned rows after the loop's augmentation, aligned as at test time: it
+gives the attacker the training loop (another threat model, refused beside a training-time defense),
+never the default. The official code rounds to uint8 after each colour conversion and truncates the
+inverse DCT with ``astype(uint8)`` (negative values wrap around); here everything is float and
+rounded once, at the end. The transform is linear, so the trigger is an additive RGB pattern, the
+same for every image, computed once.
 """
 from dataclasses import dataclass
 
@@ -34,7 +34,7 @@ from nadbench.training.steps import TriggerAfterAugmentation
 class FTrojanConfig:
     target: int = param(8, "target label", min=0)
     target_mode: str = param("all2one", "all2one, or all2all: y -> (y + 1) mod C", choices=TARGET_MODES)
-    poison_rate: float = param(0.1, "share of training images poisoned", min=0.0, max=1.0)
+    poison_rate: float = param(0.02, "share of training images poisoned", min=0.0, max=1.0)
     magnitude: float = param(20.0, "added to each chosen DCT coefficient (pixel scale 0..255)")
     positions: tuple[int, ...] = param((15, 15, 31, 31), "DCT positions in each window: row, column pairs",
                                        min=0, nonempty=True)
@@ -42,8 +42,9 @@ class FTrojanConfig:
                                       min=0, max=2, nonempty=True)
     window: int = param(32, "DCT window size (32: the whole CIFAR image)", min=1)
     yuv: bool = param(True, "trigger the YUV channels (False: RGB)")
-    after_augmentation: bool = param(True, "trigger training images after the profile's crop and flip, "
-                                           "aligned as at test time (False: in the stored images)")
+    after_augmentation: bool = param(False, "trigger training images after the profile's crop and flip, "
+                                            "aligned as at test time: the attacker controls training "
+                                            "(False: in the stored images, as published)")
 
 
 class FTrojan(Attack):
@@ -55,23 +56,26 @@ class FTrojan(Attack):
                       repo="SoftWiser-group/FTrojan", path="train.py",
                       commit="300e05427f433ac474d5cf7da4440e686c23ee4c",
                       backdoorbench="config/attack/ftrojannn/default.yaml"),)
-    deviations = (Deviation("poison_rate", ours="0.1", theirs="0.02", bb="0.1",
-                            why="the NAD paper's rate; 10 augmented epochs, not 60 plain ones"),
-                  Deviation("magnitude", ours="20", theirs="20", bb="30", why="the authors' setting"),
+    deviations = (Deviation("magnitude", ours="20", theirs="20", bb="30", why="the authors' setting"),
                   Deviation("target", ours="8", theirs="8", bb="0", why="the authors' setting"),
+                  Deviation("poison_rate", ours="0.02", theirs="0.02", bb="0.1", why="the authors' setting"),
+                  Deviation("poisoned rows", ours="drawn at random (seeded)",
+                            theirs="the first 2 % of the non-target rows (data.py)", bb="drawn at random",
+                            why="a grid's seeds vary the poisoning"),
                   Deviation("rounding", ours="float throughout, rounded once",
                             theirs="uint8 after each colour conversion; inverse DCT cast with astype(uint8) (wraps)",
                             why="the cast wraps negative values (a bug)"),
-                  Deviation("trigger and augmentation", ours="added after the crop and flip, aligned as at test time",
-                            theirs="in the stored images, trained without augmentation",
-                            bb="in the stored images, then crop and flip",
-                            why="crops and flips shift the trigger's phase: the stored images barely implant it "
-                                "(benchmarks/results/table1-quick-modern-attacks.md)"))
-    # ftrojan@bb: BackdoorBench's config/attack/ftrojannn/default.yaml, magnitude 30 and target 0 (its
-    # pratio 0.1, channels, window and positions are ours), the trigger in the stored images and its
-    # crop and flip on top (after_augmentation False: the phase shift the default avoids). Not matched,
-    # so still deviations: its uint8 rounding, model and schedule. Combines with @all2all.
-    variant_defaults = {"bb": {"magnitude": 30.0, "target": 0, "after_augmentation": False}}
+                  Deviation("augmentation", ours="the profile's crop and flip on the stored triggered images",
+                            theirs="none (50 or 130 epochs on the stored triggered images)",
+                            bb="crop and flip on the stored triggered images",
+                            why="one schedule for every attack of a grid; the crop and flip shift the trigger's "
+                                "phase, which the authors' setting never meets"))
+    # ftrojan@bb: BackdoorBench's config/attack/ftrojannn/default.yaml, magnitude 30, target 0 and pratio
+    # 0.1 (its channels, window and positions are ours). Not matched, so still deviations: its uint8
+    # rounding, model and schedule. ftrojan@aligned: the trigger added after the loop's crop and flip,
+    # as at test time; the attacker controls training. Each combines with @all2all.
+    variant_defaults = {"bb": {"magnitude": 30.0, "target": 0, "poison_rate": 0.1},
+                        "aligned": {"after_augmentation": True}}
 
     def __init__(self, config=None):
         super().__init__(config)

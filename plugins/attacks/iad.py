@@ -51,6 +51,8 @@ class IADConfig:
     mask_epochs_share: float = param(0.25, "share of the epochs that train only the mask network (>= 1 epoch)",
                                      min=0.0, max=1.0)
     width: int = param(32, "channels of the networks' first level (official 32; doubling per level)", min=1, max=256)
+    zero_generator_grads: bool = param(True, "zero the generator's gradients every step (False: as the official "
+                                             "code, which never does: each step follows the sum of all so far)")
 
 
 def diversity(x1, x2, t1, t2) -> torch.Tensor:
@@ -62,9 +64,11 @@ def diversity(x1, x2, t1, t2) -> torch.Tensor:
     return (rms(x1, x2) / (rms(t1, t2) + EPSILON)).mean() if len(x1) else x1.new_zeros(())
 
 
-def _step(loss: torch.Tensor, *optimizers) -> torch.Tensor:
+def _step(loss: torch.Tensor, *optimizers, accumulating=()) -> torch.Tensor:
+    """One update of ``optimizers``; those in ``accumulating`` keep their gradients from step to step."""
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer not in accumulating:
+            optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for optimizer in optimizers:
         optimizer.step()
@@ -126,7 +130,8 @@ class IADStep(Step):
         with self.autocast():
             ce = F.cross_entropy(model(torch.cat([triggered, x[k:]])), y)
         loss = ce + c.lambda_div * diversity(x[:d], x[others[:d]], patterns[:d], patterns[nb:nb + d])
-        _step(loss, optimizer, self.optimizers["generator"])
+        gen = self.optimizers["generator"]
+        _step(loss, optimizer, gen, accumulating=() if c.zero_generator_grads else (gen,))
         return ce.detach()
 
 
@@ -143,6 +148,12 @@ class IAD(Attack):
                             why="one schedule for every attack of a grid, compressed in proportion"),
                   Deviation("cross samples", ours="another clean row of the batch", theirs="a second loader",
                             why="the same distribution without a second pass over the data"),
+                  Deviation("generator gradients", ours="zeroed every step",
+                            theirs="never zeroed: they sum over every step of the run (train.py zeroes only "
+                                   "the classifier's)", bb="never zeroed (attack/inputaware.py, as theirs)",
+                            why="the paper trains generator and classifier jointly by gradient descent on each "
+                                "batch's loss; a running sum of all past gradients is a missing zero_grad, not a "
+                                "method (zero_generator_grads=false reproduces it)"),
                   Deviation("p_attack on quick", ours="0.2 (paper profile 0.1)", theirs="0.1", bb="0.1",
                             why="0.1 implants it only partly in the quick profile's 10 epochs "
                                 "(benchmarks/results/table1-quick-iad-ssba.md)"))
