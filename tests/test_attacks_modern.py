@@ -102,18 +102,20 @@ def test_ftrojan_on_real_images_is_invisible_and_the_same_trigger_in_every_image
 
 
 def test_ftrojan_poisons_dirty_label_all_to_one_and_all_to_all(train):
-    attack = FTrojan()
+    attack = FTrojan(FTrojan.Config(poison_rate=0.1))
     poisoned, index = attack.poison_train(train, torch.Generator().manual_seed(0))
     assert len(index) == 20 and bool((poisoned.labels[index] == 8).all())
-    # by default the trigger goes on in training, after augmentation (its step); else in the stored rows
-    assert torch.equal(poisoned.images[index], train.images[index]) and attack.train_step(index, len(train))
-    stored = FTrojan(FTrojan.Config(after_augmentation=False))
-    assert torch.equal(stored.poison_train(train, torch.Generator().manual_seed(0))[0].images[index],
-                       attack.apply_trigger(train.images[index])) and stored.train_step(index, len(train)) is None
+    assert len(FTrojan().poison_train(train, torch.Generator().manual_seed(0))[1]) == 4  # the default 2 %
+    # by default the trigger is in the stored rows; with after_augmentation (@aligned) its step adds it in training
+    assert torch.equal(poisoned.images[index], attack.apply_trigger(train.images[index]))
+    assert attack.train_step(index, len(train)) is None
+    aligned = FTrojan(FTrojan.Config(poison_rate=0.1, after_augmentation=True))
+    assert torch.equal(aligned.poison_train(train, torch.Generator().manual_seed(0))[0].images[index],
+                       train.images[index]) and aligned.train_step(index, len(train))
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[index] = False
     assert torch.equal(poisoned.images[rest], train.images[rest]) and torch.equal(poisoned.labels[rest], train.labels[rest])
-    a2a = FTrojan(FTrojan.Config(target_mode="all2all"))
+    a2a = FTrojan(FTrojan.Config(target_mode="all2all", poison_rate=0.1))
     a2a.num_classes = 10
     poisoned, index = a2a.poison_train(train, torch.Generator().manual_seed(0))
     assert torch.equal(poisoned.labels[index], (train.labels[index] + 1) % 10)
