@@ -13,8 +13,8 @@ alpha 0.2 (toolbox README: ``-alpha 0.15 -test_alpha 0.2``; the first repository
 All-to-one (``target_mode = all2all``: payload y -> (y + 1) mod C).
 
 Rates as there: 0.3 % payload and 0.3 % cover. The low rate is what defines the attack (it keeps
-the poisoned rows close to the clean ones in the latent space); on the ``quick`` profile's 10 epochs
-it may not implant, and the results say so (benchmarks/results/table1-quick-authors-settings.md).
+the poisoned rows close to the clean ones in the latent space); in the ``quick`` profile's 10 epochs
+it does not implant (benchmarks/results/table1-quick-authors-settings.md).
 ``adaptive-blend@dense`` modifies the same 10 % of the training set as Blend, in the official 1:1
 ratio (0.05 / 0.05: what ran by default before).
 

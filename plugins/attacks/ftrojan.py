@@ -13,7 +13,7 @@ trains. So by default the trigger is in the stored images and the profile's crop
 top, at the authors' 2 % (``poison_rate`` 0.02). The official code trains without augmentation
 (``train.py``: 50 epochs; ``th_train.py``: 130), so the model always sees the trigger's exact phase; a crop shifts the (31, 31)
 checkerboard by a pixel (negating it) and a flip mirrors the rest, and on the ``quick`` profile the
-default barely implants (benchmarks/results/table1-quick-authors-settings.md). ``ftrojan@aligned``
+default does not implant (benchmarks/results/table1-quick-authors-settings.md). ``ftrojan@aligned``
 adds the trigger to the poisoned rows after the loop's augmentation, aligned as at test time: it
 gives the attacker the training loop (another threat model, refused beside a training-time defense),
 never the default. The official code rounds to uint8 after each colour conversion and truncates the
