@@ -48,7 +48,7 @@ def main() -> None:
     trained, armed = runner.backdoored(cell), runner.armed(cell)
     attack, asr_set = armed.attack, armed.triggered
     _, _, test = runner.data("cifar10")
-    clean = test.images[attack.targets(test.labels) != test.labels]  # the ASR set before its trigger (as trigger_test)
+    clean = test.images[attack.targets(test.labels) != test.labels]  # the ASR set before its trigger
     residual = asr_set.images.float() - clean.float()
 
     def asr(images: torch.Tensor) -> float:

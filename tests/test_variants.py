@@ -26,7 +26,8 @@ def test_bb_starts_from_backdoorbenchs_settings_and_the_plain_names_keep_the_aut
     """BackdoorBench f02e3534645f: config/attack/sig/default.yaml (sig_delta 40, attack_target 0,
     pratio 0.1 drawn from the target class: all of it on CIFAR-10), config/attack/bpp/default.yaml
     (pratio 0.1, neg_ratio 0.1), config/attack/ftrojannn/default.yaml (magnitude 30, target 0, pratio
-    0.1, the trigger in the stored images as the authors'), config/defense/i-bau/cifar10.yaml (Adam lr 0.0001, batch 256)."""
+    0.1, the trigger in the stored images as the authors'), config/defense/i-bau/cifar10.yaml (Adam lr
+    0.0001, batch 256)."""
     reg = toy_registry()
     expected = {
         ("attacks", "sig"): ({"delta": 40.0, "target": 0, "poison_rate": 1.0}, {"delta": 20.0, "target": 5}),

@@ -11,12 +11,12 @@ dirty-label, all-to-one (``target_mode = all2all``: y -> (y + 1) mod C).
 FTrojan is a data-poisoning attack: the attacker hands over the triggered images and the victim
 trains. So by default the trigger is in the stored images and the profile's crop and flip apply on
 top, at the authors' 2 % (``poison_rate`` 0.02). The official code trains without augmentation
-(``train.py``: 50 epochs; ``th_train.py``: 130), so the model always sees the trigger's exact phase; a crop shifts the (31, 31)
-checkerboard by a pixel (negating it) and a flip mirrors the rest, and on the ``quick`` profile the
-default does not implant (benchmarks/results/table1-quick-authors-settings.md). ``ftrojan@aligned``
-adds the trigger to the poisoned rows after the loop's augmentation, aligned as at test time: it
-gives the attacker the training loop (another threat model, refused beside a training-time defense),
-never the default. The official code rounds to uint8 after each colour conversion and truncates the
+(``train.py``: 50 epochs; ``th_train.py``: 130), so the model always sees the trigger's exact phase;
+a crop shifts the (31, 31) checkerboard by a pixel (negating it) and a flip mirrors the rest, and on
+the ``quick`` profile the default does not implant (benchmarks/results/table1-quick-authors-settings.md).
+``ftrojan@aligned`` adds the trigger to the poisoned rows after the loop's augmentation, aligned as at
+test time: it gives the attacker the training loop (another threat model, refused beside a
+training-time defense), never the default. The official code rounds to uint8 after each colour conversion and truncates the
 inverse DCT with ``astype(uint8)`` (negative values wrap around); here everything is float and
 rounded once, at the end. The transform is linear, so the trigger is an additive RGB pattern, the
 same for every image, computed once.

@@ -48,8 +48,8 @@ class SIG(Attack):
                             "ICLR 2021",
                       repo="bboylyg/NAD", path="data_loader.py", commit="f17b71390f61fe24335728bfea53e4fe86ee450b"))
     deviations = (Deviation("signal on the image", ours="x + delta*sin(2 pi j f / m), clipped to [0, 255]",
-                            theirs="NAD code: 0.8 x + 0.2 mask, cast to uint8 (the clip after it does nothing); the stored "
-                                   "mask (signal_cifar10_mask.npy) is 20 sin(0.8 j) with its negative half-waves "
+                            theirs="NAD code: 0.8 x + 0.2 mask, cast to uint8 (the clip after it does nothing); "
+                                   "the stored mask (signal_cifar10_mask.npy) is 20 sin(0.8 j) with its negative half-waves "
                                    "wrapped to 236..255, so 0.2 mask adds 0..4 or 47..51: a near square wave",
                             bb="x + delta*sin(...), clipped", why="the wraps are bugs; the paper's signal is the sine"),
                   Deviation("delta", ours="20", theirs="20", bb="40", why="the paper's and the NAD code's"),
