@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from nadbench import AttackContext, ConfigError, DatasetSpec, Split
 from nadbench.plugins.attacks import refool as refool_mod
+from nadbench.engine.plan import configured
 from nadbench.engine.registry import get_registry
 
 
@@ -168,14 +169,16 @@ def test_refool_output_range_shape_and_seeding():
     assert not torch.equal(attack.poison_images(x, torch.zeros(40)), outs[2])  # its own stream
 
 
-def test_refool_with_a_black_reflection_only_darkens_in_gamma_space():
-    """r = 0: both reflection models reduce to out = (a * x^2.2)^(1/2.2) with a in [0.55, 0.95]."""
-    attack = _attack("refool", pool_size=3)
+@pytest.mark.parametrize("alpha_t, low, high", [(None, 0.55, 0.95), (0.4, 0.4, 0.4)])
+def test_refool_with_a_black_reflection_only_darkens_in_gamma_space(alpha_t, low, high):
+    """r = 0: both reflection models reduce to out = (a * x^2.2)^(1/2.2), a drawn from [0.55, 0.95]
+    per image (the authors') or fixed (``alpha_t``, BackdoorBench's 0.4)."""
+    attack = _attack("refool", pool_size=3, **({} if alpha_t is None else {"alpha_t": alpha_t}))
     attack.prepare(_ctx("gtsrb"))
     attack.pool.zero_()
     x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
     ratio = attack.apply_trigger(x).double() / 200
-    assert ratio.min() >= 0.55 ** (1 / 2.2) - 0.01 and ratio.max() <= 0.95 ** (1 / 2.2) + 0.01
+    assert ratio.min() >= low ** (1 / 2.2) - 0.01 and ratio.max() <= high ** (1 / 2.2) + 0.01
     per_image = ratio.amax((1, 2, 3)) - ratio.amin((1, 2, 3))
     assert per_image.max() <= 0.006  # one transmission weight per image
 
@@ -210,16 +213,19 @@ def test_refool_blur_matches_per_image_gaussian():
     assert mask[0, 0] < 0.1 < 0.9 < mask[15, 15]
 
 
-def test_refool_on_gtsrb_dirty_and_clean_label():
+def test_refool_on_gtsrb_clean_label_by_default_and_dirty_at_bb():
+    """The authors' strategy.py: clean-label, infect_ratio 0.4 of the target class; BackdoorBench's
+    config/attack/refool/default.yaml: dirty-label, pratio 0.1, target 0, alpha_t 0.4."""
     train = _data(430, classes=43)
-    attack = _attack("refool", pool_size=5)
-    attack.prepare(_ctx("gtsrb", train=train))
-    poisoned, index = attack.poison_train(train, torch.Generator().manual_seed(0))
-    assert len(index) == 43 and (poisoned.labels[index] == 5).all()
-    clean = _attack("refool", pool_size=5, clean_label="true", poison_rate=0.5)
+    clean = _attack("refool", pool_size=5)
     clean.prepare(_ctx("gtsrb", train=train))
     poisoned, index = clean.poison_train(train, torch.Generator().manual_seed(0))
-    assert torch.equal(poisoned.labels, train.labels) and len(index) == 5 and (train.labels[index] == 5).all()
+    assert torch.equal(poisoned.labels, train.labels) and len(index) == 4 and (train.labels[index] == 5).all()
+    bb = configured(get_registry(), "attacks", "refool@bb", {"attack.refool": {"pool_size": "5"}})
+    assert (bb.config.clean_label, bb.config.poison_rate, bb.config.target, bb.config.alpha_t) == (False, 0.1, 0, 0.4)
+    bb.prepare(_ctx("gtsrb", train=train))
+    poisoned, index = bb.poison_train(train, torch.Generator().manual_seed(0))
+    assert len(index) == 43 and (poisoned.labels[index] == 0).all()
 
 
 def test_refool_reflection_folder(tmp_path):

@@ -59,7 +59,9 @@ CASES = {
     "trojan": ({"steps": "150"}, 0.7),  # 0.96 / 0.95 / 0.95
     "sig": ({"poison_rate": "1.0"}, 0.7),  # 0.92 / 0.92 / 0.91
     "cl": ({"poison_rate": "1.0"}, 0.7),  # 1.00 / 1.00 / 1.00
-    "refool": ({"poison_rate": "0.2"}, 0.5),  # 0.63 / 0.59 / 0.56
+    # dirty-label (the default is the authors' clean-label 40 % of the target class; that implant is
+    # benchmarks/table1.py's): 0.63 / 0.59 / 0.56
+    "refool": ({"poison_rate": "0.2", "clean_label": "false"}, 0.5),
     # the suite's smaller encoder (conftest.SSBA_ENCODER), trained once for this and test_attack_ssba.py:
     # 0.95 / 0.90 / 0.96
     "ssba": ({k: str(v) for k, v in SSBA_ENCODER.items()}, 0.5),

@@ -26,15 +26,19 @@ def test_bb_starts_from_backdoorbenchs_settings_and_the_plain_names_keep_the_aut
     """BackdoorBench f02e3534645f: config/attack/sig/default.yaml (sig_delta 40, attack_target 0,
     pratio 0.1 drawn from the target class: all of it on CIFAR-10), config/attack/bpp/default.yaml
     (pratio 0.1, neg_ratio 0.1), config/attack/ftrojannn/default.yaml (magnitude 30, target 0, pratio
-    0.1, the trigger in the stored images as the authors'), config/defense/i-bau/cifar10.yaml (Adam lr
+    0.1, the trigger in the stored images as the authors'), config/attack/refool/default.yaml (pratio
+    0.1, dirty-label, target 0, alpha_t 0.4), config/defense/i-bau/cifar10.yaml (Adam lr
     0.0001, batch 256)."""
     reg = toy_registry()
     expected = {
-        ("attacks", "sig"): ({"delta": 40.0, "target": 0, "poison_rate": 1.0}, {"delta": 20.0, "target": 5}),
+        ("attacks", "sig"): ({"delta": 40.0, "target": 0, "poison_rate": 1.0},
+                             {"delta": 20.0, "target": 5, "poison_rate": 0.5, "freq": 6.0}),
         ("attacks", "bppattack"): ({"poison_rate": 0.1, "negative_rate": 0.1},
                                    {"poison_rate": 0.2, "negative_rate": 0.2, "squeeze": 8}),
         ("attacks", "ftrojan"): ({"magnitude": 30.0, "target": 0, "poison_rate": 0.1, "after_augmentation": False},
                                  {"magnitude": 20.0, "target": 8, "poison_rate": 0.02, "after_augmentation": False}),
+        ("attacks", "refool"): ({"target": 0, "poison_rate": 0.1, "clean_label": False, "alpha_t": 0.4},
+                                {"target": 5, "poison_rate": 0.4, "clean_label": True, "alpha_t": None}),
         ("defenses", "i-bau"): ({"lr": 0.0001, "batch_size": 256}, {"lr": 0.001, "batch_size": 100}),
     }
     for (kind, name), (bb, plain) in expected.items():
