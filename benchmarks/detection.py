@@ -26,7 +26,7 @@ PAPER_ATTACKS = "badnets,trojan,blend,cl,sig,refool"
 GRIDS = [["--attacks", PAPER_ATTACKS, "--seeds", "0"], ["--attacks", "badnets,blend", "--seeds", "1,2"]]
 PREPARED: list[str] = []  # not run yet: the attacks since the paper (SINCE)
 COMMON = ["--datasets", "cifar10", "--models", "wrn-16-1", "--detectors", "all", "--profile", "quick", "--no-progress"]
-SINCE = ("bench run --datasets cifar10 --attacks wanet,bppattack,ftrojan,adaptive-blend,iad,lf,ssba "
+SINCE = ("bench run --datasets cifar10 --attacks wanet,bppattack,ftrojan,adaptive-blend,iad,lf,stegastamp "
          "--detectors all --seeds 0 --profile quick --output detection-quick-since.json")
 
 # Published detection numbers where a fetched repository or the paper gives them for a setting near

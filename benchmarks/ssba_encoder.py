@@ -1,8 +1,9 @@
-"""SSBA's StegaStamp encoder as the attack trains it in a grid: bit accuracy and PSNR.
+"""The stegastamp attack's encoder (SSBA's generator) as the attack trains it in a grid: bit accuracy
+and PSNR.
 
     python benchmarks/ssba_encoder.py --epochs 8,16
 
-runs ``SSBA.prepare`` on the whole CIFAR-10 training set (as the poison stage does, seed 0) once per
+runs the attack's ``prepare`` on the whole CIFAR-10 training set (as the poison stage does, seed 0) once per
 ``encoder_epochs`` value, and measures on the 1,000 training images the encoder did not see: the share
 of the attack's string read back, the same for random strings, and the PSNR of the encoded images.
 Writes benchmarks/results/ssba-encoder.md. Run it alone: the times are wall times on this machine.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nadbench import AttackContext
-from nadbench.plugins.attacks.ssba import SSBA
+from nadbench.plugins.attacks.stegastamp import StegaStampResidual as SSBA
 from nadbench.engine.registry import get_registry
 from nadbench.toolkit.stegastamp import bit_accuracy
 from nadbench.training.train import precision

@@ -1,11 +1,12 @@
-"""Is SSBA's trigger sample-specific on the default encoder? Residual correlation and ASR with each
-image's own residual against ASR with the mean one.
+"""Is the stegastamp attack's trigger (SSBA's generator) sample-specific, as SSBA's must be? On the
+default encoder: residual correlation, and ASR with each image's own residual against ASR with the
+mean one.
 
     python benchmarks/ssba_specificity.py --profile quick
 
-Takes the grid's SSBA poisoning and backdoored model of (CIFAR-10, WRN-16-1, seed 0) from the cache
-(NADBENCH_CACHE), or makes them as `bench run --attacks ssba` does, then measures on the ASR set (the
-non-target test images): the mean Pearson correlation of two images' residuals over the first 100
+Takes the grid's poisoning and backdoored model of (CIFAR-10, WRN-16-1, seed 0) from the cache
+(NADBENCH_CACHE), or makes them as `bench run --attacks stegastamp` does, then measures on the ASR
+set (the non-target test images): the mean Pearson correlation of two images' residuals over the first 100
 (a fixed pattern gives 1), and the ASR with each image's own residual, with another image's (the
 next one's), and with the mean residual of the whole set added to every image. A sample-specific
 trigger needs its own residual: its ASR exceeds the mean residual's. Writes
@@ -39,7 +40,7 @@ def mean_pairwise_correlation(residuals: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick")
-    parser.add_argument("--attack", default="ssba", help="SSBA or one of its variants")
+    parser.add_argument("--attack", default="stegastamp", help="the attack or one of its variants")
     args = parser.parse_args()
     cpu = torch.device("cpu")
     runner = Runner(get_registry(), profile(args.profile), device=cpu,

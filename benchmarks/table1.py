@@ -32,7 +32,9 @@ HERE = Path(__file__).resolve().parent
 # rows dataset cifar10, backbone preactresnet18, ratio 0.1; a blank or -100 there is left out here).
 # ABL's (a training-time defense: `abl@bb` is BackdoorBench's settings) are from static/data/results.csv at
 # commit a4ef038b2c202d29d679f9c449635676cfc44544, the same rows.
-# None for FTrojan, Adap-Blend, Refool or any all-to-all attack there, nor for FT-SAM, FST or MCR.
+# None for FTrojan, Adap-Blend, Refool or any all-to-all attack there, nor for FT-SAM, FST or MCR. SSBA's
+# numbers match no row of ours: our `stegastamp` is its trigger generator without its sample-specific
+# trigger (plugins/attacks/stegastamp.py).
 BACKDOORBENCH = {
     "badnets": {"none": (95.03, 91.32), "finetune": (1.48, 89.96), "fine-pruning": (57.13, 91.31), "nad": (2.14, 89.87), "neural-cleanse": (1.27, 89.05), "anp": (0.73, 84.17), "abl": (0.00, 83.32)},
     "trojan": {"none": (100.00, 93.42), "finetune": (5.99, 92.42), "nad": (3.73, 91.88), "neural-cleanse": (8.22, 91.76), "anp": (0.20, 86.87), "clp": (100.00, 92.98), "i-bau": (2.91, 90.37), "abl": (100.00, 11.07)},

@@ -258,22 +258,22 @@ def real_subset(n_train: int, n_test: int, dataset: str = "cifar10"):
 
 
 # ------------------------------------------------------------------------------ shared crafted attacks
-SSBA_ENCODER = {"bits": 8, "encoder_images": 3000, "encoder_epochs": 10}
+STEGASTAMP_ENCODER = {"bits": 8, "encoder_images": 3000, "encoder_epochs": 10}
 
 
 @pytest.fixture(scope="session")
-def ssba_prepared(effect_seed):
-    """SSBA with a reduced StegaStamp encoder (``SSBA_ENCODER``: 8 bits in ~470 steps; the default 32
+def stegastamp_prepared(effect_seed):
+    """The stegastamp attack with a reduced encoder (``STEGASTAMP_ENCODER``: 8 bits in ~470 steps; the default 32
     bits need ~2,500), prepared once per worker on the training images of ``real_subset(4000, ...)``:
-    tests/test_attack_ssba.py checks its properties and tests/test_attacks_e2e.py implants it."""
+    tests/test_attack_stegastamp.py checks its properties and tests/test_attacks_e2e.py implants it."""
     import torch
 
     from nadbench import AttackContext
-    from nadbench.plugins.attacks.ssba import SSBA
+    from nadbench.plugins.attacks.stegastamp import StegaStampResidual
     from nadbench.engine.registry import get_registry
 
     train, _ = real_subset(4000, 1)
-    attack = SSBA(SSBA.Config(**SSBA_ENCODER))
+    attack = StegaStampResidual(StegaStampResidual.Config(**STEGASTAMP_ENCODER))
     attack.prepare(AttackContext(dataset=get_registry().dataset("cifar10"), train=train,
                                  device=torch.device("cpu"), seed=effect_seed, progress=False))
     return attack

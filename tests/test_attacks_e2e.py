@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SSBA_ENCODER, fixture_model, real_subset
+from conftest import STEGASTAMP_ENCODER, fixture_model, real_subset
 from nadbench import Attack, AttackContext, param
 from nadbench.engine import configured
 from nadbench.training.evaluate import evaluate
@@ -62,9 +62,10 @@ CASES = {
     # dirty-label (the default is the authors' clean-label 40 % of the target class; that implant is
     # benchmarks/table1.py's): 0.63 / 0.59 / 0.56
     "refool": ({"poison_rate": "0.2", "clean_label": "false"}, 0.5),
-    # the suite's smaller encoder (conftest.SSBA_ENCODER), trained once for this and test_attack_ssba.py:
+    # the suite's smaller encoder (conftest.STEGASTAMP_ENCODER), trained once for this and
+    # test_attack_stegastamp.py:
     # 0.95 / 0.90 / 0.96
-    "ssba": ({k: str(v) for k, v in SSBA_ENCODER.items()}, 0.5),
+    "stegastamp": ({k: str(v) for k, v in STEGASTAMP_ENCODER.items()}, 0.5),
     # the fooling rate stalls from the second pass on: 0.90 / 0.86 / 0.87
     "lf": ({"max_passes": "3"}, 0.7),
     **STRONGER,
@@ -143,8 +144,8 @@ def test_a_trigger_that_does_nothing_does_not_implant(control, record):
 def test_attack_implants_on_real_data(name, clean, data, control, effect_seed, record, request):
     overrides, min_asr = CASES[name]
     attack = configured(get_registry(), "attacks", name, {f"attack.{name}": overrides})
-    if name == "ssba":  # the encoder the session trained on these images: craft() skips its training
-        shared = request.getfixturevalue("ssba_prepared")
+    if name == "stegastamp":  # the encoder the session trained on these images: craft() skips its training
+        shared = request.getfixturevalue("stegastamp_prepared")
         assert shared.config == attack.config
         attack = copy.copy(shared)
         attack.prepare = lambda ctx: None

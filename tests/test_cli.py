@@ -18,6 +18,8 @@ def test_unknown_names_list_the_valid_ones():
     assert "unknown attack 'nope'; valid attacks: " in res.output and "badnets" in res.output
     res = _run("run", "--models", "wrn-99-1")
     assert "unknown model 'wrn-99-1'" in res.output and "wrn-16-1" in res.output
+    res = _run("run", "--attacks", "ssba")  # a built-in name given up says where it went
+    assert res.exit_code == 2 and "unknown attack 'ssba'; 'ssba' is now stegastamp: " in res.output
 
 
 def test_bad_set_values_are_usage_errors():

@@ -31,6 +31,9 @@ _TYPES = {"datasets": DatasetSpec, "models": ModelSpec, "attacks": Attack, "defe
           "detectors": Detector}
 # The kinds registered as classes with a typed Config (the others as spec instances).
 METHODS = ("attacks", "defenses", "detectors")
+# Built-in names that were given up, and why: asking for one says where it went.
+RENAMED = {("attacks", "ssba"): "stegastamp: SSBA's trigger generator, whose trigger here is not sample-specific "
+                                "(benchmarks/results/ssba-specificity-quick.md)"}
 
 
 @dataclass
@@ -257,7 +260,8 @@ class Registry:
         if name in self.ambiguous[kind]:
             raise PluginError(self.ambiguity(kind, name))
         valid = ", ".join(self.names(kind)) or "(none registered)"
-        raise PluginError(f"unknown {kind[:-1]} {name!r}; valid {kind}: {valid}{self.failure_hint()}")
+        renamed = f"; {name!r} is now {RENAMED[kind, name]}" if (kind, name) in RENAMED else ""
+        raise PluginError(f"unknown {kind[:-1]} {name!r}{renamed}; valid {kind}: {valid}{self.failure_hint()}")
 
     def _variant(self, kind: str, name: str) -> Any:
         """The attack or defense of ``NAME@v1@v2...`` (variants in any order), or an error naming the
