@@ -75,9 +75,9 @@ class Refool(Attack):
     # refool@bb: BackdoorBench's config/attack/refool/default.yaml (pratio 0.1, dirty-label, target 0,
     # alpha_t 0.4); its model and schedule are not matched (the profile's here).
     variant_defaults = {"bb": {"target": 0, "poison_rate": 0.1, "clean_label": False, "alpha_t": 0.4}}
-    # The paper's pairing, and where it implants on the quick profile (on CIFAR-10 only partly:
-    # benchmarks/results/table1-quick-all-six-attacks.md, table1-quick-all.md): `--attacks all` runs
-    # it on GTSRB, `--attacks refool` anywhere.
+    # The paper's pairing, and where it implants further on the quick profile, at the authors' settings
+    # and at BackdoorBench's (benchmarks/results/table1-quick-refool-authors.md): `--attacks all` runs it
+    # on GTSRB, `--attacks refool` anywhere.
     all_datasets = ("gtsrb",)
 
     pool: torch.Tensor | None = None  # uint8 (P, C, H, W) reflections, on the device
