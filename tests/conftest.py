@@ -263,9 +263,10 @@ STEGASTAMP_ENCODER = {"bits": 8, "encoder_images": 3000, "encoder_epochs": 10}
 
 @pytest.fixture(scope="session")
 def stegastamp_prepared(effect_seed):
-    """The stegastamp attack with a reduced encoder (``STEGASTAMP_ENCODER``: 8 bits in ~470 steps; the default 32
-    bits need ~2,500), prepared once per worker on the training images of ``real_subset(4000, ...)``:
-    tests/test_attack_stegastamp.py checks its properties and tests/test_attacks_e2e.py implants it."""
+    """The stegastamp attack with a reduced encoder (``STEGASTAMP_ENCODER``: 8 bits in ~470 steps; the
+    default 32 bits need ~2,500), prepared once per worker on the training images of
+    ``real_subset(4000, ...)``: tests/test_attack_stegastamp.py checks its properties and
+    tests/test_attacks_e2e.py implants it."""
     import torch
 
     from nadbench import AttackContext

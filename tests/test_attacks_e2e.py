@@ -59,8 +59,8 @@ CASES = {
     "trojan": ({"steps": "150"}, 0.7),  # 0.96 / 0.95 / 0.95
     "sig": ({"poison_rate": "1.0"}, 0.7),  # 0.92 / 0.92 / 0.91
     "cl": ({"poison_rate": "1.0"}, 0.7),  # 1.00 / 1.00 / 1.00
-    # dirty-label (the default is the authors' clean-label 40 % of the target class; that implant is
-    # benchmarks/table1.py's): 0.63 / 0.59 / 0.56
+    # dirty-label (the default, the authors' clean-label 40 % of the target class, barely implants on
+    # CIFAR-10: benchmarks/results/table1-quick-refool-authors.md): 0.63 / 0.59 / 0.56
     "refool": ({"poison_rate": "0.2", "clean_label": "false"}, 0.5),
     # the suite's smaller encoder (conftest.STEGASTAMP_ENCODER), trained once for this and
     # test_attack_stegastamp.py:

@@ -72,9 +72,8 @@ class StegaStampResidual(Attack):
         self.bit_accuracy, self.psnr = bit_accuracy(self.net, ctx.train.images[held_out].to(ctx.device), self.secret)
         examples = ctx.train.images[held_out[:4]].to(ctx.device)
         residual = (self.apply_trigger(examples).float() - examples.float()) * (127 / c.bound) + 128
-        ctx.log_image("stegastamp_examples.png", torch.cat([torch.cat(list(examples), 2),
-                                                      torch.cat(list(residual.round().clamp(0, 255).byte()), 2)], 1)
-                      .cpu().repeat_interleave(4, 1).repeat_interleave(4, 2))
+        grid = torch.cat([torch.cat(list(examples), 2), torch.cat(list(residual.round().clamp(0, 255).byte()), 2)], 1)
+        ctx.log_image("stegastamp_examples.png", grid.cpu().repeat_interleave(4, 1).repeat_interleave(4, 2))
 
     @torch.no_grad()
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
