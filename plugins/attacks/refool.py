@@ -59,7 +59,7 @@ class Refool(Attack):
     description = "reflection triggers (ghost or out-of-focus) from another dataset, clean-label"
     sources = (Source(paper="Liu, Ma, Bailey & Lu, "
                             "Reflection Backdoor: A Natural Backdoor Attack on Deep Neural Networks, ECCV 2020",
-                      repo="DreamtaleCore/Refool", path="scripts/insert_reflection.py",
+                      repo="DreamtaleCore/Refool", path="strategy.py, scripts/insert_reflection.py",
                       commit="9948043c70170ffdd77ee10806abe2e52bc4dca6",
                       backdoorbench="config/attack/refool/default.yaml"),)
     deviations = (Deviation("reflections", ours="a random pool of pool_size images of another dataset",

@@ -13,9 +13,10 @@ class, BackdoorBench the whole target class. The default here is half the class
 (table1-quick-sig-nad-code-share.md). ``--set sig.poison_rate=0.1`` gives the official code's
 setting.
 
-At delta 20 the backdoor survives finetuning and NAD on ``quick`` at either share; at
-BackdoorBench's delta 40 on the whole class (``sig@bb``) both remove it, as in BackdoorBench and the
-NAD paper (benchmarks/results/table1-quick-sig-bb.md).
+On ``quick`` the backdoor survives finetuning and NAD when half the class or less is poisoned,
+at delta 20 or 40; poisoned on the whole class it loses part of its success to them, and at
+BackdoorBench's target 0 (``sig@bb``) all of it, as in BackdoorBench
+(benchmarks/results/table1-quick-sig-bb.md sets the four settings side by side).
 
 ``test_delta`` sets a stronger signal at test time, as in some of Barni et al.'s experiments (it
 raises the success rate); the default (none) uses ``delta``, as BackdoorBench does, so that the
