@@ -16,9 +16,9 @@ a crop shifts the (31, 31) checkerboard by a pixel (negating it) and a flip mirr
 the ``quick`` profile the default does not implant (benchmarks/results/table1-quick-authors-settings.md).
 ``ftrojan@aligned`` adds the trigger to the poisoned rows after the loop's augmentation, aligned as at
 test time: it gives the attacker the training loop (another threat model, refused beside a
-training-time defense), never the default. The official code rounds to uint8 after each colour conversion and truncates the
-inverse DCT with ``astype(uint8)`` (negative values wrap around); here everything is float and
-rounded once, at the end. The transform is linear, so the trigger is an additive RGB pattern, the
+training-time defense), never the default. The official code rounds to uint8 after each colour
+conversion and truncates the inverse DCT with ``astype(uint8)`` (negative values wrap around); here
+everything is float and rounded once, at the end. The transform is linear, so the trigger is an additive RGB pattern, the
 same for every image, computed once.
 """
 from dataclasses import dataclass
