@@ -367,7 +367,7 @@ def test_keys_follow_the_code_each_stage_runs(toy_registry, tmp_path, monkeypatc
     for attack in ("badnets", "trojan"):
         assert not set(poisoning[attack]) & set(base[attack])
     for unrelated in ("commands/cli.py", "commands/tables.py", "engine/tracking.py", "engine/runner.py",
-                      "engine/plan.py", "engine/executors.py", "engine/record.py", "../README.md"):
+                      "engine/pipeline.py", "engine/plan.py", "engine/executors.py", "engine/record.py", "../README.md"):
         assert keys(unrelated) == base, unrelated
     codehash.code_hash.cache_clear()
 

@@ -86,3 +86,89 @@ def test_a_learnt_triggers_asr_set_is_armed_once_per_cell(toy_registry, tmp_path
     result = runner.run_cell(cell)
     assert "asr" in result["after"] and "reactivated" in result
     assert len(calls) == 1
+
+
+def _graph_grid(toy_registry, tmp_path):
+    """BadNets and Trojan (crafted against the clean model) x finetuning, NAD with a supplied teacher of
+    another architecture, ABL (a training-time defense) x two clean shares: twelve cells."""
+    from nadbench.engine import Runner, expand
+    from nadbench.engine.grid import profile
+
+    reg, prof = toy_registry(), profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"})
+    cells = expand(reg, ["toy"], ["badnets", "trojan"], ["finetune", "nad", "abl"], ["wrn-16-1"], ["wrn-16-2"],
+                   [0], clean_shares=[0.05, 0.1])
+    return Runner(reg, prof, progress=False, cache_dir=tmp_path), cells
+
+
+def test_a_grids_graph_holds_each_stored_stage_once_after_what_it_reads(toy_registry, tmp_path):
+    """The cells' plans as one graph: each stored stage once however many cells read it, every node
+    after the nodes it reads (Trojan's poisoning after the clean model it is crafted against, a NAD
+    cell after its teacher, a cell after everything it reads), the cells in the grid's order."""
+    import collections
+
+    from nadbench.engine.plan import graph
+
+    runner, cells = _graph_grid(toy_registry, tmp_path)
+    nodes = graph(runner.plan(c) for c in cells)
+    assert [n.cell for n in nodes if n.stage == "cell"] == cells
+    stored = [n for n in nodes if n.stage != "cell"]
+    assert len({n.key for n in stored}) == len(stored)
+    # ABL's model does not depend on the clean share (it gets no clean data): one per attack
+    assert collections.Counter(n.stage for n in stored) == {"clean": 1, "poison": 2, "backdoored": 2,
+                                                             "teacher": 2, "defended": 2}
+    seen = set()
+    for node in nodes:
+        assert set(node.needs) <= seen, node
+        seen.add(node.key)
+    by_key = {n.key: n for n in stored}
+    trojan = runner.plan(next(c for c in cells if c.attack == "trojan"))
+    assert [by_key[k].stage for k in by_key[trojan.poison].needs] == ["clean"]
+    nad = next(n for n in nodes if n.stage == "cell" and n.cell.defense == "nad")
+    assert {by_key[k].stage for k in nad.needs} == {"poison", "backdoored", "teacher"}
+    assert by_key[runner.plan(nad.cell).teacher].arch == "wrn-16-2"
+
+
+def test_workers_submit_each_stored_stage_once_after_what_it_reads(toy_registry, tmp_path, monkeypatch):
+    """The worker and Ray executors' scheduler over the graph (tasks replaced by recorders, run in
+    this thread): each stored stage once, after the stages it reads, every cell after its stages; a
+    stage whose input failed fails with it without running, and its cells still run (each records
+    the error in its own run). A training-time defense's model trains in its cell."""
+    import concurrent.futures as cf
+
+    from nadbench.engine import executors
+    from nadbench.engine.plan import Node
+
+    runner, cells = _graph_grid(toy_registry, tmp_path)
+    order = []
+
+    def stage_task(spec, node):
+        order.append(node)
+        if node.stage == "poison" and node.cell.attack == "trojan":
+            raise RuntimeError("crafting failed")
+
+    monkeypatch.setattr(executors, "stage_task", stage_task)
+    monkeypatch.setattr(executors, "cell_task", lambda spec, cell: order.append(cell) or ({}, None, []))
+
+    class InThread(executors.Executor):
+        def submit(self, fn, *args):
+            future = cf.Future()
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001
+                future.set_exception(exc)
+            return future
+
+    ended = []
+    InThread().run(runner, cells, None, lambda cell, result, error: ended.append(cell))
+    assert sorted(ended, key=cells.index) == cells
+    nodes = [n for n in order if isinstance(n, Node)]
+    assert len({n.key for n in nodes}) == len(nodes)
+    assert {n.stage for n in nodes} == {"clean", "poison", "backdoored", "teacher"}
+    assert not [n for n in nodes if n.cell.attack == "trojan" and n.stage in ("backdoored", "teacher")]
+    for i, item in enumerate(order):
+        before = {n.key for n in order[:i] if isinstance(n, Node)}
+        if isinstance(item, Node):
+            assert set(item.needs) <= before, item
+        elif item.attack == "badnets":  # Trojan's cells ran without what its failed poisoning feeds
+            plan = runner.plan(item)
+            assert {k for _, k in plan.stored() if k != plan.defended} <= before, item

@@ -1,9 +1,14 @@
-"""Where a grid's cells run when not in the driver process: local worker processes (``--workers N``,
-spread over the visible GPUs) or a Ray cluster (``--executor ray``). One scheduler serves both:
+"""Schedulers over a grid's stage graph (:func:`nadbench.engine.plan.graph`): local worker processes
+(``--workers N``, spread over the visible GPUs) or a Ray cluster (``--executor ray``), and the fused
+trainer (``--fused``). In the driver's process without an executor, each cell computes the nodes it
+needs on first use, in the graph's order (``run_grid``).
 
-1. the stages others depend on (each distinct backdoored model, and each supplied teacher model)
-   are submitted first, once each; the store's per-key locks make any overlap wait, not recompute;
-2. a cell is submitted when the models it needs are stored; the driver opens its MLflow run then;
+The executors share one scheduler:
+
+1. a stored stage (a clean or backdoored model, a teacher, a poisoning) is submitted once, as soon as
+   the nodes it reads are done; a node whose input failed fails with it, without running;
+2. a cell is submitted when the nodes it reads are done; the driver opens its MLflow run then. A
+   training-time defense's model is trained in its cell's task, which records what it logs;
 3. a worker runs the cell with a :class:`~nadbench.engine.tracking.Recorder` and returns the record (params,
    metrics, artifacts as bytes); the driver replays it into the cell's run. Only the driver writes
    to MLflow, and workers share stage outputs through the cache folder (shared storage on a cluster).
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import environment
 from ..contract.config import ConfigError
+from .plan import Node, graph
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,21 @@ def _runner(spec: RunSpec):
     return _RUNNERS[key]
 
 
-def prepare_task(spec: RunSpec, cell, which: str) -> None:
-    """Train (or find stored) one model a cell depends on: its backdoored student or supplied teacher."""
-    runner = _runner(spec)
-    runner.backdoored(cell) if which == "student" else runner.supplied(cell, cell.teacher)
+def stage_task(spec: RunSpec, node: Node) -> None:
+    """Compute (or find stored) one stored stage of the graph in this worker."""
+    _runner(spec).compute(node)
+
+
+def planned(runner, cells: list) -> list[Node]:
+    """The graph of the cells whose plans can be made: keys hold the data's digest, and a cell whose
+    data cannot be loaded has no plan; it meets the error in its own run."""
+    plans = []
+    for cell in cells:
+        try:
+            plans.append(runner.plan(cell))
+        except Exception:  # noqa: BLE001 — the cell meets the same error and records it
+            pass
+    return graph(plans)
 
 
 def cell_task(spec: RunSpec, cell) -> tuple[dict | None, str | None, list]:
@@ -115,32 +132,26 @@ class Executor:
         from .tracking import replay
 
         t, spec = runner.tracker, spec_of(runner, self.threads)
-        needs: dict[Any, set[str]] = {}
-        prep: dict[str, cf.Future] = {}
-        for cell in cells:
-            keys = {}
-            try:  # keys hold the data's digest: data that cannot be loaded fails the cell, in its run
-                plan = runner.plan(cell)
-                if plan.uses_model:  # not a data detector that reads no model
-                    keys[plan.student[0]] = "student"
-                if plan.teacher:
-                    keys[plan.teacher[0]] = "teacher"
-            except Exception:  # noqa: BLE001 — the worker meets the same error and records it
-                pass
-            for key, which in keys.items():
-                if key not in prep:
-                    prep[key] = self.submit(prepare_task, spec, cell, which)
-            needs[cell] = set(keys)
-        failed_prep: dict[str, str] = {}
+        nodes = planned(runner, cells)
+        ahead = [n for n in nodes if n.stage not in ("cell", "defended")]  # see the module's 2.
+        needs = {n.cell: [k for k in n.needs if k in {a.key for a in ahead}] for n in nodes if n.stage == "cell"}
+        futures: dict[Any, cf.Future] = {}
+
+        def ready(keys) -> bool:
+            return all(k in futures and futures[k].done() for k in keys)
         waiting, running = list(cells), {}  # running: future -> (cell, run id)
         try:
-            while waiting or running:
-                for cell in [c for c in waiting if all(prep[k].done() for k in needs[c])]:
+            while ahead or waiting or running:
+                for node in [n for n in ahead if ready(n.needs)]:
+                    ahead.remove(node)
+                    lost = next((futures[k] for k in node.needs if futures[k].exception() is not None), None)
+                    futures[node.key] = lost or self.submit(stage_task, spec, node)
+                for cell in [c for c in waiting if ready(needs.get(c, ()))]:
                     waiting.remove(cell)
                     run_id = t.start(cell.label, parent=parent) if t else None
                     running[self.submit(cell_task, spec, cell)] = (cell, run_id)
-                pending = [f for k, f in prep.items() if not f.done()] + list(running)
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                pending = [f for f in futures.values() if not f.done()] + list(running)
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED) if pending else ((), ())
                 for future in finished:
                     if future in running:
                         cell, run_id = running.pop(future)
@@ -152,12 +163,9 @@ class Executor:
                         if t:
                             replay(t, run_id, ops)
                         done(cell, result, error)
-                    else:
-                        key = next(k for k, f in prep.items() if f is future)
-                        if future.exception() is not None and key not in failed_prep:
-                            failed_prep[key] = str(future.exception())
-                            tqdm.write(f"a stage failed ({future.exception()}); its cells will record the error",
-                                       file=sys.stderr)
+                    elif future.exception() is not None:
+                        tqdm.write(f"a stage failed ({future.exception()}); its cells will record the error",
+                                   file=sys.stderr)
         except BaseException:
             for cell, run_id in running.values():  # Ctrl-C / SIGTERM: the open cells end KILLED
                 if t:
@@ -246,46 +254,36 @@ def make(executor: str, workers: int | None, *, device: str, threads: int | None
 
 
 def pretrain_fused(runner, cells: list) -> list[str]:
-    """``bench run --fused`` (``run_grid``, for the cells it will run): a scheduler that trains the
-    train stages these cells need in fused groups of one dataset, architecture, schedule and size
-    (:mod:`nadbench.training.fused`, :mod:`nadbench.engine.stages.fused`) before the cells run, which then find them
-    stored: first the clean models (Trojan and CL craft against them), then the backdoored ones. A
-    model already stored is skipped; one whose attack controls training or learns its trigger, and a
-    group whose fused training fails, are left to their cells, which train them alone. Returns a line
-    per model left alone, saying why."""
+    """``bench run --fused`` (``run_grid``, for the cells it will run): a scheduler over the cells'
+    graph that trains its train nodes in fused groups of one dataset, architecture, schedule and size
+    (:mod:`nadbench.training.fused`, :mod:`nadbench.engine.stages.fused`) before the cells run, which then
+    find them stored: first the clean models (Trojan and CL craft against them), then the supplier's
+    backdoored ones (students and teachers). A model already stored is skipped; one whose attack
+    controls training or learns its trigger, and a group whose fused training fails, are left to their
+    cells, which train them alone. Returns a line per model left alone, saying why."""
     from ..training import fused
     from ..training.settings import use
     from .stages import train as train_stage
 
     notes: list[str] = []
-    plans = []
-    for cell in cells:
-        try:
-            plans.append(runner.plan(cell))
-        except Exception:  # noqa: BLE001 — the cell meets the same error and records it
-            pass
+    nodes = planned(runner, cells)
     with use(runner.settings):
-        optim = train_stage.schedule(runner.profile)
-        clean = {p.clean: fused.Job(p.clean, p.cell.dataset, p.cell.student, p.cell.seed,
-                                    runner.data(p.cell.dataset)[1], optim, f"clean {p.cell.student}")
-                 for p in plans if p.uses_clean}
-        _fuse(runner, list(clean.values()), notes)
-        jobs: dict[tuple[str, str], Any] = {}
-        for p in plans:
-            c = p.cell
-            if p.student in jobs or not p.uses_model:
-                continue
+        _fuse(runner, [fused.Job(n.key, n.cell.dataset, n.arch, n.cell.seed, runner.data(n.cell.dataset)[1],
+                                 train_stage.schedule(runner.profile), f"clean {n.arch}")
+                       for n in nodes if n.stage == "clean"], notes)
+        jobs = []
+        for n in (n for n in nodes if n.stage in ("backdoored", "teacher")):
             try:
-                poisoning = runner.poisoning(p)
+                poisoning = runner.poisoning(n.cell)
             except Exception:  # noqa: BLE001 — the cell meets the same error and records it
                 continue
             attack = poisoning.attack
             if attack.learns_trigger or attack.train_step(poisoning.index, len(poisoning.poisoned)) is not None:
-                notes.append(f"{c.attack}/{c.student}: trained alone, its attack controls training")
+                notes.append(f"{n.cell.attack}/{n.arch}: trained alone, its attack controls training")
                 continue
-            jobs[p.student] = fused.Job(p.student, c.dataset, c.student, c.seed, poisoning.poisoned,
-                                        train_stage.schedule(runner.profile, attack), f"backdoor {c.student}")
-        _fuse(runner, list(jobs.values()), notes)
+            jobs.append(fused.Job(n.key, n.cell.dataset, n.arch, n.cell.seed, poisoning.poisoned,
+                                  train_stage.schedule(runner.profile, attack), f"backdoor {n.arch}"))
+        _fuse(runner, jobs, notes)
     return notes
 
 

@@ -109,11 +109,59 @@ class Plan:
         d = self.detector
         return d is None or d.level == "input" or d.uses_model
 
+    def nodes(self) -> list[Node]:
+        """The cell's stage calls, each after the nodes it reads: the clean model (an attack crafts
+        against it, or the cell measures against it), the poisoning, the supplier's backdoored models
+        (the student, a teacher of another architecture), a training-time defense's model, and last
+        the cell itself (defend or detect, evaluate, record), which reads them all."""
+        c, out = self.cell, []
+        if self.uses_clean:
+            out.append(Node("clean", self.clean, c, c.student))
+        out.append(Node("poison", self.poison, c, c.student, (self.clean,) if self.attack.uses_clean_model else ()))
+        if self.uses_model:
+            out.append(Node("backdoored", self.student, c, c.student, (self.poison,)))
+        if self.teacher:
+            out.append(Node("teacher", self.teacher, c, c.teacher, (self.poison,)))
+        if self.defended:
+            out.append(Node("defended", self.defended, c, c.student, (self.poison, self.student)))
+        if self.key:
+            out.append(Node("cell", self.key, c, c.student, tuple(n.key for n in out)))
+        return out
+
     def stored(self) -> list[tuple[str, Key]]:
         """(cache folder, key) of each stored stage the cell uses."""
-        keys = [(POISON_DIR, self.poison)] + [(MODELS_DIR, self.student)] * self.uses_model
-        keys += [(MODELS_DIR, self.defended)] * bool(self.defended)
-        return keys + [(MODELS_DIR, self.teacher)] * bool(self.teacher) + [(MODELS_DIR, self.clean)] * self.uses_clean
+        return [(n.folder, n.key) for n in self.nodes() if n.folder]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One stage call of a grid's graph: the stage, its key, a cell whose plan holds its inputs, the
+    architecture it trains or measures, and the keys of the nodes whose outputs it reads."""
+
+    stage: str                  # clean | poison | backdoored | teacher | defended | cell
+    key: Key
+    cell: Cell
+    arch: str
+    needs: tuple[Key, ...] = ()
+
+    @property
+    def folder(self) -> str | None:
+        """The cache folder of a stored stage (None: the cell, whose result is recorded, not stored)."""
+        return None if self.stage == "cell" else POISON_DIR if self.stage == "poison" else MODELS_DIR
+
+
+def graph(plans) -> list[Node]:
+    """The stage graph of a grid's cells: every plan's nodes, each stored stage once however many cells
+    read it (the first cell that needs it gives its inputs), every node after the nodes it needs. The
+    executors and the fused trainer schedule this list (core/engine/executors.py)."""
+    seen: set[Key] = set()
+    out = []
+    for plan in plans:
+        for node in plan.nodes():
+            if node.stage == "cell" or node.key not in seen:
+                seen.add(node.key)
+                out.append(node)
+    return out
 
 
 class Keys:
