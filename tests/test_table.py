@@ -166,10 +166,11 @@ def test_teacher_rows_only_when_the_teachers_vary():
     assert [row["nad"]["asr"].mean for row in two.rows.values()] == [4.0, 2.0]
 
 
-def test_a_resumed_cell_takes_the_share_its_grid_names(store, toy_registry, tmp_path):
+def test_a_resumed_cell_takes_the_share_its_grid_names(toy_registry, tmp_path, fresh_store):
     """A cell recorded without --clean-shares (the profile's 0.05) is the same cell as 0.05 named
-    explicitly: reused, it appears under the share of the grid that reuses it."""
-    uri, _, tracker = store
+    explicitly: reused, it appears under the share of the grid that reuses it. Its grids go to a store
+    of their own: the module's store holds one grid, whatever order its tests run in."""
+    tracker = Tracker(fresh_store(tmp_path), "nadbench")
     reg = toy_registry()
     runner = Runner(reg, profile("quick", {"epochs": "1", "batch_size": "32", "crop": "0"}),
                     device=torch.device("cpu"), progress=False, cache_dir=tmp_path, tracker=tracker,
@@ -260,7 +261,7 @@ def test_a_row_whose_defenses_repaired_different_backdoored_models_says_so():
 
 # ------------------------------------------------------------------------------ bench report
 def _toy_grid(tracker) -> str:
-    """The fixture's grid (other tests add grids to its store)."""
+    """The fixture's grid, by its name."""
     grids = tracker.client.search_runs([tracker.experiment_id], "tags.`nadbench.grid` = '1'")
     return next(r for r in grids if r.info.run_name == "toy grid").info.run_id
 

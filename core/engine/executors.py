@@ -134,7 +134,8 @@ class Executor:
         t, spec = runner.tracker, spec_of(runner, self.threads)
         nodes = planned(runner, cells)
         ahead = [n for n in nodes if n.stage not in ("cell", "defended")]  # see the module's 2.
-        needs = {n.cell: [k for k in n.needs if k in {a.key for a in ahead}] for n in nodes if n.stage == "cell"}
+        stored = {n.key for n in ahead}
+        needs = {n.cell: [k for k in n.needs if k in stored] for n in nodes if n.stage == "cell"}
         futures: dict[Any, cf.Future] = {}
 
         def ready(keys) -> bool:
