@@ -231,6 +231,13 @@ def test_bench_run_reports_training_time_defenses_as_every_defense(training_grid
     assert again.exit_code == 0, again.output
     again_rows = {r["cell"]["defense"]: r for r in json.loads((folder / "out.json").read_text())["results"]}
     assert again_rows["abl"]["after"] == rows["abl"]["after"]  # the stored model, measured again
+    # what each defense logged without a step is stored with its model: the rerun reports it too
+    assert rows["abl"]["defense_logged"].keys() == {"defense.isolated"}
+    assert rows["abl"]["defense_logged"]["defense.isolated"] > 0
+    assert rows["filter-retrain"]["defense_logged"].keys() == {"defense.dropped"}
+    assert "defense_logged" not in rows["finetune"]
+    for name in ("abl", "filter-retrain"):
+        assert again_rows[name]["defense_logged"] == rows[name]["defense_logged"], name
     assert table.exit_code == 0 and "abl" in table.output and "filter-retrain" in table.output
 
 

@@ -62,6 +62,17 @@ class Trained(NamedTuple):
     hit: bool
 
 
+class TrainedDefense(NamedTuple):
+    """A training-time defense's stage: its model, its seconds, the clean images it got, the numbers it
+    logged without a step (stored with the model: a cache hit reports them too), whether it was stored."""
+
+    defended: Defended
+    seconds: float
+    n_clean: int
+    logged: dict[str, float]
+    hit: bool
+
+
 class Pipeline:
     """The stages of one process for a profile, a device and the run settings: poison -> train (the
     backdoored model, a teacher of another architecture, the clean one an attack may craft against, a
@@ -227,7 +238,7 @@ class Pipeline:
     @_in_force
     def defended_model(self, plan: Plan, log=lambda *a, **k: None, run_id: str | None = None):
         """The model a cell's training-time defense trains on its poisoned set (``stages.train_defense``),
-        stored under ``plan.defended``. Returns (Defended, the defense's seconds, clean images it got)."""
+        stored under ``plan.defended``, with what was stored beside it."""
         c = plan.cell
         spec, train_set, test_set = self.data(c.dataset)
         p = self.poisoning(plan)
@@ -244,18 +255,18 @@ class Pipeline:
                                         schedule=train_stage.schedule(self.profile), plain_model=plain, detect=detect,
                                         log_metric=log, log_figure=figure_logger(self.tracker, run_id),
                                         progress=self.progress)
-            defended, seconds = train_defense.trained(plan.defense, p.poisoned, clean, ctx)
-            entry = {**defended.model.state_dict(), "defense/seconds": torch.tensor(seconds)}
-            return {k: v.detach().clone() for k, v in entry.items()}, entry
+            entry = train_defense.stored(plan.defense, p.poisoned, clean, ctx)
+            return {k: v.clone() for k, v in entry.items()}, entry
 
         def load(stored):
             path = self.cache.store.path(MODELS_DIR, plan.defended[0])
             return {k: v.clone() for k, v in stored.items()} if _load_state(
                 model, train_stage.part(stored, ""), path) else None
-        entry, _ = self.cache.get(MODELS_DIR, plan.defended, compute, load, {"defense": plan.defense.name})
+        entry, hit = self.cache.get(MODELS_DIR, plan.defended, compute, load, {"defense": plan.defense.name})
         model.load_state_dict(train_stage.part(entry, ""))
         n_clean = len(clean) if plan.defense.uses_clean_data else 0
-        return Defended(model.eval()), float(entry["defense/seconds"]), n_clean
+        return TrainedDefense(Defended(model.eval()), float(entry["defense/seconds"]), n_clean,
+                              train_defense.logged(entry), hit)
 
     def defense_context(self, cell: Cell | Plan, log, run_id: str | None = None) -> DefenseContext:
         """What the cell's defense may reach (:func:`nadbench.engine.stages.defend.context`), with the

@@ -157,8 +157,12 @@ class Runner(Pipeline):
                 record_backdoor(t, run_id, p, before, {"backdoor.cache_hit": hit, "teacher.cache_hit": teacher_hit},
                                 len(train_set), len(test_set), t_backdoor, clean_ref)
             original = copy.deepcopy(model)
+            logged = None
             if plan.defense.trains:
-                repaired, t_defense, n_clean = self.defended_model(plan, log, run_id)
+                repaired, t_defense, n_clean, logged, defended_hit = self.defended_model(plan, log, run_id)
+                if defended_hit:  # the run that trained the stored model logged these; this one reports them too
+                    for name, value in logged.items():
+                        log(name, value, None)
                 measured = defend_stage.measured(repaired, test_set, p, before)
                 layers = defend_stage.layers_of(self.registry, spec, cell.student, repaired.model)
             else:
@@ -170,6 +174,8 @@ class Runner(Pipeline):
                       "time_backdoor_s": t_backdoor, "time_defense_s": t_defense, "backdoor_cache_hit": hit,
                       "n_clean": n_clean, "clean_model": clean_ref, "status": "FINISHED",
                       "profile": self.profile.name, "defense_config": cfgmod.key_values(plan.defense.config)}
+            if logged is not None:
+                result["defense_logged"] = logged
             if self.reactivation:
                 start = time.perf_counter()
                 result["reactivated"] = self.reactivated(plan, repaired.model)

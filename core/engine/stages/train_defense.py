@@ -6,6 +6,7 @@ stored under its own key (this module's code closure, the defense's and its dete
 code, the poisoning, the run's settings); the cell then measures it as it measures a repair."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -51,3 +52,26 @@ def detectors_for(defense, detectors: dict, data: Split, clean: Split, plain_mod
 def trained(defense, data: Split, clean: Split, ctx: TrainingContext) -> tuple[Defended, float]:
     """(what the defense trained, its seconds): the defense on the poisoned set ``data``."""
     return apply_training_defense(defense, data, clean, ctx)
+
+
+LOGGED = "defense/logged/"
+
+
+def stored(defense, data: Split, clean: Split, ctx: TrainingContext) -> dict[str, torch.Tensor]:
+    """What the stage stores: the model the defense trains on ``data`` (:func:`trained`), its seconds
+    (``defense/seconds``) and each number it logged without a step (``defense/logged/NAME``: the rows
+    it dropped or isolated), so that a stored model reports what the fresh one did (:func:`logged`)."""
+    summary: dict[str, float] = {}
+
+    def log_metric(name, value, step=None):
+        if step is None:
+            summary[name] = float(value)
+        ctx.log_metric(name, value, step)
+    defended, seconds = trained(defense, data, clean, dataclasses.replace(ctx, log_metric=log_metric))
+    return {**{k: v.detach().clone() for k, v in defended.model.state_dict().items()},
+            "defense/seconds": torch.tensor(seconds), **{LOGGED + k: torch.tensor(v) for k, v in summary.items()}}
+
+
+def logged(entry: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The numbers the defense of a stored entry logged without a step (see :func:`stored`)."""
+    return {k[len(LOGGED):]: float(v) for k, v in entry.items() if k.startswith(LOGGED)}
