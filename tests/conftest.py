@@ -69,6 +69,25 @@ def pytest_configure(config):
                                        "NADBENCH_TEST_SEED (benchmarks/test_margins.py sweeps it)")
 
 
+# Test files that make one costly thing in a worker's session: on one worker, it is made once. The
+# StegaStamp encoder (``stegastamp_prepared``) serves test_attack_stegastamp.py and the stegastamp
+# implant of test_attacks_e2e.py; the README round trip (test_defend.py) trains the backdoored model
+# test_e2e.py's grid finds in the session's stage cache.
+SAME_WORKER = {"tests/test_attack_stegastamp.py": "tests/test_attacks_e2e.py",
+               "tests/test_defend.py": "tests/test_e2e.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's ``--dist loadfile`` (pyproject's addopts), with the files of ``SAME_WORKER`` one unit."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SAME_WORKER.get(scope, scope)
+    return Scheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "effect_seed" in item.fixturenames:

@@ -1,6 +1,7 @@
 """The training loop and batched augmentation: determinism, shapes, the lr schedule; the suite's
 precision (float32 unless a test is marked bf16, tests/conftest.py)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,15 @@ def test_the_suite_runs_in_float32_unless_a_test_is_marked_bf16():
 
     assert settings.current().precision == "float32" and os.environ.get("NADBENCH_PRECISION") == "float32"
     assert precision(torch.device("cpu")) == "float32"
+
+
+def test_the_files_the_suite_keeps_on_one_worker_exist():
+    """conftest.SAME_WORKER names test files that share a costly session fixture or stage: a renamed
+    file would split them over the workers again, silently."""
+    import conftest
+
+    root = Path(__file__).resolve().parent.parent
+    assert conftest.SAME_WORKER and all((root / f).is_file() for pair in conftest.SAME_WORKER.items() for f in pair)
 
 
 @pytest.mark.bf16
