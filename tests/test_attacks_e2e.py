@@ -62,8 +62,8 @@ CASES = {
     # dirty-label (the default, the authors' clean-label 40 % of the target class, barely implants on
     # CIFAR-10: benchmarks/results/table1-quick-refool-authors.md): 0.63 / 0.59 / 0.56
     "refool": ({"poison_rate": "0.2", "clean_label": "false"}, 0.5),
-    # the suite's smaller encoder (conftest.STEGASTAMP_ENCODER), the configuration
-    # test_attack_stegastamp.py checks (crafting trains it again here):
+    # the suite's smaller encoder (conftest.STEGASTAMP_ENCODER), the one test_attack_stegastamp.py
+    # checks, trained once (conftest.SAME_WORKER keeps the two files on one worker):
     # 0.95 / 0.90 / 0.96
     "stegastamp": ({k: str(v) for k, v in STEGASTAMP_ENCODER.items()}, 0.5),
     # the fooling rate stalls from the second pass on: 0.90 / 0.86 / 0.87
