@@ -9,7 +9,8 @@ randomness from ``NADBENCH_TEST_SEED``) once per seed in float32, collects what 
 quantity, the value at each seed and the worst. A failing test is listed too, with its values: a
 bound that a seed crosses is what this run is for. ``--record FILE`` keeps the measurements in FILE
 and adds to it, so that a test changed later is measured again alone (``-- -k NAME``) and the table
-shows each test's latest values, with every command that went into it. Needs
+shows each test's latest values, with every command that went into it (``--table-only`` rewrites the
+table from FILE, for lines added from another record). Needs
 ``NADBENCH_DATA_ROOT``; run it alone.
 """
 from __future__ import annotations
@@ -47,10 +48,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--record", type=Path, help="JSON-lines file to add the measurements to (default: a new one)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rewrite the table from --record (after lines were added to it by hand)")
     parser.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments (e.g. -k anp)")
     args = parser.parse_args()
+    if args.table_only and not args.record:
+        parser.error("--table-only reads --record FILE")
     seeds = [int(s) for s in args.seeds.split(",")]
     record = args.record or Path(tempfile.mkdtemp()) / "record.jsonl"
+    if not args.table_only:
+        measure(args, seeds, record)
+    write_table(record)
+
+
+def measure(args, seeds: list[int], record: Path) -> None:
+    """Run the `seeded` tests once per seed, each appending what it recorded to ``record``; then the command."""
     command = shlex.join(["python", "benchmarks/test_margins.py", "--seeds", args.seeds]
                          + (["--record", args.record.name] if args.record else [])
                          + (["--", *args.pytest_args] if args.pytest_args else []))
@@ -65,6 +77,9 @@ def main() -> None:
     with open(record, "a") as f:
         f.write(json.dumps({"command": command, "minutes": round(minutes, 1), "exit_codes": outcomes}) + "\n")
 
+
+def write_table(record: Path) -> None:
+    """benchmarks/results/test-margins-<cpu kind>.md from every line of ``record``."""
     values: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     runs = []
     for line in record.read_text().splitlines():

@@ -232,8 +232,8 @@ def test_readme_round_trip_removes_the_backdoor(tmp_path, fresh_store, effect_se
     asr = [attack_success_rate(m, triggered, 5) for m in (before, after)]
     acc = [accuracy(m, test) for m in (before, after)]
     record(asr_before=asr[0], asr_after=asr[1], acc_drop=acc[0] - acc[1])
-    # seeds 0/1/2 in float32 (tests/conftest.py; a Xeon with AMX): ASR 1.00 -> 0.07 / 0.11 / 0.05, ACC
-    # drop 0.04 / 0.00 / 0.05
+    # seeds 0/1/2 in float32 (tests/conftest.py; a Xeon with AMX), 3 epochs of NAD and of its teacher:
+    # ASR 1.00 / 0.99 / 1.00 -> 0.06 / 0.11 / 0.03, ACC drop 0.04 / 0.01 / 0.03
     assert asr[0] >= 0.9 and asr[1] <= asr[0] / 2, asr      # most of the backdoor is gone
     assert acc[1] >= acc[0] - 0.10, acc                    # within 10 points of ACC
     assert (tmp_path / "repaired.report.json").exists() and (tmp_path / "repaired.attention.png").exists()

@@ -78,7 +78,8 @@ def test_fine_pruning_zeroes_the_pruned_channels_and_changes_predictions(data, e
 
 
 def test_mcr_point_leaves_the_straight_line_and_removes_most_of_the_backdoor(data, effect_seed, record):
-    repaired, before, after, _ = _defend("mcr", data, seed=effect_seed, epochs=3, curve_epochs=5, curve_points=3)
+    """3 curve epochs (its default: 20, the authors' 100): the control point has left the line by then."""
+    repaired, before, after, _ = _defend("mcr", data, seed=effect_seed, epochs=3, curve_epochs=3, curve_points=3)
     ends = repaired.extras[0.0], repaired.extras[1.0]
     line = {n: torch.lerp(a, b, 0.3).detach() for (n, a), b in zip(ends[0].named_parameters(), ends[1].parameters())}
     with torch.no_grad():
@@ -86,8 +87,8 @@ def test_mcr_point_leaves_the_straight_line_and_removes_most_of_the_backdoor(dat
                     if p.ndim > 1)
     print(f"largest relative distance of a weight tensor from the straight line: {moved:.3f}")
     assert moved > 0.01  # the control point was trained: not the linear interpolation
-    # seeds 0/1/2: 2.1 / 2.0 / 1.8 % off the straight line; ASR 0.40 / 0.66 / 0.45 at t = 0.3 and 0.06 /
-    # 0.13 / 0.09 at t = 0.5, ACC drops 0.06 / 0.04 / 0.05 and 0.10 / 0.09 / 0.10.
+    # seeds 0/1/2: 1.4 / 1.5 / 1.2 % off the straight line; ASR 0.54 / 0.71 / 0.50 at t = 0.3 and 0.12 /
+    # 0.15 / 0.13 at t = 0.5, ACC drops 0.05 / 0.06 / 0.05 and 0.09 / 0.10 / 0.09.
     middle = evaluate(repaired.extras[0.5], data[1], data[2], 5)
     record(moved=moved, asr=after["asr"], acc_drop=before["acc"] - after["acc"], asr_t05=middle["asr"],
            acc_drop_t05=before["acc"] - middle["acc"])
@@ -149,12 +150,12 @@ def test_the_retuning_attack_reactivates_the_backdoor_fst_removed_faster_than_a_
 
 
 def test_ft_sam_weakens_the_backdoor_at_its_own_learning_rate(data, effect_seed, record):
-    """5 epochs at batch 32: 160 updates."""
-    repaired, before, after, _ = _defend("ft-sam", data, seed=effect_seed, epochs=5, batch_size=32)
+    """3 epochs at batch 32: 96 updates."""
+    repaired, before, after, _ = _defend("ft-sam", data, seed=effect_seed, epochs=3, batch_size=32)
     record(asr=after["asr"], acc_drop=before["acc"] - after["acc"])
     assert before["asr"] > 0.9
-    # seeds 0/1/2: ASR 0.25 / 0.24 / 0.25, ACC drop 0.04 / 0.04 / 0.05
-    assert after["asr"] < 0.7 and after["acc"] > before["acc"] - 0.08, (before, after)
+    # seeds 0/1/2: ASR 0.49 / 0.38 / 0.47, ACC drop 0.060 / 0.080 / 0.054
+    assert after["asr"] < 0.7 and after["acc"] > before["acc"] - 0.1, (before, after)
 
 
 # ANP, RNP, I-BAU, Neural Cleanse and SAU start from a stronger model: on the 71 %-ACC fixture the held-out
@@ -181,33 +182,37 @@ def test_anp_prunes_the_neurons_perturbations_expose_and_removes_the_backdoor(da
 def test_rnp_removes_the_backdoor_by_the_neurons_unlearning_exposes(data, effect_seed, record):
     """The authors' pruning rule (masks at most 0.2). The held-out rule, the grid's default, pruned
     nothing at one seed in three here (seeds 0/1/2: ASR 0.00 / 0.02 / 1.00): no bound a no-op fails
-    holds it."""
-    repaired, before, after, logged = _defend("rnp", data, model=QUICK, seed=effect_seed, rule="threshold")
+    holds it. 10 recovering epochs (the authors': 20)."""
+    repaired, before, after, logged = _defend("rnp", data, model=QUICK, seed=effect_seed, rule="threshold",
+                                              recovering_epochs=10)
     record(asr=after["asr"], acc_drop=before["acc"] - after["acc"])
     assert before["asr"] > 0.9
-    # seeds 0/1/2: ASR 0.00 / 0.00 / 0.00 for ACC drops of 0.13 / 0.50 / 0.10
-    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.55, (before, after)
+    # seeds 0/1/2: ASR 0.00 / 0.00 / 0.00 for ACC drops of 0.09 / 0.26 / 0.09
+    assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.35, (before, after)
 
 
 def test_ibau_unlearns_the_backdoor_in_one_round(data, effect_seed, record):
-    repaired, before, after, _ = _defend("i-bau", data, model=QUICK, seed=effect_seed, rounds=1)
+    """One round, 3 fixed-point iterations of the hypergradient (the authors': 5)."""
+    repaired, before, after, _ = _defend("i-bau", data, model=QUICK, seed=effect_seed, rounds=1, fixed_point_steps=3)
     record(asr=after["asr"], acc_drop=before["acc"] - after["acc"])
     assert before["asr"] > 0.9
     # I-BAU's cost in accuracy is its known weakness on these short-trained models (the grid: Trojan
     # 0.01 / 47.68), stated rather than hidden. seeds 0/1/2: ASR 0.02 / 0.02 / 0.01, ACC drop 0.27 /
-    # 0.32 / 0.28
+    # 0.32 / 0.28 (as with 5 fixed-point iterations)
     assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.35, (before, after)
 
 
 def test_neural_cleanse_flags_the_target_and_unlearns_its_inverted_trigger(data, effect_seed, record):
+    """10 inversion epochs per class on 300 images, 10 unlearning epochs."""
     clean, _ = real_subset(300, 1)
     repaired, before, after, logged = _defend("neural-cleanse", data, model=QUICK, clean=clean, seed=effect_seed,
-                                              epochs=10, unlearn_epochs=20, batch_size=64)
+                                              epochs=10, unlearn_epochs=10, batch_size=64)
     index = logged["nc.anomaly_index"]
     record(target_index=index[5], asr=after["asr"], acc_drop=before["acc"] - after["acc"])
     # seeds 0/1/2 (the inversion on the one loop, seeded per class; a Xeon with AMX): the target's index
-    # 3.64 / 5.93 / 3.74 (NC flags above 2; before, with one generator for all classes, 4.39 / 2.01 / 3.45,
-    # and with 150 images at batch 32 seed 0 gave 1.56), ASR 0.05 / 0.03 / 0.03, ACC drop 0.07 / 0.06 / 0.06
+    # 3.64 / 5.71 / 3.77 (NC flags above 2; before, with one generator for all classes, 4.39 / 2.01 / 3.45;
+    # with 150 images at batch 32 seed 0 gave 1.56, and 6 inversion epochs 0.33 at seed 1), ASR 0.06 / 0.03 /
+    # 0.02, ACC drop 0.05 / 0.04 / 0.04
     assert before["asr"] > 0.9 and index[5] > 2  # BadNets' target, 5
     assert after["asr"] < 0.2 and after["acc"] > before["acc"] - 0.1, (before, after)
 

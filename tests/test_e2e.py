@@ -20,8 +20,8 @@ ARGS = ["--attacks", "badnets", "--defenses", "finetune,nad", "--profile", "quic
         "--set", "profile.train_limit=4000", "--set", "profile.test_limit=1000",
         "--set", "profile.epochs=5", "--set", "profile.lr=0.1", "--set", "profile.crop=0",
         "--set", "profile.flip=false", "--set", "badnets.poison_rate=0.2",
-        "--set", "profile.clean_share=0.1", "--set", "finetune.epochs=5", "--set", "nad.epochs=5",
-        "--set", "nad.teacher_epochs=5", "--no-progress"]
+        "--set", "profile.clean_share=0.1", "--set", "finetune.epochs=3", "--set", "nad.epochs=3",
+        "--set", "nad.teacher_epochs=3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def test_results_file_and_table(grid, record):
     assert before["asr"] >= 0.9, before  # the backdoor implants on real images
     nad = results[1]["after"]
     record(asr_before=before["asr"], nad_asr_drop=before["asr"] - nad["asr"], nad_acc_drop=before["acc"] - nad["acc"])
-    # seeds 0/1/2 in float32 (tests/conftest.py; a Xeon with AMX): ASR 1.00 before at each; NAD takes
-    # 0.99 / 0.97 / 1.00 of it away for 0.10 / 0.06 / 0.10 of ACC. 400 clean images cost a model this
-    # weak some ACC; a defense that does nothing keeps ASR 100, one that wrecks the model falls to ~10
-    # ACC: both fail.
+    # seeds 0/1/2 in float32 (tests/conftest.py; a Xeon with AMX), 3 epochs of NAD and of its teacher:
+    # ASR 1.00 / 0.99 / 1.00 before; NAD takes 1.00 / 0.99 / 1.00 of it away for 0.11 / 0.06 / 0.12 of ACC.
+    # 400 clean images cost a model this weak some ACC; a defense that does nothing keeps ASR 100, one
+    # that wrecks the model falls to ~10 ACC: both fail.
     assert nad["asr"] <= before["asr"] - 0.5, (before, nad)  # NAD removes most of it
     assert nad["acc"] >= before["acc"] - 0.15, (before, nad)
     # RA: the triggered images NAD no longer sends to the target are mostly classified as their label
@@ -95,7 +95,7 @@ def test_runs_read_back_from_sqlite(grid):
     nad = next(r for r in children if r.data.params["defense.name"] == "nad")
     assert nad.data.params["defense.betas"] == "500.0,1000.0,1000.0"
     losses = client.get_metric_history(nad.info.run_id, "defense.loss")
-    assert len(losses) == 5 and len(client.get_metric_history(nad.info.run_id, "teacher.loss")) == 5
+    assert len(losses) == 3 and len(client.get_metric_history(nad.info.run_id, "teacher.loss")) == 3  # one per epoch
 
 
 def test_defended_weights_load_without_pickle(grid):

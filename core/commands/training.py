@@ -77,7 +77,7 @@ def train_file(registry: Registry, *, data: UserData, arch: str, defense_name: s
               **(flatten(defense.config, "defense") if defense else {})}
     tracker = make_tracker() if make_tracker else None
     with cell_run(tracker, f"bench train {arch} on {Path(data.where).name}", params, None, None) as (t, run_id, log):
-        start = time.perf_counter()
+        start, (log_defense, logged) = time.perf_counter(), _summarised(log)
         if defense is None:
             trained, seconds = Defended(plain_model()), time.perf_counter() - start
         else:
@@ -85,7 +85,7 @@ def train_file(registry: Registry, *, data: UserData, arch: str, defense_name: s
             dctx = detect_stage.context(registry, dataset, arch=arch, seed=seed, device=device, log_metric=log,
                                         log_figure=figure_logger(t, run_id, "detector"), progress=progress)
             ctx = train_defense.context(registry, dataset, arch=arch, seed=seed, device=device, progress=progress,
-                                        schedule=train_stage.schedule(prof), plain_model=copied, log_metric=log,
+                                        schedule=train_stage.schedule(prof), plain_model=copied, log_metric=log_defense,
                                         detect=train_defense.detectors_for(defense, detectors, train_set, clean_split,
                                                                            copied, dctx, fpr),
                                         log_figure=figure_logger(t, run_id))
@@ -99,7 +99,7 @@ def train_file(registry: Registry, *, data: UserData, arch: str, defense_name: s
                                                                        else {})})
         report = {"data": data.where, "trained": str(out), "defense": defense_name, "arch": arch, "profile": prof.name,
                   "n_train": len(train_set), "n_clean": len(clean_split), "n_test": len(measured.test),
-                  "n_triggered": len(measured.triggered[0]) if measured.triggered else 0,
+                  "n_triggered": len(measured.triggered[0]) if measured.triggered else 0, "defense_logged": logged,
                   "before": before, "time_defense_s": seconds, "time_total_s": time.perf_counter() - start_all,
                   "notes": measured.notes, **measure_defended(trained, on_device.measure, before)}
         figure = _attention(plain_model(), trained.model, spec, on_device, out, report,
@@ -108,6 +108,18 @@ def train_file(registry: Registry, *, data: UserData, arch: str, defense_name: s
         if t:
             _record(t, run_id, report, trained, figure, seconds, f"{defense_name} on {data.where}")
     return report
+
+
+def _summarised(log) -> tuple[Any, dict[str, float]]:
+    """(``log``, also keeping what is logged without a step in the dict: the rows a defense dropped or
+    isolated, which the report carries; the dict)."""
+    summary: dict[str, float] = {}
+
+    def log_metric(name, value, step=None):
+        if step is None:
+            summary[name] = float(value)
+        log(name, value, step)
+    return log_metric, summary
 
 
 class _Plain:
