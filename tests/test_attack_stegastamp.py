@@ -54,11 +54,13 @@ def test_stegastamp_residuals_have_a_part_of_their_own_and_are_bounded(crafted, 
     corr, spread = _sample_specific(x, triggered)
     pattern = (triggered.float() - x.float()).mean(0)
     fixed_corr, fixed_spread = _sample_specific(x, (x.float() + pattern).round().clamp(0, 255).byte())
-    # seeds 0/1/2 in float32 (a Xeon with AMX): ours 0.875 / 0.864 / 0.883 and 3.14 / 3.21 / 3.18 levels;
-    # the fixed pattern 0.99 and 0.93-0.99 (clipping only). The residuals share a large common part:
-    # the plugin's docstring says why, and why that keeps the name SSBA off it.
+    # seeds 0/1/2 in float32: ours 0.875 / 0.864 / 0.883 and 3.14 / 3.21 / 3.18 levels on a Xeon with AMX,
+    # 0.844 / 0.892 / 0.904 and 3.47 / 3.12 / 2.99 on an AMD EPYC (AVX512-BF16), where the old
+    # separator 0.9 failed at seed 2; the fixed pattern 0.986-0.988 and 0.91-1.03 levels (clipping only) on
+    # both. The residuals share a large common part: the plugin's docstring says why, and why that keeps
+    # the name SSBA off it.
     record(corr=corr, spread=spread, fixed_corr=fixed_corr, fixed_spread=fixed_spread)
-    assert corr < 0.9 < fixed_corr and spread > 2 > fixed_spread
+    assert corr < 0.95 < fixed_corr and spread > 2 > fixed_spread
 
 
 def test_stegastamp_poisons_dirty_label_all_to_one(crafted):

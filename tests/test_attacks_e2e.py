@@ -32,9 +32,9 @@ pytestmark = pytest.mark.slow
 # the whole target class, as BackdoorBench's SIG), Refool at 20 % (its reflections differ per image:
 # 0.42 at 10 % here); Trojan's trigger in 150 steps instead of 500 (crafting time).
 # Each minimum lies below the worst ASR of seeds 0, 1, 2 in float32 (tests/conftest.py; "seeds 0/1/2"
-# below, on a 2-core Xeon with AMX: benchmarks/results/test-margins-intel-amx.md), and far above the
-# control's (0.18 / 0.15 / 0.17). ACC stays within MAX_ACC_DROP of the control's at every seed (worst:
-# refool 0.064 below it).
+# below, on a 2-core Xeon with AMX: benchmarks/results/test-margins-intel-amx.md; an AMD EPYC's in
+# test-margins-amd-avx512bf16.md), and far above the control's (0.18 / 0.15 / 0.17). ACC stays within
+# MAX_ACC_DROP of the control's at every seed (worst: refool 0.064 below it, 0.068 on the AMD EPYC).
 # The invisible triggers at their published strength do not implant in 4,000 images and 8 epochs of
 # a small CNN (measured, bf16 on an AVX512-BF16 Xeon: wanet 0.23, bppattack 0.36, ftrojan 0.14,
 # adaptive-blend 0.17, all-to-all badnets 0.14; 20,000 images x 3 epochs: 0.50, 0.82, 0.11, 0.29,

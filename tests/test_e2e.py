@@ -50,12 +50,12 @@ def test_results_file_and_table(grid, record):
     assert before["asr"] >= 0.9, before  # the backdoor implants on real images
     nad = results[1]["after"]
     record(asr_before=before["asr"], nad_asr_drop=before["asr"] - nad["asr"], nad_acc_drop=before["acc"] - nad["acc"])
-    # seeds 0/1/2 in float32 (tests/conftest.py; a Xeon with AMX), 3 epochs of NAD and of its teacher:
-    # ASR 1.00 / 0.99 / 1.00 before; NAD takes 1.00 / 0.99 / 1.00 of it away for 0.11 / 0.06 / 0.12 of ACC.
-    # 400 clean images cost a model this weak some ACC; a defense that does nothing keeps ASR 100, one
-    # that wrecks the model falls to ~10 ACC: both fail.
+    # seeds 0/1/2 in float32 (tests/conftest.py), 3 epochs of NAD and of its teacher: ASR 1.00 / 0.99 / 1.00
+    # before; NAD takes 1.00 / 0.99 / 1.00 of it away for 0.11 / 0.06 / 0.12 of ACC on a Xeon with AMX,
+    # 0.10 / 0.13 / 0.14 on an AMD EPYC (AVX512-BF16). 400 clean images cost a model this weak some ACC; a
+    # defense that does nothing keeps ASR 100, one that wrecks the model falls to ~10 ACC: both fail.
     assert nad["asr"] <= before["asr"] - 0.5, (before, nad)  # NAD removes most of it
-    assert nad["acc"] >= before["acc"] - 0.15, (before, nad)
+    assert nad["acc"] >= before["acc"] - 0.2, (before, nad)
     # RA: the triggered images NAD no longer sends to the target are mostly classified as their label
     assert before["ra"] <= 1 - before["asr"] + 1e-9 and nad["ra"] <= 1 - nad["asr"] + 1e-9 and nad["ra"] > before["ra"]
     drop = {k: max(0, before[k] - nad[k]) for k in ("asr", "acc")}
